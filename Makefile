@@ -1,0 +1,58 @@
+# Embedding domain adaptation: prepare -> train -> embed -> eval -> export.
+# Every target takes CONFIG=path.yaml and ARGS="key=value ..." (dotted config overrides).
+CONFIG ?= configs/default.yaml
+ARGS ?=
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN := $(PY) -m pipeline
+CFG := --config $(CONFIG)
+MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 8000
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow data train embed eval sweep export serve ui bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) ARGS=\"key=value ...\""
+
+install: ## create .venv and install the package with its dev extras (CPU torch here, CUDA where present)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+
+test: ## fast test suite (tiny in-code BERT + a small real-MiniLM end-to-end run)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-slow: ## slow checks (real data, longer runs)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+data: ## prepare: raw dataset -> leak-free splits + training pairs under data/processed/<dataset>/
+	$(RUN) prepare $(CFG) $(ARGS)
+
+train: data ## train with CONFIG (LoRA on Q/K/V by default); resumes from a checkpoint after a crash
+	$(RUN) train $(CFG) $(ARGS)
+
+embed: ## embed the prepared texts with the trained and the base encoder
+	$(RUN) embed $(CFG) $(ARGS)
+
+eval: embed ## metrics for the run just trained, the base model and TF-IDF -> reports/<run>/metrics.json
+	$(RUN) eval $(CFG) $(ARGS)
+
+sweep: data ## rank x alpha grid + full fine-tuning + base as one MLflow parent run
+	$(RUN) sweep $(CFG) $(ARGS)
+
+export: ## merged model, adapter, ONNX and FAISS index under exports/<run>/, verified equal
+	$(RUN) export $(CFG) $(ARGS)
+
+serve: ## HTTP /embed and /search over an export, on 127.0.0.1:$(SERVE_PORT)
+	$(RUN) serve $(CFG) $(ARGS)
+
+ui: ## MLflow UI on 127.0.0.1:$(MLFLOW_PORT) over the project's tracking store
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+bench: ## speed and memory benchmarks -> reports/bench/
+	$(RUN) bench $(CFG) $(ARGS)
+
+clean: ## remove runs, caches, reports and processed data (never data/raw)
+	rm -rf runs cache exports data/processed/* reports/latest

