@@ -152,8 +152,13 @@ def lexical_baseline(splits: dict[str, pd.DataFrame], cfg: Config) -> dict:
     return result
 
 
+# Bump when the lexical baseline or a metric definition changes, so cached results are recomputed.
+LEXICAL_VERSION = 2
+
+
 def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
-    key = hashlib.sha256(json.dumps([prep_fp, cfg.eval.model_dump(mode="json"), cfg.seed]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([LEXICAL_VERSION, prep_fp, cfg.eval.model_dump(mode="json"),
+                                     cfg.seed]).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "lexical" / f"{key}.json"
     if path.exists():
         return read_json(path)

@@ -102,6 +102,32 @@ def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
     return json.loads((folder / "state.json").read_text())
 
 
+def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer, scheduler,
+                  device: torch.device, dtype: torch.dtype | None, step: int = 0) -> float:
+    """One optimiser step on the pairs ``idx``: forward anchors and positives, masked in-batch loss."""
+    pad, side = encoding.pad_info(st_model)
+    a_ids, p_ids = data.anchor[idx], data.positive[idx]
+    a_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in a_ids], pad, side).items()}
+    p_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in p_ids], pad, side).items()}
+    mask = false_negative_mask(
+        torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
+        torch.as_tensor(a_ids), torch.as_tensor(data.positive_is_label[idx]), t.mask_same_label,
+    ).to(device)
+    with encoding.autocast(device, dtype):
+        a_emb = encoding.forward(st_model, a_feats)
+        p_emb = encoding.forward(st_model, p_feats)
+    loss = in_batch_contrastive_loss(a_emb, p_emb, scale=t.scale, mask=mask, symmetric=t.symmetric)
+    if not torch.isfinite(loss):
+        raise TrainingError(f"loss became {loss.item()} at step {step}; lower train.lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def run(cfg: Config, *, overwrite: bool = False) -> Path:
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
@@ -159,7 +185,6 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
         mlflow_run_id = state.get("mlflow_run_id")
         log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, start_step, total_steps)
 
-    pad, side = encoding.pad_info(st_model)
     tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) as tracker:
         if ckpt_state is None:
@@ -180,26 +205,9 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
             if epoch not in epoch_cache:
                 epoch_cache = {epoch: epoch_batches(data.lengths, t.batch_size, cfg.seed, epoch, t.length_grouping)}
             idx = epoch_cache[epoch][within]
-            a_ids, p_ids = data.anchor[idx], data.positive[idx]
-            a_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in a_ids], pad, side).items()}
-            p_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in p_ids], pad, side).items()}
-            mask = false_negative_mask(
-                torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
-                torch.as_tensor(a_ids), torch.as_tensor(data.positive_is_label[idx]), t.mask_same_label,
-            ).to(device)
-            with encoding.autocast(device, dtype):
-                a_emb = encoding.forward(st_model, a_feats)
-                p_emb = encoding.forward(st_model, p_feats)
-            loss = in_batch_contrastive_loss(a_emb, p_emb, scale=t.scale, mask=mask, symmetric=t.symmetric)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            loss = training_step(st_model, data, idx, t, optimizer=optimizer, scheduler=scheduler,
+                                 device=device, dtype=dtype, step=step)
+            losses.append(loss)
             pairs_done += len(idx)
             tokens_done += int(data.lengths[idx].sum())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
