@@ -216,7 +216,7 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
             losses.append(loss)
             pairs_done += len(idx)
             tokens_done += int(data.lengths[idx].sum())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
             done = step + 1
             if done % 10 == 0 or done == total_steps:
                 tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
