@@ -144,7 +144,14 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
     import mlflow
 
     uri = resolve_uri(cfg)
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # mlflow also exports the URI to the environment; undo that (mlflow keeps its own copy) so that a later
+    # stage in this process, in another project folder, does not take it for the user's setting.
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_env
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         location = None

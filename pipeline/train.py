@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import resource
 import shutil
 import sys
@@ -107,8 +108,16 @@ def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
         return json.loads((folder / "state.json").read_text())
     except Exception as exc:  # safetensors, the restricted unpickler and torch raise unrelated types
-        raise ArtifactError(f"checkpoint in {folder} cannot be loaded ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); delete that folder or pass "
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if isinstance(exc, pickle.UnpicklingError):
+            # torch's message is a page of advice to turn the safety off; keep the line that says what was found
+            found = next((line.split("error:", 1)[1].split(" was not an allowed")[0].strip()
+                          for line in lines if "WeightsUnpickler error:" in line), "objects other than tensors")
+            found = found.replace("Unsupported global: GLOBAL ", "a reference to ")
+            reason = f"optimizer.pt holds {found}, which is not loaded because unpickling it could run code"
+        else:
+            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise ArtifactError(f"checkpoint in {folder} cannot be loaded ({reason}); delete that folder or pass "
                             "--overwrite to train from scratch") from None
 
 
