@@ -46,10 +46,13 @@ def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFr
     counts["blank_texts_dropped"] = int(blank.sum())
     df = df.assign(text=text.astype(object))[~blank.to_numpy()]
     if df["label"].notna().any():
-        missing = df["label"].isna()
+        # A whitespace-only label is as missing as an empty one; kept, it would become a class named "".
+        label = df["label"].astype("string").str.strip()
+        missing = label.isna() | (label == "")
         counts["missing_label_dropped"] = int(missing.sum())
-        df = df[~missing.to_numpy()]
-        df = df.assign(label=df["label"].astype(str).str.strip())
+        if missing.any():
+            log.warning("prepare: %s: dropping %d rows with a blank or missing label", source, int(missing.sum()))
+        df = df.assign(label=label.astype(object))[~missing.to_numpy()]
     if len(df) == 0:
         raise DataError(f"{source}: every row has a blank text or label")
     if df["group"].isna().all():

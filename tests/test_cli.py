@@ -118,6 +118,11 @@ def test_missing_label_column(project, capsys):
     assert msg == "corpus.csv: column 'category' (data.label_column) not found; the file has: title, cluster"
 
 
+def test_missing_data_file(project, capsys):
+    msg = _fails_cleanly(capsys, "prepare", "--config", str(project), OFF, "data.path=corpus.tsv")
+    assert msg == "data file corpus.tsv does not exist"
+
+
 def test_empty_file(project, capsys):
     Path("corpus.csv").write_text("")
     assert _fails_cleanly(capsys, "prepare", "--config", str(project), OFF) == "corpus.csv: the file is empty"
@@ -145,6 +150,18 @@ def test_blank_texts_are_dropped_with_a_count(project, capsys, caplog):
     texts = pd.concat([pd.read_json(f"data/processed/synthetic/{s}.jsonl", lines=True) for s in ("train", "val",
                                                                                                   "test")])["text"]
     assert texts.str.strip().ne("").all()
+
+
+def test_blank_labels_are_dropped_with_a_count(project, caplog):
+    df = make_corpus()
+    df["category"] = df["category"].astype(object)
+    df.loc[[3, 7], "category"] = ["  ", None]
+    df.to_csv("corpus.csv", index=False)
+    with caplog.at_level("WARNING"):
+        assert cli("prepare", "--config", str(project), OFF) == 0
+    assert "prepare: corpus.csv: dropping 2 rows with a blank or missing label" in caplog.text
+    manifest = json.loads(Path("data/processed/synthetic/manifest.json").read_text())
+    assert manifest["counts"]["missing_label_dropped"] == 2 and "" not in manifest["labels"]
 
 
 def test_blank_texts_are_an_error_when_strict(project, capsys):
