@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path

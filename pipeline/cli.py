@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command to continue (training resumes from its last checkpoint)",
+              file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        print("terminated (SIGTERM); rerun the same command to continue (training resumes from its last "
+              "checkpoint)", file=sys.stderr)
         return 143
     except Exception as exc:
         if args.debug:
