@@ -96,7 +96,9 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = 256
-    knn_k: int = 10
+    knn_k: int = 10  # the contract's knn_macro_f1
+    knn_candidates: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    heads: list[Literal["logreg", "knn", "zero_shot"]] = Field(default_factory=lambda: ["logreg", "knn", "zero_shot"])
     retrieval_k: int = 10
     classifier_c: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0])
     bootstrap: int = Field(1000, ge=0)

@@ -83,7 +83,7 @@ def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
 
 
 def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtype, max_seq_length: int) -> Path:
-    key = base_cache_key(cfg, prep["fingerprint"], max_seq_length)
+    key = base_cache_key(cfg, prep.get("splits_fingerprint", prep["fingerprint"]), max_seq_length)
     out = layout.base_embeddings(key)
     if is_up_to_date(out, key):
         return out
@@ -93,7 +93,8 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtyp
         timing = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
                             max_seq_length, "base")
         write_json_atomic(tmp / MANIFEST, make_manifest("embed-base", cfg, fingerprint=key,
-                                                        inputs={"prepared_data": prep["fingerprint"]},
+                                                        inputs={"prepared_splits": prep.get(
+                                                            "splits_fingerprint", prep["fingerprint"])},
                                                         extra={"timing": timing}))
     return out
 

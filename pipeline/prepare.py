@@ -179,10 +179,13 @@ def subsample_groups(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame
     return df[df["group"].isin(set(keep))].reset_index(drop=True)
 
 
-def fingerprint(cfg: Config, input_hashes: dict[str, str]) -> str:
+def fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_only: bool = False) -> str:
+    """Identity of the prepared data; ``splits_only`` leaves out the pairs settings, so outputs that
+    depend only on the splits (base-model embeddings, the lexical baseline) survive a change of pairs."""
     import hashlib
 
-    payload = json.dumps({"cfg": cfg.section_hash("data", "pairs"), "seed": cfg.seed, "in": input_hashes},
+    sections = ("data",) if splits_only else ("data", "pairs")
+    payload = json.dumps({"cfg": cfg.section_hash(*sections), "seed": cfg.seed, "in": input_hashes},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -229,7 +232,8 @@ def run(cfg: Config, *, force: bool = False) -> Path:
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
         write_json_atomic(tmp / "labels.json", labels)
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
-                                                        extra={"kind": "labelled", **summary}))
+                                                        extra={"kind": "labelled", "splits_fingerprint": fingerprint(cfg, input_hashes, splits_only=True),
+                                                               **summary}))
     log.info("prepare: wrote %s (%s; %d pairs)", out,
              ", ".join(f"{s} {n}" for s, n in summary["sizes"].items()), len(pairs))
     return out

@@ -42,7 +42,11 @@ PROBE_TEXTS = 32
 def fingerprint(cfg: Config, data_fingerprint: str) -> str:
     import hashlib
 
-    payload = json.dumps({"cfg": cfg.section_hash("model", "train"), "seed": cfg.seed, "data": data_fingerprint})
+    # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
+    # run resumed with another thread count or checkpoint interval continues its checkpoint.
+    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every"})
+    payload = json.dumps({"model": cfg.model.model_dump(mode="json"), "train": train, "seed": cfg.seed,
+                          "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -191,7 +195,8 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
         return _write_base_reference(cfg, model_dir, fp, prep)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
     device = pick_device(t.device)
     dtype = pick_dtype(t.precision, device)
 
@@ -239,7 +244,8 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
         losses: list[float] = []
         pairs_done = tokens_done = 0
         bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                   unit="step", file=sys.stderr)
+                   unit="step", file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
             if epoch not in epoch_cache:
@@ -250,7 +256,7 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
             losses.append(loss)
             pairs_done += len(idx)
             tokens_done += int(data.lengths[idx].sum())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
             done = step + 1
             if done % 10 == 0 or done == total_steps:
                 tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
