@@ -38,10 +38,10 @@ def test_same_config_and_seed_give_identical_metrics(project, tmp_path, monkeypa
     manifest = json.loads((Path("runs") / RUN / "model" / "manifest.json").read_text())
     # what is needed to reproduce it: library versions, the data fingerprint, the seed and the commit
     assert {"torch", "transformers", "peft", "sentence-transformers"} <= set(manifest["versions"])
-    assert manifest["inputs"]["prepared_data"] == first["data_fingerprint"] and manifest["seed"] == 0
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", manifest["git_commit"])
     prepared = json.loads(Path("data/processed/synthetic/manifest.json").read_text())
-    assert re.fullmatch(r"[0-9a-f]{64}", prepared["inputs"]["corpus.csv"])
+    assert manifest["inputs"]["prepared_data"] == prepared["fingerprint"] and manifest["seed"] == 0
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", manifest["git_commit"])
+    assert re.fullmatch(r"[0-9a-f]{64}", prepared["inputs"]["corpus.csv"])  # sha256 of the raw file
 
 
 # --- security ------------------------------------------------------------------------------------------
