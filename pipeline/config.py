@@ -207,17 +207,26 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        # A key typed on the command line is not in the file: say so, or the user searches the YAML for it.
+        where = " (from the command line)" if key in overridden else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            lines.append(f"unknown key '{key}'{where}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"'{key}': {e['msg']}{got_s}")
+            lines.append(f"'{key}'{where}: {e['msg']}{got_s}")
     return f"{source}: " + "; ".join(lines)
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's messages span several lines with a caret drawing; the CLI prints one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -228,16 +237,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error_line(exc)})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    overridden = set()
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
+        overridden.add(key)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(path))) from None
+        raise ConfigError(_format_validation_error(exc, str(path), frozenset(overridden))) from None
 
 
 def config_to_yaml(cfg: Config) -> str:

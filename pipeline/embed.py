@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 
 from pipeline import encoding
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, read_json,
-                                require_manifest, write_json_atomic)
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest,
+                                read_json, require_manifest, write_json_atomic)
 from pipeline.config import Config
 from pipeline.errors import TrainingError
-from pipeline.model import (base_fingerprint, inner_model, load_encoder, load_trained, pick_device, pick_dtype,
-                            read_model_info, resolve_base, set_inner_model)
+from pipeline.model import (base_fingerprint, check_base_matches, inner_model, load_encoder, load_trained,
+                            pick_device, pick_dtype, read_model_info, resolve_base, set_inner_model)
 
 log = logging.getLogger(__name__)
 MERGE_MIN_COSINE = 0.9999
@@ -106,7 +106,10 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     train_manifest = require_manifest(model_dir, f"trained model for run '{cfg.resolved_run_name}'",
                                       "run `make train` with the same CONFIG/ARGS first")
     info = read_model_info(model_dir)
+    # Before anything is written (the base-embedding cache included): the run must belong to model.base.
+    check_base_matches(model_dir, info, cfg.model.base)
     out = layout.embeddings()
+    clean_stale(layout.run(), layout.base_embeddings("-").parent)
     fp = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"],
                                     cfg.pairs.label_template]).encode()).hexdigest()[:16]
     if not force and is_up_to_date(out, fp):

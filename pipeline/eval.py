@@ -25,9 +25,10 @@ import pandas as pd
 
 from pipeline import metrics as M
 from pipeline import tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, read_json, require_manifest, write_json_atomic)
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, read_json, require_manifest,
+                                write_json_atomic)
 from pipeline.config import Config
-from pipeline.model import read_model_info
+from pipeline.model import check_base_matches, read_model_info
 from pipeline.prepare import load_split
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,9 @@ def run(cfg: Config) -> Path:
                                     "run `python -m pipeline embed` (make eval does both)")
     train_manifest = require_manifest(layout.model_dir(), "trained model", "run `make train` first")
     info = read_model_info(layout.model_dir())
+    check_base_matches(layout.model_dir(), info, cfg.model.base)
+    clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical")
+    cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
     if prep.get("kind") == "pairs":
         from pipeline import pairs_dataset
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import (Layout, atomic_dir, is_up_to_date, make_manifest, sha256_file,
+from pipeline.artifacts import (Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest, sha256_file,
                                 write_json_atomic, MANIFEST)
 from pipeline.config import Config
 from pipeline.errors import DataError
@@ -41,14 +41,18 @@ def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFr
             first = int(np.flatnonzero(blank.to_numpy())[0])
             raise DataError(f"{source}: {int(blank.sum())} blank or whitespace-only texts "
                             f"(first at row {first}); set data.blank_texts=drop to drop them")
-        log.warning("dropping %d blank or whitespace-only texts", int(blank.sum()))
+        log.warning("prepare: %s: dropping %d blank or whitespace-only texts (data.blank_texts=drop; "
+                    "set data.blank_texts=error to stop instead)", source, int(blank.sum()))
     counts["blank_texts_dropped"] = int(blank.sum())
     df = df.assign(text=text.astype(object))[~blank.to_numpy()]
     if df["label"].notna().any():
-        missing = df["label"].isna()
+        # A whitespace-only label is as missing as an empty one; kept, it would become a class named "".
+        label = df["label"].astype("string").str.strip()
+        missing = label.isna() | (label == "")
         counts["missing_label_dropped"] = int(missing.sum())
-        df = df[~missing.to_numpy()]
-        df = df.assign(label=df["label"].astype(str).str.strip())
+        if missing.any():
+            log.warning("prepare: %s: dropping %d rows with a blank or missing label", source, int(missing.sum()))
+        df = df.assign(label=label.astype(object))[~missing.to_numpy()]
     if len(df) == 0:
         raise DataError(f"{source}: every row has a blank text or label")
     if df["group"].isna().all():
@@ -62,7 +66,7 @@ def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFr
     return df, counts
 
 
-def assign_splits(df: pd.DataFrame, cfg: Config, seed: int) -> pd.Series:
+def assign_splits(df: pd.DataFrame, cfg: Config, seed: int, source: str = "") -> pd.Series:
     """Assign whole groups to train/val/test, per label, so that every label is in every split.
 
     Groups are shuffled within each label and cut at the cumulative record fractions of the config.
@@ -82,8 +86,10 @@ def assign_splits(df: pd.DataFrame, cfg: Config, seed: int) -> pd.Series:
         names = groups.index.to_numpy()
         if len(names) < 3:
             members = int((labels == label).sum())
+            where = f"{source}: " if source else ""
+            column = f" in column '{cfg.data.label_column}'" if cfg.data.format == "table" else ""
             raise DataError(
-                f"label '{label}' has {len(names)} group(s) ({members} record(s)): it cannot be split "
+                f"{where}label '{label}' has {len(names)} group(s) ({members} record(s)){column}: it cannot be split "
                 f"into train, val and test; remove it or merge it with another label")
         names = names[rng.permutation(len(names))]
         sizes = df.groupby("group").size().reindex(names).to_numpy()
@@ -185,6 +191,7 @@ def fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_only: bool 
 
 
 def run(cfg: Config, *, force: bool = False) -> Path:
+    clean_stale(Layout(cfg).processed.parent, Layout(cfg).raw)
     if cfg.data.format == "walmart_amazon":
         from pipeline import pairs_dataset
 
@@ -201,7 +208,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     df, counts = clean_records(df, cfg, source)
     if cfg.data.max_rows:
         df = subsample_groups(df, cfg.data.max_rows, cfg.seed)
-    df = df.assign(split=assign_splits(df, cfg, cfg.seed))
+    df = df.assign(split=assign_splits(df, cfg, cfg.seed, source))
     df, leak_counts = remove_cross_split_texts(df)
     counts.update(leak_counts)
     splits = {s: df[df["split"] == s].drop(columns=["split"]).reset_index(drop=True) for s in SPLITS}

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import resource
 import shutil
 import sys
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import encoding, tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, make_manifest, read_manifest, require_manifest,
-                                write_json_atomic)
+from pipeline import encoding, recovery, tracking
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, read_manifest,
+                                require_manifest, write_json_atomic)
 from pipeline.batching import epoch_batches
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
@@ -87,23 +88,41 @@ def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, 
         weights = {n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad}
         save_file(weights, tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
         write_json_atomic(tmp / "state.json", {**state, "step": step})
 
 
 def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG (dropout draws continue exactly where they were)."""
     from safetensors.torch import load_file
 
-    weights = load_file(folder / "trainable.safetensors")
-    params = dict(st_model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device))
-    blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    return json.loads((folder / "state.json").read_text())
+    try:
+        weights = load_file(folder / "trainable.safetensors")
+        params = dict(st_model.named_parameters())
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].device))
+        blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"])
+        if blob.get("cuda_rng") and torch.cuda.is_available() and len(blob["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        return json.loads((folder / "state.json").read_text())
+    except Exception as exc:  # safetensors, the restricted unpickler and torch raise unrelated types
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if isinstance(exc, pickle.UnpicklingError):
+            # torch's message is a page of advice to turn the safety off; keep the line that says what was found
+            found = next((line.split("error:", 1)[1].split(" was not an allowed")[0].strip()
+                          for line in lines if "WeightsUnpickler error:" in line), "objects other than tensors")
+            found = found.replace("Unsupported global: GLOBAL ", "a reference to ")
+            reason = f"optimizer.pt holds {found}, which is not loaded because unpickling it could run code"
+        else:
+            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise ArtifactError(f"checkpoint in {folder} cannot be loaded ({reason}); delete that folder or pass "
+                            "--overwrite to train from scratch") from None
 
 
 def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer, scheduler,
@@ -137,6 +156,7 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
     fp = fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
+    clean_stale(run_dir)
     existing = read_manifest(model_dir)
     if existing is not None and not overwrite:
         if existing.get("fingerprint") == fp:
@@ -147,13 +167,29 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     ckpt_state = None
     if (ckpt_dir / "state.json").exists():
         ckpt_state = json.loads((ckpt_dir / "state.json").read_text())
-        if ckpt_state.get("fingerprint") != fp or overwrite:
+        if ckpt_state.get("fingerprint") != fp:
+            # A crashed run of another config is still an existing run: its progress is not thrown away
+            # unless asked, exactly like a finished one.
+            if not overwrite:
+                raise ArtifactError(
+                    f"run '{cfg.resolved_run_name}' has a checkpoint at step {ckpt_state.get('step')} from another "
+                    f"config or data in {ckpt_dir}; rerun with the config it started with to resume it, pass "
+                    "--overwrite to discard it, or choose another run_name=...")
             log.info("train: discarding checkpoint of another config at %s", ckpt_dir)
             shutil.rmtree(ckpt_dir)
             ckpt_state = None
-    if overwrite and model_dir.exists():
-        shutil.rmtree(model_dir)
+    # With --overwrite the previous model stays in place until the new one replaces it (atomic_dir), so a
+    # crash of the new training leaves the old result intact.
+    cfg = tracking.preflight(cfg)  # an unreachable MLflow server stops us here, before any training
+    previous_attempt = recovery.claim(run_dir, cfg.resolved_run_name)
+    try:
+        return _train(cfg, layout, prep, fp, model_dir, ckpt_dir, ckpt_state, previous_attempt)
+    finally:
+        recovery.release(run_dir)
 
+
+def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ckpt_dir: Path,
+           ckpt_state: dict | None, previous_attempt: dict | None) -> Path:
     t = cfg.train
     if t.method == "base":
         return _write_base_reference(cfg, model_dir, fp, prep)
@@ -192,7 +228,11 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
 
     tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) as tracker:
-        if ckpt_state is None:
+        recovery.record_tracking(layout.run(), tracker.run_id, tracker.uri)
+        recovery.settle_previous(previous_attempt, tracker.run_id)
+        if start_step:
+            tracker.set_tags({"pipeline.resumed_from_step": start_step})
+        if ckpt_state is None or tracker.run_id != mlflow_run_id:  # a new MLflow run gets the params
             tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
             tracker.log_params({"data_fingerprint": prep["fingerprint"], "trainable_params": trainable,
                                 "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
