@@ -54,6 +54,23 @@ class DataConfig(Section):
     max_rows: int | None = None  # subsample for quick runs (whole groups are kept)
 
 
+class HardNegativesConfig(Section):
+    """Optional hard negatives mined with the base encoder (pipeline/hard_negatives.py).
+
+    For each pair, candidates are ranked by base-model similarity to the anchor; ranks below
+    ``range_min`` are skipped (the very nearest candidates are often unlabelled positives), only the
+    first ``range_max`` are considered, and a candidate must score at most (1 - relative_margin) times the
+    pair's own positive. A candidate of the anchor's group, or one that is the right answer by label,
+    is never taken.
+    """
+
+    enabled: bool = False
+    range_min: int = Field(0, ge=0)
+    range_max: int = Field(30, ge=1)
+    relative_margin: float = Field(0.05, ge=0, lt=1)
+    sampling: Literal["top", "random"] = "top"
+
+
 class PairsConfig(Section):
     """Which contrastive pairs prepare builds from the train split."""
 
@@ -62,6 +79,7 @@ class PairsConfig(Section):
     same_label_pairs: float = 0.0  # fraction of train texts paired with a random same-label text
     max_pairs: int | None = None
     label_template: str = "{label}"
+    hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
 
 
 class LoraSettings(Section):

@@ -236,4 +236,5 @@ def load_split(folder: Path, split: str) -> pd.DataFrame:
 
 def load_pairs(folder: Path) -> pd.DataFrame:
     return pd.read_json(Path(folder) / "pairs.jsonl", lines=True,
-                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str})
+                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
+                               "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str})
