@@ -176,8 +176,13 @@ def subsample_groups(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame
 def fingerprint(cfg: Config, input_hashes: dict[str, str]) -> str:
     import hashlib
 
-    payload = json.dumps({"cfg": cfg.section_hash("data", "pairs"), "seed": cfg.seed, "in": input_hashes},
-                         sort_keys=True)
+    payload = {"cfg": cfg.section_hash("data", "pairs"), "seed": cfg.seed, "in": input_hashes}
+    if cfg.pairs.hard_negatives.enabled:  # mined negatives depend on the base encoder and its max length
+        from pipeline.model import base_fingerprint, resolve_base
+
+        payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,
+                            cfg.train.mask_same_label]
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -207,6 +212,11 @@ def run(cfg: Config, *, force: bool = False) -> Path:
             raise DataError(f"the {s} split is empty after preparation; the corpus is too small")
     pairs = build_pairs(splits["train"], cfg, cfg.seed)
     labels = sorted(df["label"].dropna().unique().tolist())
+    hn_stats = None
+    if cfg.pairs.hard_negatives.enabled:
+        from pipeline import hard_negatives
+
+        pairs, hn_stats = hard_negatives.mine(pairs, splits["train"][["text", "group", "label"]], cfg, labels)
     summary = {
         "counts": counts,
         "sizes": {s: int(len(p)) for s, p in splits.items()},
@@ -215,6 +225,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                          for s, p in splits.items()},
         "pairs": {"total": int(len(pairs)), **{k: int(v) for k, v in pairs["kind"].value_counts().items()}},
         "labels": labels,
+        **({"hard_negatives": hn_stats} if hn_stats else {}),
     }
     with atomic_dir(out) as tmp:
         for s, part in splits.items():
