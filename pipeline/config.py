@@ -119,6 +119,7 @@ class EvalConfig(Section):
     classifier_c: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0])
     bootstrap: int = Field(1000, ge=0)
     lexical: bool = True
+    probe_config: str | None = None  # probe stage: config of another dataset to score this run on (forgetting)
 
 
 class TrackingConfig(Section):
