@@ -166,7 +166,7 @@ def split_corpus(corpus: PairCorpus) -> dict:
 
 
 def prepare(cfg: Config, *, force: bool = False) -> Path:
-    from pipeline.prepare import fingerprint
+    from pipeline.prepare import fingerprint, texts_fingerprint
 
     layout = Layout(cfg)
     out = layout.processed
@@ -207,6 +207,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         parts["queries"].to_json(tmp / "queries.jsonl", orient="records", lines=True, force_ascii=False)
         corpus.gallery.to_json(tmp / "gallery.jsonl", orient="records", lines=True, force_ascii=False)
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, TEXT_FILES)
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
                                                         extra=summary))
     log.info("prepare: wrote %s (%d test queries, %d gallery records, %d training pairs; %d dropped for leakage)",

@@ -232,11 +232,23 @@ def run(cfg: Config, *, force: bool = False) -> Path:
             part.to_json(tmp / f"{s}.jsonl", orient="records", lines=True, force_ascii=False)
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
         write_json_atomic(tmp / "labels.json", labels)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, [f"{s}.jsonl" for s in SPLITS] + ["labels.json"])
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
                                                         extra={"kind": "labelled", **summary}))
     log.info("prepare: wrote %s (%s; %d pairs)", out,
              ", ".join(f"{s} {n}" for s, n in summary["sizes"].items()), len(pairs))
     return out
+
+
+def texts_fingerprint(folder: Path, names: list[str]) -> str:
+    """Hash of the files whose texts embed encodes (not the pairs): the base-embedding cache key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update(sha256_file(Path(folder) / name).encode())
+    return h.hexdigest()[:16]
 
 
 def load_split(folder: Path, split: str) -> pd.DataFrame:

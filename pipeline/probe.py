@@ -158,7 +158,7 @@ def run(cfg: Config) -> Path:
     dtype = pick_dtype(cfg.train.precision, device)
 
     # The base model's embeddings: reuse the probe dataset's own eval cache when it holds them.
-    key = base_cache_key(pcfg, prep["fingerprint"], max_len)
+    key = base_cache_key(pcfg, prep.get("texts_fingerprint", prep["fingerprint"]), max_len)
     base_dir = player.base_embeddings(key)
     if not (is_up_to_date(base_dir, key) and all((base_dir / f"{Path(f).stem}.npy").exists() for f in files)
             and (not label_texts or (base_dir / "labels.npy").exists())):

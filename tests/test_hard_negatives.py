@@ -76,3 +76,14 @@ def test_training_uses_the_mined_negatives(project):
     assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
     m = json.loads(Path("runs/synthetic-lora-r4-a8-s0/model/manifest.json").read_text())
     assert m["train"]["lora_b_abs_sum"] > 0
+
+
+def test_mining_reuses_the_base_embeddings_of_the_same_texts(project):
+    cfg = ["--config", str(project), "tracking.enabled=false", "eval.lexical=false"]
+    for extra in ([], ["pairs.hard_negatives.enabled=true", "run_name=hn"]):
+        assert cli("prepare", *cfg, *extra) == 0 and cli("train", *cfg, *extra) == 0
+        assert cli("embed", *cfg, *extra) == 0
+    plain = json.loads(Path("runs/synthetic-lora-r4-a8-s0/embeddings/manifest.json").read_text())
+    mined = json.loads(Path("runs/hn/embeddings/manifest.json").read_text())
+    assert plain["base_dir"] == mined["base_dir"]  # same texts, same base model: one cache entry
+    assert len(list(Path("cache/embeddings").iterdir())) == 1
