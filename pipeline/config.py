@@ -42,13 +42,17 @@ class DataConfig(Section):
     """Where the corpus comes from and how its columns are named."""
 
     name: str = "pricerunner"
-    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset.
-    format: Literal["pricerunner", "walmart_amazon", "table"] = "pricerunner"
+    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
+    # pairs: the same file types holding query -> positive rows (pipeline/pairs_dataset.py).
+    format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
     path: str | None = None  # table: a file, a folder of split files, or "hf:<dataset id or path>"
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None  # same-entity id (PriceRunner's cluster); split never cuts a group
     split_column: str | None = None  # given splits (train/val/test values) instead of our own
+    query_column: str = "query"  # format pairs: the query text
+    positive_column: str = "positive"  # format pairs: a relevant text for that query
+    negative_column: str | None = None  # format pairs: optional given negative text per row
     blank_texts: Literal["drop", "error"] = "drop"
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_rows: int | None = None  # subsample for quick runs (whole groups are kept)

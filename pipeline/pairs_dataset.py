@@ -58,6 +58,11 @@ class PairCorpus:
     queries: pd.DataFrame  # id, text
     gallery: pd.DataFrame  # id, text
     matches: pd.DataFrame  # query_id, item_id, split (train/val/test): labelled positives only
+    negatives: pd.DataFrame | None = None  # query_id, item_id: given negatives (format pairs)
+
+
+def _id_order(x: str):
+    return (0, int(x), "") if str(x).isdigit() else (1, 0, str(x))
 
 
 def load_walmart_amazon(cfg: Config, raw_dir: Path) -> tuple[PairCorpus, dict[str, Path]]:
@@ -90,6 +95,65 @@ def load_walmart_amazon(cfg: Config, raw_dir: Path) -> tuple[PairCorpus, dict[st
     return PairCorpus(queries, gallery, matches), {str(f): f for f in files}
 
 
+def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
+    """A CSV/TSV/JSONL/Parquet file (or ``hf:`` dataset) of query -> positive rows, as a PairCorpus.
+
+    Queries are the distinct query texts, the gallery every distinct positive (and given negative) text.
+    Splits come from ``data.split_column`` or are drawn per distinct query with ``data.split`` fractions,
+    so one query never spans two splits.
+    """
+    from pipeline.sources import read_table
+
+    d = cfg.data
+    if not d.path:
+        raise DataError("data.path must name the pairs file (or hf:<dataset>) when data.format is 'pairs'")
+    df = read_table(d.path)
+    split_col = "__split__" if d.path.startswith("hf:") and d.split_column is None else d.split_column
+    cols = {"query_column": d.query_column, "positive_column": d.positive_column,
+            "negative_column": d.negative_column, "split_column": split_col}
+    for key, col in cols.items():
+        if col is not None and col not in df.columns:
+            raise DataError(f"{d.path}: column '{col}' (data.{key}) not found; the file has: "
+                            f"{', '.join(map(str, df.columns))}")
+    clean = lambda c: df[c].astype("string").str.strip()  # noqa: E731
+    q, p = clean(d.query_column), clean(d.positive_column)
+    keep = (q.notna() & (q != "") & p.notna() & (p != "")).to_numpy()
+    if not keep.any():
+        raise DataError(f"{d.path}: no row has both a query and a positive text")
+    q, p = q[keep].astype(str), p[keep].astype(str)
+    neg = clean(d.negative_column)[keep].astype(object) if d.negative_column else None
+    gallery_texts = list(dict.fromkeys(list(p) + ([t for t in neg if isinstance(t, str) and t] if neg is not None
+                                                  else [])))
+    query_texts = list(dict.fromkeys(q))
+    g_id = {t: str(i) for i, t in enumerate(gallery_texts)}
+    q_id = {t: str(i) for i, t in enumerate(query_texts)}
+    if split_col:
+        split = df.loc[keep, split_col].astype(str).str.lower().replace(
+            {"validation": "val", "valid": "val", "dev": "val"}).to_numpy()
+        bad = sorted(set(split) - {"train", "val", "test"})
+        if bad:
+            raise DataError(f"data.split_column has values {bad}; expected train, val (or validation) and test")
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(len(query_texts))
+        cut = np.cumsum([d.split.train, d.split.val]) * len(query_texts)
+        where = np.where(np.arange(len(query_texts)) < cut[0], "train",
+                         np.where(np.arange(len(query_texts)) < cut[1], "val", "test"))
+        by_query = {query_texts[i]: where[r] for r, i in enumerate(order)}
+        split = np.array([by_query[t] for t in q])
+    matches = pd.DataFrame({"query_id": [q_id[t] for t in q], "item_id": [g_id[t] for t in p], "split": split})
+    matches = matches.drop_duplicates(subset=["query_id", "item_id"]).reset_index(drop=True)
+    negatives = None
+    if neg is not None:
+        has = np.array([isinstance(t, str) and bool(t) for t in neg])
+        negatives = pd.DataFrame({"query_id": [q_id[t] for t in q[has]], "item_id": [g_id[t] for t in neg[has]],
+                                  "split": split[has]})
+    corpus = PairCorpus(queries=pd.DataFrame({"id": list(q_id.values()), "text": query_texts}),
+                        gallery=pd.DataFrame({"id": list(g_id.values()), "text": gallery_texts}),
+                        matches=matches, negatives=negatives)
+    return corpus, ({d.path: Path(d.path)} if not d.path.startswith("hf:") else {})
+
+
 class _UnionFind:
     def __init__(self):
         self.parent: dict[str, str] = {}
@@ -116,9 +180,9 @@ def split_corpus(corpus: PairCorpus) -> dict:
     q_text = dict(zip(corpus.queries["id"], corpus.queries["text"]))
     g_text = dict(zip(corpus.gallery["id"], corpus.gallery["text"]))
     m = corpus.matches
-    test_q = sorted(set(m.loc[m["split"] == "test", "query_id"]), key=int)
+    test_q = sorted(set(m.loc[m["split"] == "test", "query_id"]), key=_id_order)
     relevant = m[m["query_id"].isin(set(test_q))].groupby("query_id")["item_id"].apply(
-        lambda s: sorted(set(s), key=int)).to_dict()
+        lambda s: sorted(set(s), key=_id_order)).to_dict()
     test_pairs = m[m["split"] == "test"]
     counts = {
         "test_queries": len(test_q),
@@ -153,6 +217,8 @@ def split_corpus(corpus: PairCorpus) -> dict:
     pairs = pd.DataFrame({
         "anchor": train["query_id"].map(q_text), "positive": train["item_id"].map(g_text), "kind": "pair",
         "group": ["g:" + uf.find(f"a:{q}") for q in train["query_id"]], "label": None})
+    if corpus.negatives is not None:
+        pairs = _attach_given_negatives(pairs, train, corpus.negatives, uf, g_text, held_i, held_i_text)
     pairs = pairs.drop_duplicates(subset=["anchor", "positive"]).reset_index(drop=True)
     counts["train_pairs"] = int(len(pairs))
     counts["train_groups"] = int(pairs["group"].nunique())
@@ -165,14 +231,33 @@ def split_corpus(corpus: PairCorpus) -> dict:
     return {"queries": queries, "pairs": pairs, "pool": pool, "counts": counts}
 
 
+def _attach_given_negatives(pairs, train, negatives, uf, g_text, held_i, held_i_text) -> pd.DataFrame:
+    """The first given negative of each pair's query (train split) that is not held out for the test
+    queries and not linked to the pair's own group; none where no such negative exists."""
+    neg = negatives[(negatives["split"] == "train") & ~negatives["item_id"].isin(held_i)]
+    by_query = neg.groupby("query_id")["item_id"].apply(list).to_dict()
+    out = {c: [None] * len(pairs) for c in ("negative", "negative_group", "negative_label", "negative_kind")}
+    for row, (q, group) in enumerate(zip(train["query_id"], pairs["group"])):
+        for item in by_query.get(q, []):
+            item_group = "g:" + uf.find(f"b:{item}") if f"b:{item}" in uf.parent else f"b:{item}"
+            if item_group != group and g_text[item] not in held_i_text:
+                out["negative"][row], out["negative_group"][row], out["negative_kind"][row] = (
+                    g_text[item], item_group, "text")
+                break
+    return pairs.assign(**out)
+
+
 def prepare(cfg: Config, *, force: bool = False) -> Path:
     from pipeline.prepare import fingerprint, texts_fingerprint
 
     layout = Layout(cfg)
     out = layout.processed
-    if cfg.data.format != "walmart_amazon":
+    if cfg.data.format == "walmart_amazon":
+        corpus, files = load_walmart_amazon(cfg, layout.raw)
+    elif cfg.data.format == "pairs":
+        corpus, files = load_pair_table(cfg)
+    else:
         raise DataError(f"data.format '{cfg.data.format}' is not a pair dataset")
-    corpus, files = load_walmart_amazon(cfg, layout.raw)
     input_hashes = {name: sha256_file(path) for name, path in files.items()}
     fp = fingerprint(cfg, input_hashes)
     if not force and is_up_to_date(out, fp):
@@ -180,6 +265,8 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         return out
     parts = split_corpus(corpus)
     pairs, counts = parts["pairs"], parts["counts"]
+    if len(parts["queries"]) == 0:
+        raise DataError("the test split has no query with a positive; nothing to evaluate retrieval on")
     if len(pairs) == 0:
         raise DataError("no training pairs are left after removing those that touch a test query")
     if cfg.pairs.max_pairs is not None and len(pairs) > cfg.pairs.max_pairs:
@@ -189,7 +276,13 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     if cfg.pairs.hard_negatives.enabled:
         from pipeline import hard_negatives
 
-        pairs, hn_stats = hard_negatives.mine(pairs, parts["pool"], cfg)
+        # Mined negatives fill in where the data gave none.
+        todo = pairs["negative"].isna().to_numpy() if "negative" in pairs else np.ones(len(pairs), dtype=bool)
+        mined, hn_stats = hard_negatives.mine(pairs[todo].drop(columns=hard_negatives.NEGATIVE_COLUMNS,
+                                                               errors="ignore"), parts["pool"], cfg)
+        pairs = pairs.copy() if "negative" in pairs else pairs.assign(
+            **{c: None for c in hard_negatives.NEGATIVE_COLUMNS})
+        pairs.loc[todo, hard_negatives.NEGATIVE_COLUMNS] = mined[hard_negatives.NEGATIVE_COLUMNS].to_numpy()
     pairs = pairs.iloc[np.random.default_rng(cfg.seed + 1).permutation(len(pairs))].reset_index(drop=True)
     summary = {
         "kind": "pairs",
@@ -197,7 +290,8 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         "counts": {**counts, "query_records": int(len(corpus.queries)), "gallery_records": int(len(corpus.gallery))},
         "sizes": {"queries": int(len(parts["queries"])), "gallery": int(len(corpus.gallery)),
                   "pairs": int(len(pairs))},
-        "pairs": {"total": int(len(pairs)), "pair": int(len(pairs))},
+        "pairs": {"total": int(len(pairs)), "pair": int(len(pairs)),
+                  "with_negative": int(pairs["negative"].notna().sum()) if "negative" in pairs else 0},
         "labels": [],
         "retrieval_protocol": "query: a Walmart record with a labelled match in test.csv; gallery: every Amazon "
                               "record; relevant: all the query's labelled matches (any split)",

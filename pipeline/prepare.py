@@ -187,7 +187,7 @@ def fingerprint(cfg: Config, input_hashes: dict[str, str]) -> str:
 
 
 def run(cfg: Config, *, force: bool = False) -> Path:
-    if cfg.data.format == "walmart_amazon":
+    if cfg.data.format in ("walmart_amazon", "pairs"):
         from pipeline import pairs_dataset
 
         return pairs_dataset.prepare(cfg, force=force)

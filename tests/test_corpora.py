@@ -96,3 +96,39 @@ def test_every_file_type_gives_the_same_split(tmp_path, monkeypatch, suffix):
     got = load_split(prepare.run(cfg), "test")
     want = load_split(prepare.run(ref), "test")
     assert got["text"].tolist() == want["text"].tolist() and len(got) > 0
+
+
+def _pair_rows() -> pd.DataFrame:
+    """query -> positive rows from the synthetic offers (first title of a cluster -> each other title), with
+    a given negative from another cluster of the same category."""
+    df = make_corpus(n_clusters_per_brand=4)
+    rows = []
+    clusters = list(df.groupby("cluster"))
+    for i, (_, members) in enumerate(clusters):
+        titles = members["title"].tolist()
+        other = clusters[(i + 1) % len(clusters)][1]["title"].iloc[0]
+        for t in titles[1:]:
+            rows.append({"Search Phrase": f"looking for {titles[0]}", "Clicked Offer": t, "Skipped Offer": other})
+    return pd.DataFrame(rows)
+
+
+def test_new_pairs_corpus_trains_and_evaluates_with_only_a_yaml(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    _pair_rows().to_csv("clicks.csv", index=False)
+    cfg = _from_template(tiny_model_dir, {"name": "clicks", "format": "pairs", "path": "clicks.csv",
+                                          "query_column": "Search Phrase", "positive_column": "Clicked Offer",
+                                          "negative_column": "Skipped Offer", "label_column": None,
+                                          "group_column": None},
+                         train={"epochs": 4, "lr": 5e-3})
+    Path("clicks.yaml").write_text(yaml.safe_dump(cfg))
+    for stage in ("prepare", "train", "embed", "eval"):
+        assert cli(stage, "--config", "clicks.yaml") == 0, stage
+    prep = json.loads(Path("data/processed/clicks/manifest.json").read_text())
+    assert prep["kind"] == "pairs" and prep["pairs"]["with_negative"] > 0
+    pairs = pd.read_json("data/processed/clicks/pairs.jsonl", lines=True)
+    queries = pd.read_json("data/processed/clicks/queries.jsonl", lines=True)
+    assert not set(pairs["anchor"]) & set(queries["text"])  # a query never spans two splits
+    m = json.loads(Path("reports/clicks-lora-r4-a8-s0/metrics.json").read_text())
+    assert m["classification"] == {} and {"recall@1", "recall@10", "ndcg@10", "mrr@10"} <= set(m["retrieval"])
+    assert m["gallery_items"] == _pair_rows()["Clicked Offer"].nunique() + len(
+        set(_pair_rows()["Skipped Offer"]) - set(_pair_rows()["Clicked Offer"]))

@@ -146,3 +146,16 @@ def test_real_walmart_amazon_prepare_counts(tmp_path, monkeypatch):
     assert m["counts"]["test_queries"] == 191 and m["counts"]["gallery_records"] == 22074
     assert m["counts"]["train_pairs_dropped_query_is_test_query"] >= 17
     assert len(load_pairs(out)) == m["counts"]["train_pairs"]
+
+
+def test_mined_negatives_for_a_pair_dataset_avoid_held_out_records(wa_project):
+    cfg = load_config(wa_project, ["pairs.hard_negatives.enabled=true", "pairs.hard_negatives.range_min=0",
+                                   "pairs.hard_negatives.relative_margin=0.0"])
+    out = pairs_dataset.prepare(cfg)
+    pairs, queries = load_pairs(out), pairs_dataset.load_queries(out)
+    gallery = pairs_dataset.load_gallery(out).set_index("id")
+    held = set(gallery.loc[[i for r in queries["relevant"] for i in r], "text"])
+    has = pairs[pairs["negative"].notna()]
+    assert len(has) == len(pairs)
+    assert not set(has["negative"]) & held
+    assert (has["negative_group"] != has["group"]).all() and (has["negative"] != has["positive"]).all()
