@@ -1,4 +1,5 @@
-"""Pair datasets: queries with relevant items in a gallery, no class labels (Walmart-Amazon).
+"""Pair datasets: queries with relevant items in a gallery, no class labels (Walmart-Amazon, or any
+file of query -> positive rows with ``data.format: pairs``).
 
 prepare writes to ``data/processed/<dataset>/``:
 
@@ -21,6 +22,9 @@ Walmart-Amazon protocol (see ../shared/data/walmart_amazon/SOURCE.md):
 - Groups: training pairs linked through a shared record (one Walmart record with two Amazon matches,
   one Amazon record matched by two Walmart records) or through an identical title form one group, so
   the loss never treats one product's records as each other's negatives.
+- ``format: pairs`` (a user's file): queries are the distinct query texts, the gallery every distinct
+  positive or given-negative text; splits come from ``split_column`` or are drawn per query, and the
+  same leakage rules apply (a training pair never touches a test query or its relevant texts).
 - Classification: the shop categories are noisy, shop-specific labels (SOURCE.md), so this dataset has
   no classification metrics; metrics.json leaves the blocks empty and says why.
 """
