@@ -215,5 +215,5 @@ def markdown(p: dict) -> str:
         lines.append(f"| {k} | {b:.3f} | {a:.3f} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
     worse = [k for k, d in p["delta_vs_base"].items() if d["ci"][1] < 0]
     lines += ["", ("Forgetting: significantly below the base model on " + ", ".join(worse) + ".") if worse else
-              "No metric is significantly below the base model (every change's CI reaches 0 or above).", ""]
+              "No metric is significantly below the base model (no change has its whole 95% CI below 0).", ""]
     return "\n".join(lines)
