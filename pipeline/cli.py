@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "serve", "bench")
+STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "serve", "bench", "probe")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,4 +145,8 @@ def _dispatch(args, cfg) -> int | None:
         from pipeline import bench
 
         bench.run(cfg)
+    elif stage == "probe":
+        from pipeline import probe
+
+        probe.run(cfg)
     return 0

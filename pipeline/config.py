@@ -42,16 +42,37 @@ class DataConfig(Section):
     """Where the corpus comes from and how its columns are named."""
 
     name: str = "pricerunner"
-    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset.
-    format: Literal["pricerunner", "walmart_amazon", "table"] = "pricerunner"
+    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
+    # pairs: the same file types holding query -> positive rows (pipeline/pairs_dataset.py).
+    format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
     path: str | None = None  # table: a file, a folder of split files, or "hf:<dataset id or path>"
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None  # same-entity id (PriceRunner's cluster); split never cuts a group
     split_column: str | None = None  # given splits (train/val/test values) instead of our own
+    query_column: str = "query"  # format pairs: the query text
+    positive_column: str = "positive"  # format pairs: a relevant text for that query
+    negative_column: str | None = None  # format pairs: optional given negative text per row
     blank_texts: Literal["drop", "error"] = "drop"
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_rows: int | None = None  # subsample for quick runs (whole groups are kept)
+
+
+class HardNegativesConfig(Section):
+    """Optional hard negatives mined with the base encoder (pipeline/hard_negatives.py).
+
+    For each pair, candidates are ranked by base-model similarity to the anchor; ranks below
+    ``range_min`` are skipped (the very nearest candidates are often unlabelled positives), only the
+    first ``range_max`` are considered, and a candidate must score at most (1 - relative_margin) times the
+    pair's own positive. A candidate of the anchor's group, or one that is the right answer by label,
+    is never taken.
+    """
+
+    enabled: bool = False
+    range_min: int = Field(0, ge=0)
+    range_max: int = Field(30, ge=1)
+    relative_margin: float = Field(0.05, ge=0, lt=1)
+    sampling: Literal["top", "random"] = "top"
 
 
 class PairsConfig(Section):
@@ -62,6 +83,7 @@ class PairsConfig(Section):
     same_label_pairs: float = 0.0  # fraction of train texts paired with a random same-label text
     max_pairs: int | None = None
     label_template: str = "{label}"
+    hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
 
 
 class LoraSettings(Section):
@@ -103,6 +125,7 @@ class EvalConfig(Section):
     classifier_c: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0])
     bootstrap: int = Field(1000, ge=0)
     lexical: bool = True
+    probe_config: str | None = None  # probe stage: config of another dataset to score this run on (forgetting)
 
 
 class TrackingConfig(Section):

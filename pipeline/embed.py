@@ -83,7 +83,10 @@ def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
 
 
 def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtype, max_seq_length: int) -> Path:
-    key = base_cache_key(cfg, prep.get("splits_fingerprint", prep["fingerprint"]), max_seq_length)
+    # Keyed on the texts, not on the whole prepared data: changing only the training pairs (e.g. mined
+    # hard negatives) must not re-embed every text with the unchanged base model.
+    key = base_cache_key(cfg, prep.get("texts_fingerprint", prep.get("splits_fingerprint", prep["fingerprint"])),
+                         max_seq_length)
     out = layout.base_embeddings(key)
     if is_up_to_date(out, key):
         return out

@@ -185,14 +185,20 @@ def fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_only: bool 
     import hashlib
 
     sections = ("data",) if splits_only else ("data", "pairs")
-    payload = json.dumps({"cfg": cfg.section_hash(*sections), "seed": cfg.seed, "in": input_hashes},
-                         sort_keys=True)
+    payload = {"cfg": cfg.section_hash(*sections), "seed": cfg.seed, "in": input_hashes}
+    if cfg.pairs.hard_negatives.enabled and not splits_only:
+        # mined negatives depend on the base encoder and its max length
+        from pipeline.model import base_fingerprint, resolve_base
+
+        payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,
+                            cfg.train.mask_same_label]
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def run(cfg: Config, *, force: bool = False) -> Path:
     clean_stale(Layout(cfg).processed.parent, Layout(cfg).raw)
-    if cfg.data.format == "walmart_amazon":
+    if cfg.data.format in ("walmart_amazon", "pairs"):
         from pipeline import pairs_dataset
 
         return pairs_dataset.prepare(cfg, force=force)
@@ -217,6 +223,11 @@ def run(cfg: Config, *, force: bool = False) -> Path:
             raise DataError(f"the {s} split is empty after preparation; the corpus is too small")
     pairs = build_pairs(splits["train"], cfg, cfg.seed)
     labels = sorted(df["label"].dropna().unique().tolist())
+    hn_stats = None
+    if cfg.pairs.hard_negatives.enabled:
+        from pipeline import hard_negatives
+
+        pairs, hn_stats = hard_negatives.mine(pairs, splits["train"][["text", "group", "label"]], cfg, labels)
     summary = {
         "counts": counts,
         "sizes": {s: int(len(p)) for s, p in splits.items()},
@@ -225,18 +236,31 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                          for s, p in splits.items()},
         "pairs": {"total": int(len(pairs)), **{k: int(v) for k, v in pairs["kind"].value_counts().items()}},
         "labels": labels,
+        **({"hard_negatives": hn_stats} if hn_stats else {}),
     }
     with atomic_dir(out) as tmp:
         for s, part in splits.items():
             part.to_json(tmp / f"{s}.jsonl", orient="records", lines=True, force_ascii=False)
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
         write_json_atomic(tmp / "labels.json", labels)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, [f"{s}.jsonl" for s in SPLITS] + ["labels.json"])
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
                                                         extra={"kind": "labelled", "splits_fingerprint": fingerprint(cfg, input_hashes, splits_only=True),
                                                                **summary}))
     log.info("prepare: wrote %s (%s; %d pairs)", out,
              ", ".join(f"{s} {n}" for s, n in summary["sizes"].items()), len(pairs))
     return out
+
+
+def texts_fingerprint(folder: Path, names: list[str]) -> str:
+    """Hash of the files whose texts embed encodes (not the pairs): the base-embedding cache key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update(sha256_file(Path(folder) / name).encode())
+    return h.hexdigest()[:16]
 
 
 def load_split(folder: Path, split: str) -> pd.DataFrame:
@@ -247,4 +271,5 @@ def load_split(folder: Path, split: str) -> pd.DataFrame:
 
 def load_pairs(folder: Path) -> pd.DataFrame:
     return pd.read_json(Path(folder) / "pairs.jsonl", lines=True,
-                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str})
+                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
+                               "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str})

@@ -93,3 +93,10 @@ def cli(*args: str) -> int:
     from pipeline.cli import main
 
     return main(list(args))
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_uri(monkeypatch):
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so the store of one test would receive the
+    runs of every later test in the process (and of their subprocesses); each test starts without it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
