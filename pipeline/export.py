@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import yaml
 
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json, read_manifest,
                                 require_manifest, sha256_file, write_json_atomic)
-from pipeline.config import Config, config_to_yaml
+from pipeline.config import Config
 from pipeline.errors import ArtifactError, ExportError
 from pipeline.model import (base_fingerprint, inner_model, load_encoder, load_trained, read_model_info, resolve_base,
                             set_inner_model)
@@ -264,7 +265,7 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
             "truncation_side": getattr(tok, "truncation_side", "right") or "right",
             "pad_token_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),
             "pooling": "in graph (the sentence-transformers modules after the transformer)",
-            "normalized": True, "opset": ONNX_OPSET}
+            "normalized_in_graph": any(type(m).__name__ == "Normalize" for m in st_model), "opset": ONNX_OPSET}
     write_json_atomic(folder / ONNX_META, meta)
     return meta
 
@@ -434,8 +435,8 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
     lines = [f"# {run_name}", "",
              f"`{info['base']}` adapted to **{cfg.data.name}** ({info['method']} fine-tuning) by this pipeline.",
              "", "## Model", "", "| | |", "|---|---|",
-             f"| base model | `{info['base']}` (revision {info.get('revision') or 'as packaged'}, weights "
-             f"{info['base_fingerprint']}) |",
+             f"| base model | `{info['base']}`" + (f" revision `{info['revision']}`" if info.get("revision") else "")
+             + f" (weights hash {info['base_fingerprint']}) |",
              f"| method | {info['method']} |"]
     if info.get("lora"):
         lo = info["lora"]
@@ -498,7 +499,9 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
                   "`pipeline.export.load_form(export_dir, \"adapter\")`, which checks the base weights."]
     if forms.get("onnx"):
         lines += ["- `onnx/model.onnx`: inputs " + ", ".join(f"`{n}`" for n in forms["onnx"]["inputs"]) +
-                  "; outputs `last_hidden_state` and `sentence_embedding` (pooled and normalised in the graph). "
+                  "; outputs `last_hidden_state` and `sentence_embedding` (pooled"
+                  + (" and normalised" if forms["onnx"]["normalized_in_graph"] else "; normalise it yourself")
+                  + " in the graph). "
                   f"Tokenise with `onnx/tokenizer.json`, truncating at {info.get('max_seq_length')} tokens. "
                   + ("`onnx/model_qint8.onnx` is the dynamic int8 variant (smaller and faster, slightly less exact). "
                      if forms.get("onnx_int8") else "")]
@@ -509,7 +512,9 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
     if mlflow_info:
         lines += [f"- MLflow: run `{mlflow_info['run_id']}`, model `{mlflow_info['model_uri']}` "
                   "(`mlflow.sentence_transformers.load_model(uri)`)."]
-    lines += ["", "## Training configuration", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]
+    dump = cfg.model_dump(mode="json")
+    trained_with = yaml.safe_dump({k: dump[k] for k in ("seed", "model", "data", "pairs", "train")}, sort_keys=False)
+    lines += ["", "## Training configuration", "", "```yaml", trained_with.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -668,6 +673,7 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
                                   row_cosines(single, merged_emb[:8])])
             gate["onnx_vs_torch_min_cos"] = float(cos.min())
             forms["onnx"] = {"path": f"onnx/{ONNX_FILE}", "inputs": onnx_meta["inputs"],
+                             "normalized_in_graph": onnx_meta["normalized_in_graph"],
                              "size_mb": round((tmp / "onnx" / ONNX_FILE).stat().st_size / 2**20, 2)}
             encoders["onnx"] = onnx_enc
             t = lap("onnx_seconds", t)

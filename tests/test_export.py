@@ -234,7 +234,7 @@ def test_gate_refuses_a_perturbed_merge_and_keeps_the_previous_export(project, t
     assert not list(Path("exports").glob(".*"))
 
 
-def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache):
+def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache, capsys):
     cfg = trained(project, trained_cache)
     assert cli("export", *cfg, "export.index_type=hnsw", "export.index_corpus=test", "export.onnx=false",
                "export.hnsw_m=8") == 0
@@ -251,6 +251,13 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache)
     hits = index.search(load_form(out, "merged").encode(test[:5]), k=3)
     assert [h[0]["text"] for h in hits] == test[:5]
     assert all(h[0]["split"] == "test" and h[0]["score"] > 0.999 for h in hits)
+
+    from pipeline import export
+
+    capsys.readouterr()
+    assert export._main([str(out), "merged", "adapter", "--query", test[0], "-k", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["merged"]["ids"] == printed["adapter"]["ids"] and len(printed["merged"]["ids"][0]) == 2
 
     from pipeline.config import ExportConfig
     from pipeline.export import build_index
