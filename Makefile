@@ -46,7 +46,7 @@ export: ## merged model, adapter, ONNX and FAISS index under exports/<run>/, ver
 	$(RUN) export $(CFG) $(ARGS)
 
 serve: ## HTTP /embed and /search over an export, on 127.0.0.1:$(SERVE_PORT)
-	$(RUN) serve $(CFG) $(ARGS)
+	$(RUN) serve $(CFG) export.serve_port=$(SERVE_PORT) $(ARGS)
 
 ui: ## MLflow UI on 127.0.0.1:$(MLFLOW_PORT) over the project's tracking store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)

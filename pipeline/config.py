@@ -143,6 +143,17 @@ class ExportConfig(Section):
     sample_texts: int = 64
     merged_vs_adapter_min_cos: float = 0.9999
     onnx_min_cos: float = 0.999
+    merged_vs_base_max_cos: float = 0.999999  # mean cosine at or above this: the merge changed nothing
+    neighbour_queries: int = Field(8, ge=1)  # sample texts whose top-k must agree across the forms
+    neighbour_k: int = Field(10, ge=1)
+    ivf_nlist: int | None = None  # default about 4 * sqrt(corpus size)
+    ivf_nprobe: int = Field(16, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=1)
+    mlflow_model: bool = True  # log the merged model to the run's MLflow run (sentence_transformers flavor)
+    register_name: str | None = None  # also register it in the MLflow model registry under this name
+    serve_form: Literal["onnx", "onnx_int8", "merged"] = "onnx"
+    serve_port: int = Field(8000, ge=1, le=65535)
 
 
 class SweepConfig(Section):
