@@ -107,6 +107,7 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
         return
     import mlflow
 
+    parent_run_id = parent_run_id or cfg.tracking.parent_run_id
     uri = resolve_uri(cfg)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
