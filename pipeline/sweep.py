@@ -9,8 +9,8 @@ embeddings come from embed's cache (``cache/embeddings/``), and a child can be r
 
 Outputs under ``reports/sweep/<name>/``: ``sweep.json`` (the MLflow parent run id), ``children/``
 (each child's config and, once it finished, a record with its fingerprint), ``logs/`` (each child's
-output), ``summary.md``, ``summary.json`` and ``pareto.png``. In MLflow the sweep is one parent run;
-every child is nested under it (``mlflow.parentRunId``) and tagged ``sweep``, ``sweep.config`` (the
+output), ``summary.md``, ``summary.json``, ``summary.csv`` and ``pareto.png``. In MLflow the sweep is
+one parent run; every child is nested under it (``mlflow.parentRunId``) and tagged ``sweep``, ``sweep.config`` (the
 configuration without the seed: group by it to pool seeds), ``sweep.method``, ``sweep.r``,
 ``sweep.alpha``, ``sweep.targets`` and ``sweep.seed``.
 
@@ -470,8 +470,8 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
                   "| configuration | " + " | ".join(METRIC_LABELS.get(k, k) for k in keys) + " |",
                   "|---" * (len(keys) + 1) + "|"]
         for c in loras:
-            lines.append(f"| `{c['config_id']}` | " + " | ".join(
-                f"{c['vs_full'][k]} ({c['metrics'][k]['mean']:.3f})" if k in c["vs_full"] else "–" for k in keys) + " |")
+            cells = [f"{c['vs_full'][k]} ({c['metrics'][k]['mean']:.3f})" if k in c["vs_full"] else "–" for k in keys]
+            lines.append(f"| `{c['config_id']}` | " + " | ".join(cells) + " |")
         counts = {k: sum(c["vs_full"].get(k) in ("within", "above") for c in loras) for k in keys}
         lines += ["", "Within or above: " + ", ".join(f"{METRIC_LABELS.get(k, k)} {n} of {len(loras)}"
                                                      for k, n in counts.items()) + "."]
@@ -571,6 +571,10 @@ def write_summary(cfg: Config, rows: list[dict], failed: list[dict], meta: dict)
     _write_text_atomic(out / "summary.md", summary_markdown(cfg, configs, rows, failed, meta))
     write_json_atomic(out / "summary.json", {"sweep": cfg.sweep.model_dump(mode="json"), **meta,
                                              "configurations": configs, "children": rows, "failed": failed})
+    # A file of our own rather than MlflowClient.log_table, which appends to the table of an earlier
+    # invocation and would list every configuration twice after a resume.
+    summary_table(configs, quality).to_csv(out / ".summary.csv.tmp", index=False)
+    os.replace(out / ".summary.csv.tmp", out / "summary.csv")
     return out, configs
 
 
@@ -683,15 +687,16 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
                 "pairs": prep.get("pairs", {}).get("total", 0), "isolate": s.isolate,
                 "sweep_seconds_this_invocation": round(time.perf_counter() - started, 1)}
         out, configs = write_summary(cfg, rows, failed, meta)
-        for f in ("summary.md", "summary.json", "pareto.png"):
+        for f in ("summary.md", "summary.json", "summary.csv", "pareto.png"):
             parent.log_artifact(out / f)
-        _log_parent_table(uri, parent.run_id, configs, s.quality_metric)
+        _log_parent_metrics(uri, parent.run_id, configs, s.quality_metric)
         parent.log_metrics({"children_finished": len(rows), "children_failed": len(failed)})
         parent.set_tags({"sweep.state": "failed children" if failed else "complete"})
     log.info("sweep %s: %d children finished, %d failed; summary %s", s.name, len(rows), len(failed),
              out / "summary.md")
     if failed:
-        raise SweepError(f"{len(failed)} of {len(points)} sweep children failed ({', '.join(f['run'] for f in failed)}): "
+        names = ", ".join(f["run"] for f in failed)
+        raise SweepError(f"{len(failed)} of {len(points)} sweep children failed ({names}): "
                          f"{failed[0]['reason']}; the others are summarised in {out / 'summary.md'}"
                          + (f"; logs in {out / 'logs'}" if s.isolate else ""))
     return out
@@ -703,30 +708,35 @@ def _write_sweep_config(cfg: Config, out: Path) -> Path:
     return path
 
 
-def _log_parent_table(uri: str | None, run_id: str | None, configs: list[dict], quality: str) -> None:
-    """The summary table as an MLflow table artefact, and the quality of each configuration as metrics."""
-    if not uri or not run_id:
-        return
+def summary_table(configs: list[dict], quality: str):
+    """The summary as a flat table (one row per configuration) for the CSV and the parent run."""
     import pandas as pd
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     records = []
     for c in configs:
         rec = {k: c[k] for k in ("config_id", "method", "r", "alpha", "preset", "trainable_params", "trainable_pct",
-                                 "adapter_bytes", "train_seconds", "peak_rss_mb")}
+                                 "adapter_bytes", "adapted_modules", "train_seconds", "peak_rss_mb")}
         rec["seeds"] = len(c["seeds"])
         for k, st in c["metrics"].items():
             rec[k], rec[f"{k}.sd"] = st["mean"], st["sd"]
             rec[f"{k}.ci_low"], rec[f"{k}.ci_high"] = st.get("ci_low"), st.get("ci_high")
         rec["vs_full"] = c["vs_full"].get(quality, "")
         records.append(rec)
-    client.log_table(run_id, data=pd.DataFrame(records), artifact_file="summary_table.json")
+    return pd.DataFrame(records)
+
+
+def _log_parent_metrics(uri: str | None, run_id: str | None, configs: list[dict], quality: str) -> None:
+    """Each configuration's quality as a metric of the parent run, for the parent's own chart view."""
+    if not uri or not run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
     for c in configs:
         st = c["metrics"].get(quality)
         if st is not None:
-            key = re.sub(r"[^A-Za-z0-9_./ -]", "_", f"{c['config_id']}.{quality}")
+            key = re.sub(r"[^A-Za-z0-9_./ -]", "_", f"{c['config_id']}.{quality}".replace("@", "_at_"))
             client.log_metric(run_id, key, st["mean"], timestamp=now)
 
 

@@ -112,14 +112,15 @@ def test_sweep_is_one_parent_with_nested_children_in_mlflow(project):
         assert m["recall_at_1.ci_low"] <= m["recall_at_1"] <= m["recall_at_1.ci_high"]
     by = {c.data.tags["sweep.config"]: c for c in children}
     lora = by["lora-r4-a8-qkv"]
-    assert (lora.data.tags["sweep.r"], lora.data.tags["sweep.alpha"], lora.data.tags["sweep.targets"]) == ("4", "8", "qkv")
+    tags = lora.data.tags
+    assert (tags["sweep.r"], tags["sweep.alpha"], tags["sweep.targets"]) == ("4", "8", "qkv")
     assert lora.data.params["train.lora.r"] == "4" and lora.data.params["train.lora.alpha"] == "8.0"
     assert lora.data.metrics["adapted_modules"] == 6 and lora.data.metrics["adapter_size_mb"] > 0
     assert by["full"].data.params["train.lr"] == "0.0005" and by["full"].data.params["train.method"] == "full"
     assert by["full"].data.metrics["trainable_pct"] == 100 and by["base"].data.metrics["trainable_params"] == 0
     assert by["base"].data.metrics["adapter_size_mb"] == 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "summary.json", "pareto.png", "summary_table.json", "sweep_config.yaml"} <= artifacts
+    assert {"summary.md", "summary.json", "summary.csv", "pareto.png", "sweep_config.yaml"} <= artifacts
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the summary's numbers are the children's metrics.json numbers, and the verdict follows the rule
