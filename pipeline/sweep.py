@@ -273,6 +273,7 @@ def collect_child(child: Config, point: Point, record: dict | None) -> dict:
         "lexical": _block_values(m.get("lexical", {})),
         "test_items": m.get("test_items"), "retrieval_queries": m.get("retrieval_queries"),
         "data_fingerprint": m.get("data_fingerprint"),
+        "embeddings_dir": (read_manifest(layout.embeddings()) or {}).get("adapted_dir"),
     }
 
 
@@ -363,6 +364,57 @@ def pareto_front(cost: np.ndarray, quality: np.ndarray) -> np.ndarray:
         dominated = (cost <= cost[i]) & (quality >= quality[i]) & ((cost < cost[i]) | (quality > quality[i]))
         keep[i] = not dominated.any()
     return keep
+
+
+def paired_retrieval_deltas(cfg: Config, configs: list[dict], rows: list[dict]) -> None:
+    """Add ``paired`` to each LoRA configuration: retrieval metric minus full fine-tuning's, with a paired
+    bootstrap 95% CI over the test queries.
+
+    Why on top of the marginal rule: every configuration is scored on the same queries, so most of the
+    sampling noise in two scores is shared; resampling the per-query differences removes it, and the
+    interval says whether the gap is real. Per-query results are recomputed from the test embeddings on
+    disk with the eval stage's own retrieval function (and must reproduce metrics.json); classification
+    is left out because eval does not keep its per-item predictions. With several seeds the per-query
+    scores are averaged over seeds first.
+    """
+    from pipeline.prepare import load_split
+
+    full = next((c for c in configs if c["method"] == "full"), None)
+    loras = [c for c in configs if c["method"] == "lora"]
+    if full is None or not loras:
+        return
+    groups = load_split(Layout(cfg).processed, "test")["group"].to_numpy()
+    by_run = {r["run"]: r for r in rows}
+
+    def per_query(config: dict) -> dict[str, np.ndarray] | None:
+        runs = []
+        for name in config["runs"]:
+            row = by_run[name]
+            path = Path(row.get("embeddings_dir") or "") / "test.npy"
+            if not path.is_file():
+                return None
+            pq = M.group_retrieval(np.load(path), groups, k=cfg.eval.retrieval_k)
+            for k, v in pq.items():
+                stored = row["metrics"].get(f"retrieval.{k}")
+                if stored is not None and abs(float(v.mean()) - stored[0]) > 1e-4:
+                    log.warning("sweep: recomputed retrieval %s of %s is %.5f, metrics.json says %.5f; "
+                                "skipping the paired comparison", k, name, float(v.mean()), stored[0])
+                    return None
+            runs.append(pq)
+        return {k: np.mean([pq[k] for pq in runs], axis=0) for k in runs[0]} if runs else None
+
+    reference = per_query(full)
+    if reference is None:
+        return
+    for c in loras:
+        mine = per_query(c)
+        if mine is None:
+            continue
+        c["paired"] = {}
+        for k in mine:
+            delta = mine[k] - reference[k]
+            lo, hi = M.bootstrap_mean_ci(delta, cfg.eval.bootstrap, cfg.seed)
+            c["paired"][f"retrieval.{k}"] = {"delta": float(delta.mean()), "ci_low": lo, "ci_high": hi}
 
 
 def _fmt_metric(s: dict | None, seeds: int) -> str:
@@ -475,6 +527,24 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
         counts = {k: sum(c["vs_full"].get(k) in ("within", "above") for c in loras) for k in keys}
         lines += ["", "Within or above: " + ", ".join(f"{METRIC_LABELS.get(k, k)} {n} of {len(loras)}"
                                                      for k, n in counts.items()) + "."]
+        pkeys = [k for k in keys if any(k in c.get("paired", {}) for c in loras)]
+        if pkeys:
+            lines += ["", "### Paired difference to full fine-tuning (retrieval)", "",
+                      "LoRA minus full fine-tuning, query by query on the same test queries, with a paired bootstrap "
+                      "95% CI of the mean difference. An interval that contains 0 means this test set cannot tell "
+                      "the two apart; one entirely below 0 means LoRA is measurably worse. This is the stricter "
+                      "test: shared query difficulty cancels, so it can separate configurations that the rule "
+                      "above calls *within*.", "",
+                      "| configuration | " + " | ".join(f"Δ {METRIC_LABELS.get(k, k)}" for k in pkeys) + " |",
+                      "|---" * (len(pkeys) + 1) + "|"]
+            for c in loras:
+                cells = []
+                for k in pkeys:
+                    d = c.get("paired", {}).get(k)
+                    cells.append("–" if d is None else
+                                 f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                                 + (" (worse)" if d["ci_high"] < 0 else " (better)" if d["ci_low"] > 0 else ""))
+                lines.append(f"| `{c['config_id']}` | " + " | ".join(cells) + " |")
     isolate = meta.get("isolate", True)
     lines += ["", "![Pareto plot: quality against trainable parameters and against training time](pareto.png)", "",
               "## How to read the columns", "",
@@ -565,6 +635,7 @@ def write_summary(cfg: Config, rows: list[dict], failed: list[dict], meta: dict)
     if rows and not any(quality in c["metrics"] for c in configs):
         available = sorted(set().union(*(c["metrics"].keys() for c in configs)))
         raise ConfigError(f"sweep.quality_metric '{quality}' is not among this dataset's metrics: {available}")
+    paired_retrieval_deltas(cfg, configs, rows)
     pareto_png(configs, rows, quality, out / ".pareto.png.tmp.png",
                f"sweep '{cfg.sweep.name}' on {cfg.data.name}: {METRIC_LABELS.get(quality, quality)} vs cost")
     os.replace(out / ".pareto.png.tmp.png", out / "pareto.png")

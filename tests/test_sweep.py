@@ -135,12 +135,16 @@ def test_sweep_is_one_parent_with_nested_children_in_mlflow(project):
         assert (s["mean"], s["ci_low"], s["ci_high"]) == (m["retrieval"]["recall@1"], *m["ci"]["retrieval"]["recall@1"])
         assert confs[cid]["vs_full"]["retrieval.recall@1"] == M.ci_position(s["mean"], (lo, hi))
         assert confs[cid]["trainable_params"] == m["model"]["trainable_params"]
+        # the paired difference to full fine-tuning is the difference of the two scores, bracketed by its CI
+        d = confs[cid]["paired"]["retrieval.recall@1"]
+        assert d["delta"] == pytest.approx(m["retrieval"]["recall@1"] - full_m["retrieval"]["recall@1"], abs=1e-4)
+        assert d["ci_low"] <= d["delta"] <= d["ci_high"]
     text = (out / "summary.md").read_text()
     assert "**Rule.**" in text and "inside full fine-tuning's 95% bootstrap CI" in text
     assert "![Pareto plot" in text and "sweep.isolate=false" in text
     for cid in confs:
         assert f"| `{cid}` |" in text
-    assert "| TF-IDF (reference) |" in text
+    assert "| TF-IDF (reference) |" in text and "Paired difference to full fine-tuning" in text
 
     # a second run changes nothing: same parent, no new runs, no training
     sweep.run(cfg)
@@ -275,3 +279,32 @@ def test_shipped_target_presets_select_the_intended_minilm_modules():
         assert kinds == expected[name], name
         assert len(wrapped) == 6 * len(expected[name]), name
         assert not any("pooler" in n for n in wrapped)
+
+
+def test_paired_difference_known_cases(project, tmp_path):
+    """Identical embeddings differ by exactly 0; an encoder that ranks nothing right is measurably worse."""
+    cfg = load_config(project, ["eval.bootstrap=200"])
+    groups = np.repeat(np.arange(20), 2)  # 20 products, two test offers each: 40 queries
+    processed = Path("data/processed/synthetic")
+    processed.mkdir(parents=True)
+    with open(processed / "test.jsonl", "w") as fh:
+        for i, g in enumerate(groups):
+            fh.write(json.dumps({"id": str(i), "text": f"t{i}", "label": "x", "group": str(g)}) + "\n")
+    perfect = np.eye(20, dtype=np.float32)[groups]  # same product, same vector
+    rng = np.random.default_rng(0)
+    shuffled = perfect[rng.permutation(len(groups))]  # each offer sits with a stranger
+    rows, configs = [], []
+    for cid, method, emb in (("full", "full", perfect), ("same", "lora", perfect), ("bad", "lora", shuffled)):
+        folder = tmp_path / cid
+        folder.mkdir()
+        np.save(folder / "test.npy", emb)
+        pq = M.group_retrieval(emb, groups, k=10)
+        rows.append({"run": cid, "embeddings_dir": str(folder),
+                     "metrics": {f"retrieval.{k}": [float(v.mean()), 0.0, 1.0] for k, v in pq.items()}})
+        configs.append({"config_id": cid, "method": method, "runs": [cid]})
+    sweep.paired_retrieval_deltas(cfg, configs, rows)
+    assert "paired" not in configs[0]
+    assert configs[1]["paired"]["retrieval.recall@1"] == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    bad = configs[2]["paired"]["retrieval.recall@1"]
+    assert bad["delta"] == pytest.approx(rows[2]["metrics"]["retrieval.recall@1"][0] - 1.0)
+    assert bad["ci_high"] < 0
