@@ -542,7 +542,7 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
                 for k in pkeys:
                     d = c.get("paired", {}).get(k)
                     cells.append("–" if d is None else
-                                 f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                                 f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
                                  + (" (worse)" if d["ci_high"] < 0 else " (better)" if d["ci_low"] > 0 else ""))
                 lines.append(f"| `{c['config_id']}` | " + " | ".join(cells) + " |")
     isolate = meta.get("isolate", True)
