@@ -136,7 +136,7 @@ def _dispatch(args, cfg) -> int | None:
     elif stage == "sweep":
         from pipeline import sweep
 
-        sweep.run(cfg)
+        sweep.run(cfg, overwrite=args.overwrite)
     elif stage == "serve":
         from pipeline import serve
 

@@ -133,6 +133,7 @@ class TrackingConfig(Section):
     experiment: str = "embedding-adapt"
     on_unreachable: Literal["error", "local"] = "error"
     enabled: bool = True
+    parent_run_id: str | None = None  # new MLflow runs nest under this run (set by the sweep per child)
 
 
 class ExportConfig(Section):
@@ -164,7 +165,12 @@ class SweepConfig(Section):
     include_full: bool = True
     include_base: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0])
-    full_lr: float | None = None
+    # Full fine-tuning needs a smaller step than LoRA (train.lr is tuned for adapters); None: train.lr.
+    full_lr: float | None = 2e-5
+    # "<block>.<metric>" of metrics.json that the Pareto plot and the within-CI verdict use.
+    quality_metric: str = "retrieval.ndcg@10"
+    # Each child in its own process: ru_maxrss is per process, so only then is peak memory per child.
+    isolate: bool = True
 
 
 class ModelConfig(Section):

@@ -117,8 +117,10 @@ def apply_lora(st_model, lora) -> Any:
     from peft import LoraConfig, get_peft_model
 
     inner = inner_model(st_model)
-    names = {n.rsplit(".", 1)[-1] for n, _ in inner.named_modules()}
-    missing = [t for t in lora.target_modules if t not in names]
+    # PEFT's rule for a list: a module is targeted when its full name equals an entry or ends with
+    # "." + entry, so dotted entries such as "attention.output.dense" are valid too.
+    names = [n for n, _ in inner.named_modules()]
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in inner.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"train.lora.target_modules: {missing} not found in the base model; "

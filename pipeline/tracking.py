@@ -143,6 +143,7 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
         return
     import mlflow
 
+    parent_run_id = parent_run_id or cfg.tracking.parent_run_id
     uri = resolve_uri(cfg)
     user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
