@@ -265,6 +265,7 @@ def run(cfg: Config) -> Path:
                        "base": _rounded_tree(base.get("validation", {}))},
         "seed": cfg.seed,
         "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
+        "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score
     }
     from pipeline import report
 

@@ -448,6 +448,7 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         "retrieval_queries": int(len(queries)),
         "seed": cfg.seed,
         "data_fingerprint": prep["fingerprint"],
+        "model_fingerprint": train_manifest["fingerprint"],
     }
     out = layout.report()
     with atomic_dir(out) as tmp:
