@@ -10,7 +10,8 @@ optional, for the model card). Writes ``exports/<run>/`` atomically:
 - ``onnx/``     ``model.onnx`` (transformer, pooling and normalisation in one graph: outputs
                 ``last_hidden_state`` and ``sentence_embedding``), ``model_qint8.onnx`` (dynamic int8),
                 the tokenizer and ``onnx_config.json``; needs only onnxruntime + tokenizers to run.
-- ``index/``    a FAISS inner-product index of the corpus embedded with ``merged/``, ``records.jsonl``
+- ``index/``    a FAISS inner-product index of the corpus (embedded with the gate-checked ONNX model, or
+                ``merged/`` without ONNX), ``records.jsonl``
                 (row i of the index -> id, text, label, group, split) and ``index.json``.
 - ``manifest.json`` (with the gate's numbers) and ``README.md`` (model card).
 
@@ -47,7 +48,7 @@ from pipeline.model import (base_fingerprint, check_base_matches, inner_model, l
 log = logging.getLogger(__name__)
 
 # Bump when the export layout or the gate changes, so an old export is not taken as up to date.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model_qint8.onnx"
 ONNX_META = "onnx_config.json"
@@ -506,7 +507,8 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
                   + ("`onnx/model_qint8.onnx` is the dynamic int8 variant (smaller and faster, slightly less exact). "
                      if forms.get("onnx_int8") else "")]
     lines += [f"- `index/`: FAISS `{index_meta['factory']}` index, inner product on normalised vectors, "
-              f"{index_meta['n']} items ({index_meta['corpus']} of `{cfg.data.name}`), embedded with `merged/`; "
+              f"{index_meta['n']} items ({index_meta['corpus']} of `{cfg.data.name}`), embedded with the "
+              f"{index_meta['encoder']} form; "
               "`records.jsonl` line i is row i of the index.",
               "- Serve it: `make serve` (HTTP `/embed`, `/search?q=...&k=...`, `/health` on 127.0.0.1)."]
     if mlflow_info:
@@ -695,10 +697,14 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
         gate["passed"] = True
 
         t = time.perf_counter()
-        vectors = merged_enc.encode([r["text"] for r in records])
+        # The corpus is embedded with the ONNX model when there is one: it has just been proven equal to
+        # the merged model (min cosine above), and onnxruntime ran about 4x faster than PyTorch fp32 on
+        # MiniLM on a 2-core CPU (163 vs 39 texts/s, measured while the machine was busy).
+        index_encoder = "onnx" if "onnx" in encoders else "merged"
+        vectors = encoders[index_encoder].encode([r["text"] for r in records])
         t = lap("index_embed_seconds", t)
         index_meta = write_index(tmp / "index", records, vectors, ecfg, {
-            "corpus": ecfg.index_corpus, "encoder": "merged", "normalized": True,
+            "corpus": ecfg.index_corpus, "encoder": index_encoder, "normalized": True,
             "data_fingerprint": prep["fingerprint"], "files": ["index.faiss", "records.jsonl"]})
         index_meta["size_mb"] = _folder_mb(tmp / "index")
         t = lap("index_build_seconds", t)

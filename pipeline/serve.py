@@ -3,8 +3,8 @@
 ``GET /health``, ``POST /embed`` ({"texts": [...]} -> normalised vectors) and
 ``GET /search?q=...&k=...`` (the k nearest corpus records with cosine scores). Queries are embedded with
 the ONNX form by default (onnxruntime + tokenizers, no torch on the request path) or the form named by
-``export.serve_form``; the index vectors come from the merged model, which the export gate proved equal
-to the ONNX model. Run it with ``make serve`` (port ``SERVE_PORT``) or ``python -m pipeline serve --run NAME``.
+``export.serve_form``; every form was proven equal to the merged model by the export gate, so queries
+and index vectors agree whichever form embeds them. Run it with ``make serve`` (port ``SERVE_PORT``) or ``python -m pipeline serve --run NAME``.
 """
 
 from __future__ import annotations

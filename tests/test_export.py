@@ -49,7 +49,10 @@ def _texts(split: str = "test") -> list[str]:
         return [json.loads(line)["text"] for line in fh]
 
 
-def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(project, trained_cache):
+def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(project, trained_cache, monkeypatch):
+    # mlflow.set_tracking_uri also sets this variable for the whole process; pin it to this project's
+    # store and let monkeypatch remove it afterwards, so later tests do not log into this store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     cfg = ["--config", str(project)]
     for stage in ("prepare", "train", "embed", "eval"):
         assert cli(stage, *cfg) == 0
@@ -93,6 +96,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     # the index covers every prepared offer, row i <-> records line i
     n_all = sum(len(_texts(s)) for s in ("train", "val", "test"))
     assert m["index"]["n"] == n_all and m["index"]["type"] == "flat" and m["index"]["corpus"] == "all"
+    assert m["index"]["encoder"] == "onnx"  # proven equal to merged by the gate, and faster on CPU
     records = [json.loads(line) for line in (out / "index" / "records.jsonl").open()]
     assert [r["row"] for r in records] == list(range(n_all))
     assert {"id", "text", "label", "group", "split"} <= set(records[0])
@@ -240,7 +244,7 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache,
                "export.hnsw_m=8") == 0
     out = Path("exports") / RUN
     m = json.loads((out / "manifest.json").read_text())
-    assert m["forms"]["onnx"] is None and not (out / "onnx").exists()
+    assert m["forms"]["onnx"] is None and not (out / "onnx").exists() and m["index"]["encoder"] == "merged"
     assert m["index"]["type"] == "hnsw" and m["index"]["factory"] == "HNSW8,Flat"
     test = _texts()
     assert m["index"]["n"] == len(test)
