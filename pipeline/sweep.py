@@ -683,7 +683,8 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     out = sweep_dir(cfg)
     (out / "children").mkdir(parents=True, exist_ok=True)
     state_path = out / "sweep.json"
-    state = read_json(state_path) if state_path.exists() and not overwrite else {}
+    previous = read_json(state_path) if state_path.exists() else {}
+    state = {} if overwrite else dict(previous)
     if overwrite:
         for f in (out / "children").glob("*.json"):
             f.unlink()
@@ -707,6 +708,8 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
                                        "experiment": cfg.tracking.experiment, "data_fingerprint": prep_fp,
                                        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         parent.log_artifact(_write_sweep_config(cfg, out))
+        if overwrite and uri and previous.get("parent_run_id") and previous.get("tracking_uri") == uri:
+            _supersede(uri, previous["parent_run_id"], parent.run_id)
         for i, point in enumerate(points, 1):
             child = child_config(cfg, point, parent_run_id=parent.run_id, tracking_uri=uri)
             name = child.resolved_run_name
@@ -771,6 +774,19 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
                          f"{failed[0]['reason']}; the others are summarised in {out / 'summary.md'}"
                          + (f"; logs in {out / 'logs'}" if s.isolate else ""))
     return out
+
+
+def _supersede(uri: str, old_run_id: str, new_run_id: str) -> None:
+    """Mark the parent of a sweep that --overwrite started over, so one parent per sweep is current."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.set_tag(old_run_id, "sweep.role", "superseded")
+        client.set_tag(old_run_id, "sweep.state", f"superseded by {new_run_id} (--overwrite)")
+    except MlflowException as exc:  # deleted by hand, say: nothing left to mark
+        log.warning("sweep: could not mark the earlier parent run %s as superseded: %s", old_run_id, exc)
 
 
 def _write_sweep_config(cfg: Config, out: Path) -> Path:

@@ -188,8 +188,9 @@ def test_interrupted_sweep_resumes_and_skips_finished_children(project, monkeypa
 
 
 def test_changed_training_settings_need_overwrite(project, monkeypatch):
-    cfg = ["tracking.enabled=false", "sweep.include_full=false", "sweep.include_base=false", "sweep.ranks=[2]"]
+    cfg = ["sweep.include_full=false", "sweep.include_base=false", "sweep.ranks=[2]"]
     sweep.run(_cfg(project, *cfg))
+    first = json.loads(Path("reports/sweep/t/sweep.json").read_text())["parent_run_id"]
     with pytest.raises(ConfigError, match="--overwrite"):
         sweep.run(_cfg(project, *cfg, "train.lr=0.002"))
     calls = _count_train_calls(monkeypatch)
@@ -197,6 +198,11 @@ def test_changed_training_settings_need_overwrite(project, monkeypatch):
     assert calls == ["sweep-t-lora-r2-a4-qkv-s0"]
     tm = json.loads((Path("runs") / "sweep-t-lora-r2-a4-qkv-s0" / "model" / "manifest.json").read_text())
     assert tm["config"]["train"]["lr"] == 0.002
+    # the sweep started over under a new parent; the old one is marked, so one parent is current
+    roles = {r.info.run_id: r.data.tags.get("sweep.role") for r in _runs(_client())}
+    current = json.loads(Path("reports/sweep/t/sweep.json").read_text())["parent_run_id"]
+    assert current != first and roles[current] == "parent" and roles[first] == "superseded"
+    assert list(roles.values()).count("parent") == 1
 
 
 def test_seeds_are_pooled_with_their_spread(project):
