@@ -42,7 +42,7 @@ from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_ma
                                 require_manifest, sha256_file, write_json_atomic)
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, ExportError
-from pipeline.model import (base_fingerprint, inner_model, load_encoder, load_trained, read_model_info, resolve_base,
+from pipeline.model import (base_fingerprint, check_base_matches, inner_model, load_encoder, load_trained, read_model_info, resolve_base,
                             set_inner_model)
 
 log = logging.getLogger(__name__)
@@ -595,6 +595,7 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     if info["method"] == "base":
         raise ExportError(f"run '{run_name}' is the untrained base reference (train.method=base): there is "
                           "nothing trained to export; export a lora or full run")
+    check_base_matches(model_dir, info, cfg.model.base)  # the base-vs-merged gate must use the right base
     metrics_path = layout.report() / "metrics.json"
     out = layout.export()
     fp = fingerprint(cfg, train_manifest, prep, metrics_path)

@@ -130,3 +130,38 @@ def bootstrap_macro_f1_ci(y_true, y_pred, n: int = 1000, seed: int = 0, alpha: f
         idx = rng.integers(0, len(t), len(t))
         stats[i] = macro_f1_from_codes(t[idx], p[idx], len(classes))
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+def ci_position(value: float, ci: tuple[float, float]) -> str:
+    """Where ``value`` lies relative to the closed interval ``ci``: "below", "within" or "above".
+
+    The sweep's rule for "LoRA is within full fine-tuning's CI" is this position of LoRA's point
+    estimate in full fine-tuning's 95% interval (bounds included).
+    """
+    lo, hi = ci
+    if not (np.isfinite(value) and np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"cannot place {value} in [{lo}, {hi}]")
+    if value < lo:
+        return "below"
+    if value > hi:
+        return "above"
+    return "within"
+
+
+def seed_summary(values, cis=None) -> dict[str, float]:
+    """Mean and spread of one metric over repeated seeds of one configuration.
+
+    values: (n_seeds,) point estimates; cis: optional (n_seeds, 2) per-seed 95% bounds.
+    Returns mean, sd (sample standard deviation, ddof=1; nan for a single seed), min, max, n and,
+    given ``cis``, ci_low / ci_high: the per-seed bounds averaged, i.e. the typical test-sampling
+    interval of one run of this configuration (it does not include the seed-to-seed spread).
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError("seed_summary needs a non-empty 1-d array of values")
+    out = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+           "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+    if cis is not None:
+        c = np.asarray(cis, dtype=float).reshape(len(v), 2)
+        out["ci_low"], out["ci_high"] = float(c[:, 0].mean()), float(c[:, 1].mean())
+    return out

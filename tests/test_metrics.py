@@ -77,3 +77,32 @@ def test_bootstrap_macro_f1_ci_brackets_the_estimate():
     pred = np.where(rng.random(400) < 0.8, y, rng.choice(["a", "b", "c"], 400))
     lo, hi = M.bootstrap_macro_f1_ci(y, pred, 300, seed=0)
     assert lo < f1_score(y, pred, average="macro") < hi
+
+
+def test_ci_position_places_a_value_against_a_closed_interval():
+    assert M.ci_position(0.5, (0.4, 0.6)) == "within"
+    assert M.ci_position(0.4, (0.4, 0.6)) == "within" and M.ci_position(0.6, (0.4, 0.6)) == "within"
+    assert M.ci_position(0.39, (0.4, 0.6)) == "below" and M.ci_position(0.61, (0.4, 0.6)) == "above"
+    with pytest.raises(ValueError):
+        M.ci_position(float("nan"), (0.4, 0.6))
+
+
+def test_seed_summary_known_case():
+    # three seeds scoring 0.70, 0.72, 0.74: mean 0.72, sample sd 0.02; per-seed CIs averaged
+    s = M.seed_summary([0.70, 0.72, 0.74], [[0.65, 0.75], [0.67, 0.77], [0.69, 0.79]])
+    assert s["mean"] == pytest.approx(0.72) and s["sd"] == pytest.approx(0.02)
+    assert (s["min"], s["max"], s["n"]) == (0.70, 0.74, 3)
+    assert (s["ci_low"], s["ci_high"]) == (pytest.approx(0.67), pytest.approx(0.77))
+    one = M.seed_summary([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["sd"]) and "ci_low" not in one
+
+
+def test_bootstrap_cis_known_cases():
+    # no variation, no uncertainty
+    assert M.bootstrap_mean_ci(np.full(200, 0.3), 200, seed=0) == (pytest.approx(0.3), pytest.approx(0.3))
+    y = np.array(list("abcd") * 50)
+    assert M.bootstrap_macro_f1_ci(y, y, 200, seed=0) == (1.0, 1.0)
+    # 100 items, half relevant: the bootstrap mean is Binomial(100, 0.5) / 100, whose 2.5% and 97.5%
+    # quantiles are 0.40 and 0.60
+    lo, hi = M.bootstrap_mean_ci(np.arange(100) % 2, 4000, seed=0)
+    assert lo == pytest.approx(0.40, abs=0.011) and hi == pytest.approx(0.60, abs=0.011)
