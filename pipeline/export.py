@@ -279,8 +279,9 @@ def quantize_int8(folder: Path) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    def hush(record: logging.LogRecord) -> bool:  # a generic hint onnxruntime logs on the root logger
-        return "pre-processing before quantization" not in record.getMessage()
+    def hush(record: logging.LogRecord) -> bool:
+        # onnxruntime's quantiser logs generic hints per tensor straight on the root logger
+        return "onnxruntime" not in record.pathname
 
     root = logging.getLogger()
     root.addFilter(hush)
@@ -473,13 +474,13 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
     lines += ["## Equivalence gate (passed)", "",
               f"On {gate['sample_size']} fixed texts (seeded corpus sample, the longest texts, edge cases):", "",
               "| check | value | required |", "|---|---|---|",
-              f"| merged vs {gate['reference']}, min cosine | {gate['merged_vs_reference_min_cos']:.6f} | "
+              f"| merged vs {gate['reference']}, min cosine | {gate['merged_vs_reference_min_cos']:.7f} | "
               f">= {cfg.export.merged_vs_adapter_min_cos} |",
               f"| merged vs base, mean cosine | {gate['merged_vs_base_mean_cos']:.6f} | "
               f"< {cfg.export.merged_vs_base_max_cos} |",
               f"| weight tensors changed by training | {gate['changed_weight_tensors']} of {gate['compared_tensors']} | > 0 |"]
     if gate.get("onnx_vs_torch_min_cos") is not None:
-        lines.append(f"| ONNX vs PyTorch, min cosine | {gate['onnx_vs_torch_min_cos']:.6f} | >= {cfg.export.onnx_min_cos} |")
+        lines.append(f"| ONNX vs PyTorch, min cosine | {gate['onnx_vs_torch_min_cos']:.7f} | >= {cfg.export.onnx_min_cos} |")
     if gate.get("onnx_int8_vs_torch_min_cos") is not None:
         lines.append(f"| ONNX int8 vs PyTorch, min / mean cosine | {gate['onnx_int8_vs_torch_min_cos']:.4f} / "
                      f"{gate['onnx_int8_vs_torch_mean_cos']:.4f} | reported only |")
