@@ -10,7 +10,7 @@ MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow data train embed eval sweep export serve ui bench clean
+.PHONY: help install test test-slow data train embed eval sweep export serve ui bench clean probe
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,13 +46,16 @@ export: ## merged model, adapter, ONNX and FAISS index under exports/<run>/, ver
 	$(RUN) export $(CFG) $(ARGS)
 
 serve: ## HTTP /embed and /search over an export, on 127.0.0.1:$(SERVE_PORT)
-	$(RUN) serve $(CFG) $(ARGS)
+	$(RUN) serve $(CFG) export.serve_port=$(SERVE_PORT) $(ARGS)
 
 ui: ## MLflow UI on 127.0.0.1:$(MLFLOW_PORT) over the project's tracking store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench: ## speed and memory benchmarks -> reports/bench/
 	$(RUN) bench $(CFG) $(ARGS)
+
+probe: ## forgetting check: the trained run on another dataset vs base (ARGS="eval.probe_config=configs/x.yaml")
+	$(RUN) probe $(CFG) $(ARGS)
 
 clean: ## remove runs, caches, reports and processed data (never data/raw)
 	rm -rf runs cache exports data/processed/* reports/latest

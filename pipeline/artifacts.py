@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +25,7 @@ from pipeline.config import Config
 from pipeline.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -190,15 +192,38 @@ def atomic_dir(final: Path, *, keep_tmp_on_error: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale_temporaries(parent: Path) -> None:
-    """Remove ``.*.tmp-*`` folders left by killed processes whose pid no longer runs."""
+def clean_stale_temporaries(parent: Path) -> list[Path]:
+    """Tidy what killed processes (pid no longer running) left in ``parent``; returns what it touched.
+
+    ``.<name>.tmp-<pid>`` is an unfinished output: removed. ``.<name>.old-<pid>`` is a previous good
+    output that ``atomic_dir`` had moved aside; if the kill came before the new output took its place
+    (so ``<name>`` is missing) it is put back, else it is removed.
+    """
     parent = Path(parent)
-    if not parent.exists():
-        return
-    for p in parent.glob(".*.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    touched: list[Path] = []
+    if not parent.is_dir():
+        return touched
+    for kind in ("old", "tmp"):  # restore first: a restored folder is never mistaken for a temporary
+        for p in sorted(parent.glob(f".*.{kind}-*")):
+            stem, _, pid = p.name.rpartition(f".{kind}-")
+            if not pid.isdigit() or _pid_alive(int(pid)) or not stem.startswith("."):
+                continue
+            final = parent / stem[1:]
+            if kind == "old" and not final.exists():
+                os.replace(p, final)
+                log.warning("restored %s, which a killed process had moved aside", final)
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            touched.append(p)
+    return touched
+
+
+def clean_stale(*parents: Path) -> None:
+    """Call at the start of a stage for every folder it writes into."""
+    for parent in parents:
+        clean_stale_temporaries(parent)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -42,16 +42,37 @@ class DataConfig(Section):
     """Where the corpus comes from and how its columns are named."""
 
     name: str = "pricerunner"
-    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset.
-    format: Literal["pricerunner", "walmart_amazon", "table"] = "pricerunner"
+    # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
+    # pairs: the same file types holding query -> positive rows (pipeline/pairs_dataset.py).
+    format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
     path: str | None = None  # table: a file, a folder of split files, or "hf:<dataset id or path>"
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None  # same-entity id (PriceRunner's cluster); split never cuts a group
     split_column: str | None = None  # given splits (train/val/test values) instead of our own
+    query_column: str = "query"  # format pairs: the query text
+    positive_column: str = "positive"  # format pairs: a relevant text for that query
+    negative_column: str | None = None  # format pairs: optional given negative text per row
     blank_texts: Literal["drop", "error"] = "drop"
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_rows: int | None = None  # subsample for quick runs (whole groups are kept)
+
+
+class HardNegativesConfig(Section):
+    """Optional hard negatives mined with the base encoder (pipeline/hard_negatives.py).
+
+    For each pair, candidates are ranked by base-model similarity to the anchor; ranks below
+    ``range_min`` are skipped (the very nearest candidates are often unlabelled positives), only the
+    first ``range_max`` are considered, and a candidate must score at most (1 - relative_margin) times the
+    pair's own positive. A candidate of the anchor's group, or one that is the right answer by label,
+    is never taken.
+    """
+
+    enabled: bool = False
+    range_min: int = Field(0, ge=0)
+    range_max: int = Field(30, ge=1)
+    relative_margin: float = Field(0.05, ge=0, lt=1)
+    sampling: Literal["top", "random"] = "top"
 
 
 class PairsConfig(Section):
@@ -62,6 +83,7 @@ class PairsConfig(Section):
     same_label_pairs: float = 0.0  # fraction of train texts paired with a random same-label text
     max_pairs: int | None = None
     label_template: str = "{label}"
+    hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
 
 
 class LoraSettings(Section):
@@ -96,11 +118,14 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = 256
-    knn_k: int = 10
+    knn_k: int = 10  # the contract's knn_macro_f1
+    knn_candidates: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    heads: list[Literal["logreg", "knn", "zero_shot"]] = Field(default_factory=lambda: ["logreg", "knn", "zero_shot"])
     retrieval_k: int = 10
     classifier_c: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0])
     bootstrap: int = Field(1000, ge=0)
     lexical: bool = True
+    probe_config: str | None = None  # probe stage: config of another dataset to score this run on (forgetting)
 
 
 class TrackingConfig(Section):
@@ -119,6 +144,17 @@ class ExportConfig(Section):
     sample_texts: int = 64
     merged_vs_adapter_min_cos: float = 0.9999
     onnx_min_cos: float = 0.999
+    merged_vs_base_max_cos: float = 0.999999  # mean cosine at or above this: the merge changed nothing
+    neighbour_queries: int = Field(8, ge=1)  # sample texts whose top-k must agree across the forms
+    neighbour_k: int = Field(10, ge=1)
+    ivf_nlist: int | None = None  # default about 4 * sqrt(corpus size)
+    ivf_nprobe: int = Field(16, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=1)
+    mlflow_model: bool = True  # log the merged model to the run's MLflow run (sentence_transformers flavor)
+    register_name: str | None = None  # also register it in the MLflow model registry under this name
+    serve_form: Literal["onnx", "onnx_int8", "merged"] = "onnx"
+    serve_port: int = Field(8000, ge=1, le=65535)
 
 
 class SweepConfig(Section):
@@ -211,17 +247,26 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        # A key typed on the command line is not in the file: say so, or the user searches the YAML for it.
+        where = " (from the command line)" if key in overridden else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
+            lines.append(f"unknown key '{key}'{where}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"'{key}': {e['msg']}{got_s}")
+            lines.append(f"'{key}'{where}: {e['msg']}{got_s}")
     return f"{source}: " + "; ".join(lines)
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's messages span several lines with a caret drawing; the CLI prints one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -232,16 +277,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error_line(exc)})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    overridden = set()
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
+        overridden.add(key)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(path))) from None
+        raise ConfigError(_format_validation_error(exc, str(path), frozenset(overridden))) from None
 
 
 def config_to_yaml(cfg: Config) -> str:

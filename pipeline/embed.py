@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 
 from pipeline import encoding
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, read_json,
-                                require_manifest, write_json_atomic)
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest,
+                                read_json, require_manifest, write_json_atomic)
 from pipeline.config import Config
 from pipeline.errors import TrainingError
-from pipeline.model import (base_fingerprint, inner_model, load_encoder, load_trained, pick_device, pick_dtype,
-                            read_model_info, resolve_base, set_inner_model)
+from pipeline.model import (base_fingerprint, check_base_matches, inner_model, load_encoder, load_trained,
+                            pick_device, pick_dtype, read_model_info, resolve_base, set_inner_model)
 
 log = logging.getLogger(__name__)
 MERGE_MIN_COSINE = 0.9999
@@ -83,7 +83,10 @@ def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
 
 
 def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtype, max_seq_length: int) -> Path:
-    key = base_cache_key(cfg, prep["fingerprint"], max_seq_length)
+    # Keyed on the texts, not on the whole prepared data: changing only the training pairs (e.g. mined
+    # hard negatives) must not re-embed every text with the unchanged base model.
+    key = base_cache_key(cfg, prep.get("texts_fingerprint", prep.get("splits_fingerprint", prep["fingerprint"])),
+                         max_seq_length)
     out = layout.base_embeddings(key)
     if is_up_to_date(out, key):
         return out
@@ -93,7 +96,8 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtyp
         timing = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
                             max_seq_length, "base")
         write_json_atomic(tmp / MANIFEST, make_manifest("embed-base", cfg, fingerprint=key,
-                                                        inputs={"prepared_data": prep["fingerprint"]},
+                                                        inputs={"prepared_splits": prep.get(
+                                                            "splits_fingerprint", prep["fingerprint"])},
                                                         extra={"timing": timing}))
     return out
 
@@ -105,7 +109,10 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     train_manifest = require_manifest(model_dir, f"trained model for run '{cfg.resolved_run_name}'",
                                       "run `make train` with the same CONFIG/ARGS first")
     info = read_model_info(model_dir)
+    # Before anything is written (the base-embedding cache included): the run must belong to model.base.
+    check_base_matches(model_dir, info, cfg.model.base)
     out = layout.embeddings()
+    clean_stale(layout.run(), layout.base_embeddings("-").parent)
     fp = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"],
                                     cfg.pairs.label_template]).encode()).hexdigest()[:16]
     if not force and is_up_to_date(out, fp):

@@ -10,6 +10,7 @@ forward goes through the sentence-transformers modules so the base model's pooli
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -72,7 +73,8 @@ def encode_ids(st_model, ids: Sequence[Sequence[int]], *, batch_size: int = 256,
     order = np.argsort([-len(x) for x in ids], kind="stable")
     out: np.ndarray | None = None
     starts = range(0, len(ids), batch_size)
-    bar = tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False)
+    bar = tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     for start in bar:
         idx = order[start:start + batch_size]
         feats = {k: v.to(device) for k, v in collate([ids[i] for i in idx], pad, side).items()}

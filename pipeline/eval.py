@@ -25,9 +25,10 @@ import pandas as pd
 
 from pipeline import metrics as M
 from pipeline import tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, read_json, require_manifest, write_json_atomic)
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, read_json, require_manifest,
+                                write_json_atomic)
 from pipeline.config import Config
-from pipeline.model import read_model_info
+from pipeline.model import check_base_matches, read_model_info
 from pipeline.prepare import load_split
 
 log = logging.getLogger(__name__)
@@ -51,21 +52,46 @@ def _fit_logreg(x_train, y_train, x_val, y_val, grid, seed):
 
 def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_emb, cfg: Config,
                          label_names: list[str]) -> tuple[dict, dict, dict]:
-    """Returns (metrics, ci, details) for one set of embeddings."""
+    """Returns (metrics, ci, details) for one set of embeddings.
+
+    The reported ``macro_f1``/``accuracy`` come from the head with the best validation macro-F1 among
+    logistic regression (C grid), kNN (k grid) and nearest label name; the test split only scores the
+    chosen head. ``logreg_macro_f1``, ``knn_macro_f1`` (k = eval.knn_k) and ``zero_shot_macro_f1`` are
+    reported beside it so heads can be compared.
+    """
     y = {s: splits[s]["label"].to_numpy() for s in splits}
+    candidates: dict[str, tuple[float, np.ndarray]] = {}  # head -> (val macro-F1, test predictions)
     val_f1, c, clf = _fit_logreg(emb["train"], y["train"], emb["val"], y["val"], cfg.eval.classifier_c, cfg.seed)
-    pred = clf.predict(emb["test"])
-    knn = M.knn_predict(emb["train"], y["train"], emb["test"], k=cfg.eval.knn_k)
-    out = M.classification_scores(y["test"], pred)
-    out["knn_macro_f1"] = M.classification_scores(y["test"], knn)["macro_f1"]
-    ci = {"macro_f1": M.bootstrap_macro_f1_ci(y["test"], pred, cfg.eval.bootstrap, cfg.seed),
-          "accuracy": M.bootstrap_mean_ci(pred == y["test"], cfg.eval.bootstrap, cfg.seed),
-          "knn_macro_f1": M.bootstrap_macro_f1_ci(y["test"], knn, cfg.eval.bootstrap, cfg.seed)}
+    logreg_test = clf.predict(emb["test"])
+    candidates[f"logreg(C={c:g})"] = (val_f1, logreg_test)
+    knn_test = {}
+    for k in sorted(set(cfg.eval.knn_candidates) | {cfg.eval.knn_k}):
+        val_pred = M.knn_predict(emb["train"], y["train"], emb["val"], k=k)
+        knn_test[k] = M.knn_predict(emb["train"], y["train"], emb["test"], k=k)
+        if k in cfg.eval.knn_candidates:
+            candidates[f"knn(k={k})"] = (M.classification_scores(y["val"], val_pred)["macro_f1"], knn_test[k])
+    zero_test = None
     if label_emb is not None and len(label_emb) == len(label_names):
-        zero = np.asarray(label_names)[np.argmax(emb["test"] @ label_emb.T, axis=1)]
-        out["zero_shot_macro_f1"] = M.classification_scores(y["test"], zero)["macro_f1"]
-        ci["zero_shot_macro_f1"] = M.bootstrap_macro_f1_ci(y["test"], zero, cfg.eval.bootstrap, cfg.seed)
-    details = {"y_pred": pred, "classifier_C": c, "val_macro_f1": val_f1}
+        names = np.asarray(label_names)
+        zero_val = names[np.argmax(emb["val"] @ label_emb.T, axis=1)]
+        zero_test = names[np.argmax(emb["test"] @ label_emb.T, axis=1)]
+        candidates["zero_shot"] = (M.classification_scores(y["val"], zero_val)["macro_f1"], zero_test)
+    allowed = {h: v for h, v in candidates.items() if h.split("(")[0] in cfg.eval.heads}
+    head = max(allowed, key=lambda h: allowed[h][0])
+    pred = allowed[head][1]
+    n, seed = cfg.eval.bootstrap, cfg.seed
+    out = M.classification_scores(y["test"], pred)
+    out["logreg_macro_f1"] = M.classification_scores(y["test"], logreg_test)["macro_f1"]
+    out["knn_macro_f1"] = M.classification_scores(y["test"], knn_test[cfg.eval.knn_k])["macro_f1"]
+    ci = {"macro_f1": M.bootstrap_macro_f1_ci(y["test"], pred, n, seed),
+          "accuracy": M.bootstrap_mean_ci(pred == y["test"], n, seed),
+          "logreg_macro_f1": M.bootstrap_macro_f1_ci(y["test"], logreg_test, n, seed),
+          "knn_macro_f1": M.bootstrap_macro_f1_ci(y["test"], knn_test[cfg.eval.knn_k], n, seed)}
+    if zero_test is not None:
+        out["zero_shot_macro_f1"] = M.classification_scores(y["test"], zero_test)["macro_f1"]
+        ci["zero_shot_macro_f1"] = M.bootstrap_macro_f1_ci(y["test"], zero_test, n, seed)
+    details = {"y_pred": pred, "head": head, "classifier_C": c,
+               "validation_macro_f1": {h: round(v[0], 5) for h, v in candidates.items()}}
     return out, ci, details
 
 
@@ -100,6 +126,11 @@ def evaluate_embeddings(emb_dir: Path, splits: dict[str, pd.DataFrame], cfg: Con
         ret, ci, n_queries = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg)
         result["retrieval"], result["ci"]["retrieval"] = ret, ci
         result["retrieval_queries"] = n_queries
+        val_ret, _, _ = retrieval_block(emb["val"], splits["val"]["group"].to_numpy(), cfg.model_copy(
+            update={"eval": cfg.eval.model_copy(update={"bootstrap": 0})}))
+        result["validation"] = {"retrieval": val_ret}
+    if "_details" in result:
+        result.setdefault("validation", {})["classification"] = result["_details"]["validation_macro_f1"]
     return result
 
 
@@ -175,6 +206,11 @@ def _rounded(block: dict) -> dict:
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in block.items()}
 
 
+def _rounded_tree(tree: dict) -> dict:
+    return {k: (_rounded_tree(v) if isinstance(v, dict) else round(v, 5) if isinstance(v, float) else v)
+            for k, v in tree.items()}
+
+
 def run(cfg: Config) -> Path:
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` first")
@@ -182,6 +218,9 @@ def run(cfg: Config) -> Path:
                                     "run `python -m pipeline embed` (make eval does both)")
     train_manifest = require_manifest(layout.model_dir(), "trained model", "run `make train` first")
     info = read_model_info(layout.model_dir())
+    check_base_matches(layout.model_dir(), info, cfg.model.base)
+    clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical")
+    cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
     if prep.get("kind") == "pairs":
         from pipeline import pairs_dataset
 
@@ -191,7 +230,7 @@ def run(cfg: Config) -> Path:
     log.info("eval: scoring %s and the base model on %d test items", cfg.resolved_run_name, len(splits["test"]))
     adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names)
     base = evaluate_embeddings(Path(emb_manifest["base_dir"]), splits, cfg, label_names)
-    lexical = cached_lexical(cfg, layout, prep["fingerprint"], splits) if cfg.eval.lexical else None
+    lexical = cached_lexical(cfg, layout, prep.get("splits_fingerprint", prep["fingerprint"]), splits) if cfg.eval.lexical else None
 
     train_stats = train_manifest.get("train", {})
     payload = {
@@ -219,10 +258,14 @@ def run(cfg: Config) -> Path:
         "embed": emb_manifest.get("timing", {}),
         "test_items": int(len(splits["test"])),
         "retrieval_queries": adapted.get("retrieval_queries", 0),
-        "classifier": {"adapted_C": adapted.get("_details", {}).get("classifier_C"),
-                       "base_C": base.get("_details", {}).get("classifier_C")},
+        "classifier": {"head": adapted.get("_details", {}).get("head"),
+                       "base_head": base.get("_details", {}).get("head")},
+        # Model selection happens on these validation figures, never on test.
+        "validation": {"adapted": _rounded_tree(adapted.get("validation", {})),
+                       "base": _rounded_tree(base.get("validation", {}))},
         "seed": cfg.seed,
-        "data_fingerprint": prep["fingerprint"],
+        "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
+        "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score
     }
     from pipeline import report
 

@@ -53,3 +53,56 @@ def in_batch_contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, *,
             scores_t = scores_t.masked_fill(mask.T, float("-inf"))
         loss = (loss + F.cross_entropy(scores_t, target)) / 2
     return loss
+
+
+def hard_negative_mask(groups: torch.Tensor, labels: torch.Tensor, anchor_ids: torch.Tensor,
+                       positive_ids: torch.Tensor, neg_groups: torch.Tensor, neg_labels: torch.Tensor,
+                       neg_ids: torch.Tensor, neg_is_label: torch.Tensor,
+                       mask_same_label: bool = False) -> torch.Tensor:
+    """(B, N) bool: True where extra negative n must not count as a negative for anchor i.
+
+    The first four inputs describe the B pairs, the last four the N extra negatives of the batch (every
+    pair's mined negative is offered to every anchor, as MNRL does with a third column). Same rules as
+    :func:`false_negative_mask`: same group, same text as the anchor or its positive, a label name that
+    is the right answer for the anchor, and (optionally) same label.
+    """
+    same_group = (groups[:, None] == neg_groups[None, :]) & (groups[:, None] >= 0)
+    same_label = (labels[:, None] == neg_labels[None, :]) & (labels[:, None] >= 0)
+    same_text = (neg_ids[None, :] == positive_ids[:, None]) | (neg_ids[None, :] == anchor_ids[:, None])
+    label_answer = neg_is_label[None, :] & same_label
+    mask = same_group | same_text | label_answer
+    if mask_same_label:
+        mask = mask | same_label
+    return mask
+
+
+def contrastive_loss_with_negatives(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
+                                    *, scale: float = 20.0, mask: torch.Tensor | None = None,
+                                    negative_mask: torch.Tensor | None = None,
+                                    symmetric: bool = False) -> torch.Tensor:
+    """:func:`in_batch_contrastive_loss` with extra candidates: anchor i is scored against all B
+    positives and all N negatives of the batch, its target still positive i.
+
+    anchors, positives: (B, dim); negatives: (N, dim) or None; mask: (B, B); negative_mask: (B, N).
+    With no negatives this is exactly :func:`in_batch_contrastive_loss`. The symmetric term (positive ->
+    anchors) does not use the negatives: they are candidates for anchors only.
+    """
+    if negatives is None or len(negatives) == 0:
+        return in_batch_contrastive_loss(anchors, positives, scale=scale, mask=mask, symmetric=symmetric)
+    a = F.normalize(anchors.float(), dim=-1)
+    p = F.normalize(positives.float(), dim=-1)
+    n = F.normalize(negatives.float(), dim=-1)
+    pos_scores = a @ p.T * scale
+    if mask is not None:
+        pos_scores = pos_scores.masked_fill(mask, float("-inf"))
+    neg_scores = a @ n.T * scale
+    if negative_mask is not None:
+        neg_scores = neg_scores.masked_fill(negative_mask, float("-inf"))
+    target = torch.arange(len(a), device=a.device)
+    loss = F.cross_entropy(torch.cat([pos_scores, neg_scores], dim=1), target)
+    if symmetric:
+        scores_t = (p @ a.T) * scale
+        if mask is not None:
+            scores_t = scores_t.masked_fill(mask.T, float("-inf"))
+        loss = (loss + F.cross_entropy(scores_t, target)) / 2
+    return loss

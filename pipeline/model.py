@@ -162,6 +162,24 @@ def read_model_info(folder: Path) -> dict:
     return read_json(path)
 
 
+def check_base_matches(folder: Path, info: dict, expected_base: str) -> None:
+    """Stop when the config's ``model.base`` is not the base the run at ``folder`` was trained from.
+
+    An adapter on other base weights loads without complaint and encodes garbage; for every method the
+    baseline rows of a report are computed with ``model.base``, so they must name the same weights too.
+    """
+    recorded = info.get("base_fingerprint")
+    if not recorded:
+        return
+    expected = base_fingerprint(resolve_base(expected_base))
+    if expected != recorded:
+        what = "adapter" if info.get("method") == "lora" else f"{info.get('method')} model"
+        raise ArtifactError(
+            f"{what} in {folder} was trained on base '{info.get('base')}' (weights {recorded}), but the config "
+            f"names model.base='{expected_base}' (weights {expected}); set model.base back, or train this "
+            f"base under another run_name")
+
+
 def load_trained(folder: Path, *, device: torch.device | str = "cpu", merge: bool = False,
                  expected_base: str | None = None):
     """Load a model folder written by the train stage (LoRA adapter + recorded base, or full model).
@@ -182,10 +200,8 @@ def load_trained(folder: Path, *, device: torch.device | str = "cpu", merge: boo
 
     base = info["base"]
     resolved = resolve_base(base)
-    if expected_base is not None and base_fingerprint(resolve_base(expected_base)) != info["base_fingerprint"]:
-        raise ArtifactError(
-            f"adapter in {folder} was trained on base '{base}' (weights {info['base_fingerprint']}), "
-            f"but the config names model.base='{expected_base}'")
+    if expected_base is not None:
+        check_base_matches(folder, info, expected_base)
     actual = base_fingerprint(resolved)
     if actual != info["base_fingerprint"]:
         raise ArtifactError(

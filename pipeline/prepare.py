@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import (Layout, atomic_dir, is_up_to_date, make_manifest, sha256_file,
+from pipeline.artifacts import (Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest, sha256_file,
                                 write_json_atomic, MANIFEST)
 from pipeline.config import Config
 from pipeline.errors import DataError
@@ -41,14 +41,18 @@ def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFr
             first = int(np.flatnonzero(blank.to_numpy())[0])
             raise DataError(f"{source}: {int(blank.sum())} blank or whitespace-only texts "
                             f"(first at row {first}); set data.blank_texts=drop to drop them")
-        log.warning("dropping %d blank or whitespace-only texts", int(blank.sum()))
+        log.warning("prepare: %s: dropping %d blank or whitespace-only texts (data.blank_texts=drop; "
+                    "set data.blank_texts=error to stop instead)", source, int(blank.sum()))
     counts["blank_texts_dropped"] = int(blank.sum())
     df = df.assign(text=text.astype(object))[~blank.to_numpy()]
     if df["label"].notna().any():
-        missing = df["label"].isna()
+        # A whitespace-only label is as missing as an empty one; kept, it would become a class named "".
+        label = df["label"].astype("string").str.strip()
+        missing = label.isna() | (label == "")
         counts["missing_label_dropped"] = int(missing.sum())
-        df = df[~missing.to_numpy()]
-        df = df.assign(label=df["label"].astype(str).str.strip())
+        if missing.any():
+            log.warning("prepare: %s: dropping %d rows with a blank or missing label", source, int(missing.sum()))
+        df = df.assign(label=label.astype(object))[~missing.to_numpy()]
     if len(df) == 0:
         raise DataError(f"{source}: every row has a blank text or label")
     if df["group"].isna().all():
@@ -62,7 +66,7 @@ def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFr
     return df, counts
 
 
-def assign_splits(df: pd.DataFrame, cfg: Config, seed: int) -> pd.Series:
+def assign_splits(df: pd.DataFrame, cfg: Config, seed: int, source: str = "") -> pd.Series:
     """Assign whole groups to train/val/test, per label, so that every label is in every split.
 
     Groups are shuffled within each label and cut at the cumulative record fractions of the config.
@@ -82,8 +86,10 @@ def assign_splits(df: pd.DataFrame, cfg: Config, seed: int) -> pd.Series:
         names = groups.index.to_numpy()
         if len(names) < 3:
             members = int((labels == label).sum())
+            where = f"{source}: " if source else ""
+            column = f" in column '{cfg.data.label_column}'" if cfg.data.format == "table" else ""
             raise DataError(
-                f"label '{label}' has {len(names)} group(s) ({members} record(s)): it cannot be split "
+                f"{where}label '{label}' has {len(names)} group(s) ({members} record(s)){column}: it cannot be split "
                 f"into train, val and test; remove it or merge it with another label")
         names = names[rng.permutation(len(names))]
         sizes = df.groupby("group").size().reindex(names).to_numpy()
@@ -173,16 +179,26 @@ def subsample_groups(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame
     return df[df["group"].isin(set(keep))].reset_index(drop=True)
 
 
-def fingerprint(cfg: Config, input_hashes: dict[str, str]) -> str:
+def fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_only: bool = False) -> str:
+    """Identity of the prepared data; ``splits_only`` leaves out the pairs settings, so outputs that
+    depend only on the splits (base-model embeddings, the lexical baseline) survive a change of pairs."""
     import hashlib
 
-    payload = json.dumps({"cfg": cfg.section_hash("data", "pairs"), "seed": cfg.seed, "in": input_hashes},
-                         sort_keys=True)
+    sections = ("data",) if splits_only else ("data", "pairs")
+    payload = {"cfg": cfg.section_hash(*sections), "seed": cfg.seed, "in": input_hashes}
+    if cfg.pairs.hard_negatives.enabled and not splits_only:
+        # mined negatives depend on the base encoder and its max length
+        from pipeline.model import base_fingerprint, resolve_base
+
+        payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,
+                            cfg.train.mask_same_label]
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def run(cfg: Config, *, force: bool = False) -> Path:
-    if cfg.data.format == "walmart_amazon":
+    clean_stale(Layout(cfg).processed.parent, Layout(cfg).raw)
+    if cfg.data.format in ("walmart_amazon", "pairs"):
         from pipeline import pairs_dataset
 
         return pairs_dataset.prepare(cfg, force=force)
@@ -198,7 +214,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     df, counts = clean_records(df, cfg, source)
     if cfg.data.max_rows:
         df = subsample_groups(df, cfg.data.max_rows, cfg.seed)
-    df = df.assign(split=assign_splits(df, cfg, cfg.seed))
+    df = df.assign(split=assign_splits(df, cfg, cfg.seed, source))
     df, leak_counts = remove_cross_split_texts(df)
     counts.update(leak_counts)
     splits = {s: df[df["split"] == s].drop(columns=["split"]).reset_index(drop=True) for s in SPLITS}
@@ -207,6 +223,11 @@ def run(cfg: Config, *, force: bool = False) -> Path:
             raise DataError(f"the {s} split is empty after preparation; the corpus is too small")
     pairs = build_pairs(splits["train"], cfg, cfg.seed)
     labels = sorted(df["label"].dropna().unique().tolist())
+    hn_stats = None
+    if cfg.pairs.hard_negatives.enabled:
+        from pipeline import hard_negatives
+
+        pairs, hn_stats = hard_negatives.mine(pairs, splits["train"][["text", "group", "label"]], cfg, labels)
     summary = {
         "counts": counts,
         "sizes": {s: int(len(p)) for s, p in splits.items()},
@@ -215,17 +236,31 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                          for s, p in splits.items()},
         "pairs": {"total": int(len(pairs)), **{k: int(v) for k, v in pairs["kind"].value_counts().items()}},
         "labels": labels,
+        **({"hard_negatives": hn_stats} if hn_stats else {}),
     }
     with atomic_dir(out) as tmp:
         for s, part in splits.items():
             part.to_json(tmp / f"{s}.jsonl", orient="records", lines=True, force_ascii=False)
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
         write_json_atomic(tmp / "labels.json", labels)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, [f"{s}.jsonl" for s in SPLITS] + ["labels.json"])
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
-                                                        extra={"kind": "labelled", **summary}))
+                                                        extra={"kind": "labelled", "splits_fingerprint": fingerprint(cfg, input_hashes, splits_only=True),
+                                                               **summary}))
     log.info("prepare: wrote %s (%s; %d pairs)", out,
              ", ".join(f"{s} {n}" for s, n in summary["sizes"].items()), len(pairs))
     return out
+
+
+def texts_fingerprint(folder: Path, names: list[str]) -> str:
+    """Hash of the files whose texts embed encodes (not the pairs): the base-embedding cache key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        h.update(sha256_file(Path(folder) / name).encode())
+    return h.hexdigest()[:16]
 
 
 def load_split(folder: Path, split: str) -> pd.DataFrame:
@@ -236,4 +271,5 @@ def load_split(folder: Path, split: str) -> pd.DataFrame:
 
 def load_pairs(folder: Path) -> pd.DataFrame:
     return pd.read_json(Path(folder) / "pairs.jsonl", lines=True,
-                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str})
+                        dtype={"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
+                               "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str})

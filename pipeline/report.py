@@ -72,7 +72,7 @@ def _fmt(block: dict, ci: dict, key: str) -> str:
 
 
 def markdown(m: dict, per_class: list[dict] | None, others: list[dict]) -> str:
-    cls_keys = [k for k in ("macro_f1", "accuracy", "knn_macro_f1", "zero_shot_macro_f1") if k in m["classification"]]
+    cls_keys = [k for k in ("macro_f1", "accuracy", "logreg_macro_f1", "knn_macro_f1", "zero_shot_macro_f1") if k in m["classification"]]
     ret_keys = [k for k in ("recall@1", "recall@10", "ndcg@10", "mrr@10", "recall_all@10") if k in m["retrieval"]]
     keys = [("classification", k) for k in cls_keys] + [("retrieval", k) for k in ret_keys]
     lines = [f"# {m['run_name']}", "",
@@ -82,7 +82,9 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict]) -> str:
              + f"; trainable {m['model']['trainable_params']:,} of {m['model']['total_params']:,} parameters"
              f" ({100 * m['model']['trainable_params'] / max(m['model']['total_params'], 1):.2f}%).", "",
              f"Test split: {m['test_items']:,} items, {m['retrieval_queries']:,} retrieval queries; seed {m['seed']}. "
-             "Brackets: bootstrap 95% confidence interval over test items / queries.", "",
+             "Brackets: bootstrap 95% confidence interval over test items / queries. "
+             f"`macro_f1`/`accuracy` use the classifier head chosen on validation: "
+             f"{m.get('classifier', {}).get('head')} (base model: {m.get('classifier', {}).get('base_head')}).", "",
              "| model | " + " | ".join(k for _, k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]
 

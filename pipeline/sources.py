@@ -67,11 +67,23 @@ def ensure_raw(cfg: Config, raw_dir: Path) -> list[Path]:
     )
 
 
+def not_utf8_error(path: Path) -> DataError:
+    """Where the first invalid byte is: pandas reports an offset inside its read buffer, not the file."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return DataError(f"{path}: not UTF-8 text (line {line}, byte {exc.start}: {exc.reason}, "
+                         f"0x{data[exc.start]:02x}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+    return DataError(f"{path}: not UTF-8 text")
+
+
 def _read_csv(path: Path, **kw) -> pd.DataFrame:
     try:
         return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], **kw)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as exc:
@@ -93,8 +105,8 @@ def read_table(path: str) -> pd.DataFrame:
     if suffix in (".jsonl", ".json"):
         try:
             raw = p.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except UnicodeDecodeError:
+            raise not_utf8_error(p) from None
         try:
             import io
 

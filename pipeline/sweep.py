@@ -187,7 +187,7 @@ def _outputs_match(child: Config, prep_fp: str, train_fp: str) -> bool:
     if tm is None or tm.get("fingerprint") != train_fp or not metrics_path.exists():
         return False
     m = read_json(metrics_path)
-    return m.get("mlflow_run_id") == (tm.get("mlflow_run_id") or "") and m.get("data_fingerprint") == prep_fp
+    return m.get("mlflow_run_id") == (tm.get("mlflow_run_id") or "") and m.get("model_fingerprint") == train_fp
 
 
 def run_child_stages(child: Config, *, overwrite: bool = False) -> None:

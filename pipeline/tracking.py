@@ -37,6 +37,41 @@ def resolve_uri(cfg: Config) -> str:
     return uri
 
 
+def preflight(cfg: Config) -> Config:
+    """Check the tracking store before a stage does any work: an unreachable server stops the stage now
+    (tracking.on_unreachable=error) instead of after training, or is replaced by the local store
+    (=local), in which case the returned config names that store so the check and warning happen once."""
+    if not cfg.tracking.enabled:
+        return cfg
+    asked = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    uri = resolve_uri(cfg)
+    if uri == asked:
+        return cfg
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
+
+
+def mark_abandoned(uri: str, run_id: str, note: str) -> bool:
+    """End a run that a killed process left RUNNING as FAILED, with ``note`` as a tag; True if it did.
+
+    A process killed with SIGKILL cannot end its own MLflow run, so the next attempt does it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "pipeline.outcome", note)
+        client.set_terminated(run_id, status="FAILED")
+    except (MlflowException, OSError) as exc:
+        log.warning("could not mark the abandoned MLflow run %s in %s as FAILED: %s", run_id, uri, exc)
+        return False
+    log.warning("marked MLflow run %s FAILED: %s", run_id, note)
+    return True
+
+
 def _reachable(uri: str, timeout: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
@@ -59,9 +94,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """Thin wrapper over one active MLflow run; a no-op when tracking is disabled."""
 
-    def __init__(self, run_id: str | None, enabled: bool):
+    def __init__(self, run_id: str | None, enabled: bool, uri: str | None = None):
         self.run_id = run_id
         self.enabled = enabled
+        self.uri = uri
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
@@ -109,7 +145,14 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
 
     parent_run_id = parent_run_id or cfg.tracking.parent_run_id
     uri = resolve_uri(cfg)
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # mlflow also exports the URI to the environment; undo that (mlflow keeps its own copy) so that a later
+    # stage in this process, in another project folder, does not take it for the user's setting.
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_env
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         location = None
@@ -125,7 +168,7 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
             run_id = None
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                               tags=tags, parent_run_id=parent_run_id, nested=parent_run_id is not None)
-    tracker = Tracker(active.info.run_id, True)
+    tracker = Tracker(active.info.run_id, True, uri)
     try:
         yield tracker
     except BaseException:

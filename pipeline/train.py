@@ -9,10 +9,12 @@ the last checkpoint; rerunning the same command after a crash resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import pickle
 import resource
 import shutil
 import sys
@@ -20,16 +22,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import encoding, tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, make_manifest, read_manifest, require_manifest,
-                                write_json_atomic)
+from pipeline import distributed, encoding, recovery, tracking
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, read_manifest,
+                                require_manifest, write_json_atomic)
 from pipeline.batching import epoch_batches
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
-from pipeline.losses import false_negative_mask, in_batch_contrastive_loss
+from pipeline.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 from pipeline.model import (apply_lora, base_fingerprint, count_parameters, inner_model, load_encoder, lora_b_norm,
                             pick_device, pick_dtype, resolve_base, write_model_info)
 from pipeline.prepare import load_pairs
@@ -41,7 +44,11 @@ PROBE_TEXTS = 32
 def fingerprint(cfg: Config, data_fingerprint: str) -> str:
     import hashlib
 
-    payload = json.dumps({"cfg": cfg.section_hash("model", "train"), "seed": cfg.seed, "data": data_fingerprint})
+    # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
+    # run resumed with another thread count or checkpoint interval continues its checkpoint.
+    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every"})
+    payload = json.dumps({"model": cfg.model.model_dump(mode="json"), "train": train, "seed": cfg.seed,
+                          "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -54,15 +61,25 @@ class PairTensors:
     """Training pairs as token ids and integer codes, tokenised once."""
 
     def __init__(self, pairs, st_model, max_seq_length: int):
-        texts = list(dict.fromkeys(list(pairs["anchor"]) + list(pairs["positive"])))
+        # Optional mined hard negatives (pipeline/hard_negatives.py): a third text per pair, -1 where none.
+        negatives = pairs["negative"] if "negative" in pairs else pd.Series([None] * len(pairs), dtype=object)
+        texts = list(dict.fromkeys(list(pairs["anchor"]) + list(pairs["positive"]) + list(negatives.dropna())))
         text_id = {t: i for i, t in enumerate(texts)}
         self.ids = encoding.tokenize(st_model, texts, max_seq_length)
         self.anchor = np.array([text_id[t] for t in pairs["anchor"]])
         self.positive = np.array([text_id[t] for t in pairs["positive"]])
-        self.group = _codes(pairs["group"])
-        self.label = _codes(pairs["label"])
+        self.negative = np.array([text_id[t] if isinstance(t, str) else -1 for t in negatives], dtype=np.int64)
+        n = len(pairs)
+        # Pair and negative metadata share one code space so that "same group" compares across them.
+        none = pd.Series([None] * n, dtype=object)
+        groups = _codes(pd.concat([pairs["group"], pairs.get("negative_group", none)], ignore_index=True))
+        labels = _codes(pd.concat([pairs["label"], pairs.get("negative_label", none)], ignore_index=True))
+        self.group, self.negative_group = groups[:n], groups[n:]
+        self.label, self.negative_label = labels[:n], labels[n:]
         self.positive_is_label = (pairs["kind"] == "label").to_numpy()
+        self.negative_is_label = (pairs.get("negative_kind", none) == "label").to_numpy()
         self.lengths = np.array([len(self.ids[a]) + len(self.ids[p]) for a, p in zip(self.anchor, self.positive)])
+        self.lengths += np.array([len(self.ids[k]) if k >= 0 else 0 for k in self.negative], dtype=self.lengths.dtype)
         self.real_tokens = int(self.lengths.sum())
 
     def __len__(self) -> int:
@@ -83,56 +100,115 @@ def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, 
         weights = {n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad}
         save_file(weights, tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
         write_json_atomic(tmp / "state.json", {**state, "step": step})
 
 
 def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG (dropout draws continue exactly where they were)."""
     from safetensors.torch import load_file
 
-    weights = load_file(folder / "trainable.safetensors")
-    params = dict(st_model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t.to(params[n].device))
-    blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
-    return json.loads((folder / "state.json").read_text())
+    try:
+        weights = load_file(folder / "trainable.safetensors")
+        params = dict(st_model.named_parameters())
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t.to(params[n].device))
+        blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"])
+        if blob.get("cuda_rng") and torch.cuda.is_available() and len(blob["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        return json.loads((folder / "state.json").read_text())
+    except Exception as exc:  # safetensors, the restricted unpickler and torch raise unrelated types
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if isinstance(exc, pickle.UnpicklingError):
+            # torch's message is a page of advice to turn the safety off; keep the line that says what was found
+            found = next((line.split("error:", 1)[1].split(" was not an allowed")[0].strip()
+                          for line in lines if "WeightsUnpickler error:" in line), "objects other than tensors")
+            found = found.replace("Unsupported global: GLOBAL ", "a reference to ")
+            reason = f"optimizer.pt holds {found}, which is not loaded because unpickling it could run code"
+        else:
+            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise ArtifactError(f"checkpoint in {folder} cannot be loaded ({reason}); delete that folder or pass "
+                            "--overwrite to train from scratch") from None
 
 
 def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer, scheduler,
-                  device: torch.device, dtype: torch.dtype | None, step: int = 0) -> float:
-    """One optimiser step on the pairs ``idx``: forward anchors and positives, masked in-batch loss."""
+                  device: torch.device, dtype: torch.dtype | None, step: int = 0,
+                  dist: distributed.Dist | None = None) -> float:
+    """One optimiser step on the pairs ``idx``: forward anchors, positives and any mined negatives,
+    masked in-batch loss. Under torchrun (``dist``) this process embeds only its shard of ``idx`` and
+    the embeddings are gathered, so the loss and the summed gradient are those of the whole batch."""
     pad, side = encoding.pad_info(st_model)
+    local = dist.shard(idx) if dist else idx
+
+    def embed(text_ids):
+        if len(text_ids) == 0:  # a shard with no negatives (or no rows) still takes part in the gather
+            return torch.zeros((0, st_model.get_sentence_embedding_dimension()), device=device)
+        feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in text_ids], pad, side).items()}
+        return encoding.forward(st_model, feats)
+
+    with_neg = local[data.negative[local] >= 0]
+    with encoding.autocast(device, dtype):
+        a_emb, p_emb = embed(data.anchor[local]), embed(data.positive[local])
+        n_emb = embed(data.negative[with_neg])
+    if dist:
+        sizes = dist.shard_sizes(len(idx))
+        a_emb, p_emb = dist.gather(a_emb, sizes), dist.gather(p_emb, sizes)
+        n_emb = dist.gather(n_emb, [int((data.negative[part] >= 0).sum()) for part in np.array_split(idx, dist.world)])
     a_ids, p_ids = data.anchor[idx], data.positive[idx]
-    a_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in a_ids], pad, side).items()}
-    p_feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in p_ids], pad, side).items()}
     mask = false_negative_mask(
         torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
         torch.as_tensor(a_ids), torch.as_tensor(data.positive_is_label[idx]), t.mask_same_label,
     ).to(device)
-    with encoding.autocast(device, dtype):
-        a_emb = encoding.forward(st_model, a_feats)
-        p_emb = encoding.forward(st_model, p_feats)
-    loss = in_batch_contrastive_loss(a_emb, p_emb, scale=t.scale, mask=mask, symmetric=t.symmetric)
+    neg_rows = idx[data.negative[idx] >= 0]
+    neg_mask = hard_negative_mask(
+        torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(a_ids),
+        torch.as_tensor(p_ids), torch.as_tensor(data.negative_group[neg_rows]),
+        torch.as_tensor(data.negative_label[neg_rows]), torch.as_tensor(data.negative[neg_rows]),
+        torch.as_tensor(data.negative_is_label[neg_rows]), t.mask_same_label,
+    ).to(device)
+    loss = contrastive_loss_with_negatives(a_emb, p_emb, n_emb if len(neg_rows) else None, scale=t.scale,
+                                           mask=mask, negative_mask=neg_mask, symmetric=t.symmetric)
     if not torch.isfinite(loss):
         raise TrainingError(f"loss became {loss.item()} at step {step}; lower train.lr")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if loss.requires_grad:  # false only for a torchrun rank whose shard of a tiny last batch is empty
+        loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if dist:
+        dist.all_reduce_grads(params)
     if t.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     optimizer.step()
     scheduler.step()
     return loss.item()
 
 
 def run(cfg: Config, *, overwrite: bool = False) -> Path:
+    """Train; under ``torchrun --nproc_per_node=N`` every process runs this and rank 0 writes."""
+    dist = distributed.init_from_env(cfg.train.device)
+    try:
+        out = _run(cfg, overwrite=overwrite, dist=dist)
+        if dist:
+            dist.barrier()  # the other ranks wait until rank 0 has written the model
+        return out
+    finally:
+        if dist:
+            dist.close()
+
+
+def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path:
+    main = dist is None or dist.is_main
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
     fp = fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
+    clean_stale(run_dir)
     existing = read_manifest(model_dir)
     if existing is not None and not overwrite:
         if existing.get("fingerprint") == fp:
@@ -143,19 +219,43 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     ckpt_state = None
     if (ckpt_dir / "state.json").exists():
         ckpt_state = json.loads((ckpt_dir / "state.json").read_text())
-        if ckpt_state.get("fingerprint") != fp or overwrite:
+        if ckpt_state.get("fingerprint") != fp:
+            # A crashed run of another config is still an existing run: its progress is not thrown away
+            # unless asked, exactly like a finished one.
+            if not overwrite:
+                raise ArtifactError(
+                    f"run '{cfg.resolved_run_name}' has a checkpoint at step {ckpt_state.get('step')} from another "
+                    f"config or data in {ckpt_dir}; rerun with the config it started with to resume it, pass "
+                    "--overwrite to discard it, or choose another run_name=...")
             log.info("train: discarding checkpoint of another config at %s", ckpt_dir)
-            shutil.rmtree(ckpt_dir)
+            if main:
+                shutil.rmtree(ckpt_dir)
             ckpt_state = None
-    if overwrite and model_dir.exists():
-        shutil.rmtree(model_dir)
+    if dist:
+        dist.barrier()
+    # With --overwrite the previous model stays in place until the new one replaces it (atomic_dir), so a
+    # crash of the new training leaves the old result intact. Only rank 0 talks to MLflow and the run dir.
+    previous_attempt = None
+    if main:
+        cfg = tracking.preflight(cfg)  # an unreachable MLflow server stops us here, before any training
+        previous_attempt = recovery.claim(run_dir, cfg.resolved_run_name)
+    try:
+        return _train(cfg, layout, prep, fp, model_dir, ckpt_dir, ckpt_state, previous_attempt, dist)
+    finally:
+        if main:
+            recovery.release(run_dir)
 
+
+def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ckpt_dir: Path,
+           ckpt_state: dict | None, previous_attempt: dict | None, dist: distributed.Dist | None) -> Path:
+    main = dist is None or dist.is_main
     t = cfg.train
     if t.method == "base":
-        return _write_base_reference(cfg, model_dir, fp, prep)
+        return _write_base_reference(cfg, model_dir, fp, prep) if main else model_dir
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
+    if t.num_threads or dist:
+        torch.set_num_threads(t.num_threads or distributed.default_threads())
     device = pick_device(t.device)
     dtype = pick_dtype(t.precision, device)
 
@@ -184,10 +284,18 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
         start_step, seconds_before = state["step"], state.get("seconds", 0.0)
         mlflow_run_id = state.get("mlflow_run_id")
         log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, start_step, total_steps)
+    if dist:
+        dist.broadcast_params(params)
 
     tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
-    with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) as tracker:
-        if ckpt_state is None:
+    with (tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) if main
+          else contextlib.nullcontext(tracking.Tracker(None, False))) as tracker:
+        if main:
+            recovery.record_tracking(layout.run(), tracker.run_id, tracker.uri)
+            recovery.settle_previous(previous_attempt, tracker.run_id)
+        if start_step:
+            tracker.set_tags({"pipeline.resumed_from_step": start_step})
+        if ckpt_state is None or tracker.run_id != mlflow_run_id:  # a new MLflow run gets the params
             tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
             tracker.log_params({"data_fingerprint": prep["fingerprint"], "trainable_params": trainable,
                                 "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
@@ -199,23 +307,24 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
         losses: list[float] = []
         pairs_done = tokens_done = 0
         bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                   unit="step", file=sys.stderr)
+                   unit="step", file=sys.stderr, disable=not main,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache = {epoch: epoch_batches(data.lengths, t.batch_size, cfg.seed, epoch, t.length_grouping)}
             idx = epoch_cache[epoch][within]
             loss = training_step(st_model, data, idx, t, optimizer=optimizer, scheduler=scheduler,
-                                 device=device, dtype=dtype, step=step)
+                                 device=device, dtype=dtype, step=step, dist=dist)
             losses.append(loss)
             pairs_done += len(idx)
             tokens_done += int(data.lengths[idx].sum())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
             done = step + 1
             if done % 10 == 0 or done == total_steps:
                 tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
                                      "lr": scheduler.get_last_lr()[0]}, step=done)
-            if done % t.checkpoint_every == 0 and done < total_steps:
+            if done % t.checkpoint_every == 0 and done < total_steps and main:
                 save_checkpoint(ckpt_dir, step=done, st_model=st_model, optimizer=optimizer, scheduler=scheduler,
                                 state={"fingerprint": fp, "mlflow_run_id": tracker.run_id,
                                        "seconds": seconds_before + time.perf_counter() - started})
@@ -246,7 +355,10 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
             "device": device.type,
             "precision": "bf16" if dtype is not None else "fp32",
             "resumed_from_step": start_step,
+            "processes": dist.world if dist else 1,
         }
+        if not main:
+            return model_dir
         resolved = resolve_base(cfg.model.base)
         info = {
             "method": t.method,

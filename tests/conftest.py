@@ -77,7 +77,9 @@ def project(tmp_path, monkeypatch, tiny_model_dir):
                  "label_column": "category", "group_column": "cluster",
                  "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
         "train": {"method": "lora", "batch_size": 8, "epochs": 1, "lr": 1e-3, "max_seq_length": 32,
-                  "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 5},
+                  "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 5,
+                  # one thread: on a shared 2-core machine two threads of a tiny model spin-wait ~10x slower
+                  "num_threads": 1},
         "eval": {"bootstrap": 50, "classifier_c": [1.0], "batch_size": 32},
         "tracking": {"experiment": "tests"},
     }
@@ -91,3 +93,10 @@ def cli(*args: str) -> int:
     from pipeline.cli import main
 
     return main(list(args))
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_uri(monkeypatch):
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so the store of one test would receive the
+    runs of every later test in the process (and of their subprocesses); each test starts without it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

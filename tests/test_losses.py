@@ -65,3 +65,40 @@ def test_symmetric_loss_is_mean_of_both_directions():
     one = in_batch_contrastive_loss(a, p)
     other = in_batch_contrastive_loss(p, a)
     assert torch.isclose(in_batch_contrastive_loss(a, p, symmetric=True), (one + other) / 2)
+
+
+def test_extra_negatives_join_the_candidates_and_are_masked_like_positives():
+    from pipeline.losses import contrastive_loss_with_negatives, hard_negative_mask
+
+    torch.manual_seed(3)
+    a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(2, 8)
+    no_mask = torch.zeros(4, 4, dtype=torch.bool)
+    # without negatives: exactly the in-batch loss
+    assert torch.isclose(contrastive_loss_with_negatives(a, p, None, mask=no_mask),
+                         in_batch_contrastive_loss(a, p, mask=no_mask))
+    # with negatives: one softmax over the B positives and the N negatives
+    scores = torch.cat([F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).T,
+                        F.normalize(a, dim=-1) @ F.normalize(n, dim=-1).T], dim=1) * 20
+    expected = F.cross_entropy(scores, torch.arange(4))
+    got = contrastive_loss_with_negatives(a, p, n, mask=no_mask, negative_mask=torch.zeros(4, 2, dtype=torch.bool))
+    assert torch.isclose(got, expected)
+    # a fully masked negative is as if it were absent
+    masked = contrastive_loss_with_negatives(a, p, n, mask=no_mask,
+                                             negative_mask=torch.tensor([[False, True]] * 4))
+    assert torch.isclose(masked, contrastive_loss_with_negatives(a, p, n[:1], mask=no_mask,
+                                                                 negative_mask=torch.zeros(4, 1, dtype=torch.bool)))
+
+
+def test_hard_negative_mask_rules():
+    from pipeline.losses import hard_negative_mask
+
+    t = torch.tensor
+    # pairs: 0 (group 0, label 0), 1 (group 1, label 1); negatives: of group 0 / text == pair 1's positive /
+    # the label-0 name / an unrelated text of label 0
+    m = hard_negative_mask(groups=t([0, 1]), labels=t([0, 1]), anchor_ids=t([10, 11]), positive_ids=t([20, 21]),
+                           neg_groups=t([0, 5, -1, 6]), neg_labels=t([0, 1, 0, 0]), neg_ids=t([30, 21, 40, 41]),
+                           neg_is_label=t([False, False, True, False]))
+    assert m.tolist() == [[True, False, True, False], [False, True, False, False]]
+    same = hard_negative_mask(t([0]), t([0]), t([10]), t([20]), t([6]), t([0]), t([41]), t([False]),
+                              mask_same_label=True)
+    assert same.tolist() == [[True]]
