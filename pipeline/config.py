@@ -166,7 +166,8 @@ class SweepConfig(Section):
     include_base: bool = True
     seeds: list[int] = Field(default_factory=lambda: [0])
     # Full fine-tuning needs a smaller step than LoRA (train.lr is tuned for adapters); None: train.lr.
-    full_lr: float | None = 2e-5
+    # 5e-5 is configs/full.yaml's rate, a tenth of the default LoRA rate.
+    full_lr: float | None = 5e-5
     # "<block>.<metric>" of metrics.json that the Pareto plot and the within-CI verdict use.
     quality_metric: str = "retrieval.ndcg@10"
     # Each child in its own process: ru_maxrss is per process, so only then is peak memory per child.

@@ -610,6 +610,11 @@ def pareto_png(configs: list[dict], rows: list[dict], quality: str, path: Path, 
                     label="Pareto front")
         if len(xs) and xs.min() > 0:
             ax.set_xscale("log")
+            if xkey == "train_seconds":  # seconds read better as plain numbers than as 3 x 10^1
+                from matplotlib.ticker import FormatStrFormatter
+
+                ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{qlabel} (test), 95% CI")
         ax.grid(alpha=0.3)
