@@ -169,16 +169,7 @@ def lexical_baseline(splits: dict[str, pd.DataFrame], cfg: Config) -> dict:
             "macro_f1": M.bootstrap_macro_f1_ci(y["test"], pred, cfg.eval.bootstrap, cfg.seed),
             "accuracy": M.bootstrap_mean_ci(pred == y["test"], cfg.eval.bootstrap, cfg.seed)}
     if has_groups(test):
-        xt = x["test"]
-
-        def sparse_search(index_vectors, query_vectors, k):
-            scores = (query_vectors @ index_vectors.T).toarray()
-            top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
-            order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
-            ids = np.take_along_axis(top, order, 1)
-            return np.take_along_axis(scores, ids, 1), ids
-
-        ret, ci, _ = retrieval_block(xt, test["group"].to_numpy(), cfg, search_fn=sparse_search)
+        ret, ci, _ = retrieval_block(x["test"], test["group"].to_numpy(), cfg, search_fn=M.sparse_search)
         result["retrieval"], result["ci"]["retrieval"] = ret, ci
     return result
 

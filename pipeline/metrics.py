@@ -56,6 +56,18 @@ def search(index_vectors: np.ndarray, query_vectors: np.ndarray, k: int) -> tupl
     return index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
 
 
+def sparse_search(index_vectors, query_vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product for sparse (TF-IDF) rows, the sparse counterpart of :func:`search`.
+
+    index_vectors: (n, features) CSR; query_vectors: (q, features) CSR. Returns (scores, ids), (q, k).
+    """
+    scores = (query_vectors @ index_vectors.T).toarray()
+    top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
+    order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
+    ids = np.take_along_axis(top, order, 1)
+    return np.take_along_axis(scores, ids, 1), ids
+
+
 def group_retrieval(embeddings: np.ndarray, groups: np.ndarray, k: int = 10,
                     search_fn: Callable | None = None) -> dict[str, np.ndarray]:
     """Same-group retrieval inside one split: every item whose group has >= 2 members is a query,

@@ -361,13 +361,7 @@ def paired_deltas(adapted: dict[str, np.ndarray], base: dict[str, np.ndarray], c
 
 def tfidf_search_fn():
     """Sparse top-k by cosine over TF-IDF rows (both inputs L2-normalised CSR matrices)."""
-
-    def sparse_search(index_vectors, query_vectors, k):
-        scores = (query_vectors @ index_vectors.T).toarray()
-        top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        order = np.take_along_axis(scores, top, 1).argsort(1)[:, ::-1]
-        ids = np.take_along_axis(top, order, 1)
-        return np.take_along_axis(scores, ids, 1), ids
+    from pipeline.metrics import sparse_search
 
     return sparse_search
 
