@@ -40,19 +40,7 @@ def in_batch_contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, *,
 
     anchors, positives: (B, dim). mask: (B, B) bool from :func:`false_negative_mask`.
     """
-    a = F.normalize(anchors.float(), dim=-1)
-    p = F.normalize(positives.float(), dim=-1)
-    scores = a @ p.T * scale
-    target = torch.arange(len(a), device=a.device)
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
-    loss = F.cross_entropy(scores, target)
-    if symmetric:
-        scores_t = (p @ a.T) * scale
-        if mask is not None:
-            scores_t = scores_t.masked_fill(mask.T, float("-inf"))
-        loss = (loss + F.cross_entropy(scores_t, target)) / 2
-    return loss
+    return contrastive_loss_with_negatives(anchors, positives, None, scale=scale, mask=mask, symmetric=symmetric)
 
 
 def hard_negative_mask(groups: torch.Tensor, labels: torch.Tensor, anchor_ids: torch.Tensor,
@@ -87,19 +75,19 @@ def contrastive_loss_with_negatives(anchors: torch.Tensor, positives: torch.Tens
     With no negatives this is exactly :func:`in_batch_contrastive_loss`. The symmetric term (positive ->
     anchors) does not use the negatives: they are candidates for anchors only.
     """
-    if negatives is None or len(negatives) == 0:
-        return in_batch_contrastive_loss(anchors, positives, scale=scale, mask=mask, symmetric=symmetric)
     a = F.normalize(anchors.float(), dim=-1)
     p = F.normalize(positives.float(), dim=-1)
-    n = F.normalize(negatives.float(), dim=-1)
-    pos_scores = a @ p.T * scale
+    scores = a @ p.T * scale
     if mask is not None:
-        pos_scores = pos_scores.masked_fill(mask, float("-inf"))
-    neg_scores = a @ n.T * scale
-    if negative_mask is not None:
-        neg_scores = neg_scores.masked_fill(negative_mask, float("-inf"))
+        scores = scores.masked_fill(mask, float("-inf"))
+    if negatives is not None and len(negatives):
+        n = F.normalize(negatives.float(), dim=-1)
+        neg_scores = a @ n.T * scale
+        if negative_mask is not None:
+            neg_scores = neg_scores.masked_fill(negative_mask, float("-inf"))
+        scores = torch.cat([scores, neg_scores], dim=1)
     target = torch.arange(len(a), device=a.device)
-    loss = F.cross_entropy(torch.cat([pos_scores, neg_scores], dim=1), target)
+    loss = F.cross_entropy(scores, target)
     if symmetric:
         scores_t = (p @ a.T) * scale
         if mask is not None:
