@@ -164,6 +164,20 @@ def require_manifest(folder: Path, what: str, hint: str) -> dict[str, Any]:
     return manifest
 
 
+def skip_or_refuse(folder: Path, fingerprint: str, *, overwrite: bool, stage: str, refusal: str) -> bool:
+    """True when ``folder`` already holds this fingerprint's output (the stage can skip); raises
+    ``ArtifactError(refusal)`` when it holds another output and ``overwrite`` is off; else False."""
+    existing = read_manifest(folder)
+    if existing is None or overwrite:
+        return False
+    if existing.get("fingerprint") == fingerprint:
+        import logging
+
+        logging.getLogger(__name__).info("%s: %s is up to date; nothing to do", stage, folder)
+        return True
+    raise ArtifactError(refusal)
+
+
 def is_up_to_date(folder: Path, fingerprint: str) -> bool:
     manifest = read_manifest(folder)
     return manifest is not None and manifest.get("fingerprint") == fingerprint

@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline import metrics as M
 from pipeline import tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, read_json, require_manifest,
+from pipeline.artifacts import (Layout, atomic_dir, clean_stale, read_json, require_manifest,
                                 write_json_atomic)
 from pipeline.config import Config
 from pipeline.model import check_base_matches, read_model_info

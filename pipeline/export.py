@@ -38,8 +38,8 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json, read_manifest,
-                                require_manifest, sha256_file, write_json_atomic)
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json,
+                                require_manifest, sha256_file, skip_or_refuse, write_json_atomic)
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, ExportError
 from pipeline.model import (base_fingerprint, check_base_matches, inner_model, load_encoder, load_trained, read_model_info, resolve_base,
@@ -599,13 +599,9 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     metrics_path = layout.report() / "metrics.json"
     out = layout.export()
     fp = fingerprint(cfg, train_manifest, prep, metrics_path)
-    existing = read_manifest(out)
-    if existing is not None and not overwrite:
-        if existing.get("fingerprint") == fp:
-            log.info("export: %s is up to date; nothing to do", out)
-            return out
-        raise ArtifactError(f"export {out} exists from another model, data, eval or export config; "
-                            "pass --overwrite to replace it")
+    if skip_or_refuse(out, fp, overwrite=overwrite, stage="export", refusal=(
+            f"export {out} exists from another model, data, eval or export config; pass --overwrite to replace it")):
+        return out
     if cfg.tracking.enabled and cfg.export.mlflow_model:
         from pipeline import tracking
 

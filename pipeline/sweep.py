@@ -515,7 +515,7 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
         lines.append("| " + " | ".join(cells) + " |")
     if full is not None and loras:
         lines += ["", "## LoRA against full fine-tuning on every headline metric", "",
-                  f"Full fine-tuning: " + "; ".join(
+                  "Full fine-tuning: " + "; ".join(
                       f"{METRIC_LABELS.get(k, k)} {full['metrics'][k]['mean']:.3f} "
                       f"[{full['metrics'][k]['ci_low']:.3f}, {full['metrics'][k]['ci_high']:.3f}]"
                       for k in keys if k in full["metrics"]) + ".", "",

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import pickle
 import resource
 import shutil
@@ -27,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import distributed, encoding, recovery, tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, read_manifest,
-                                require_manifest, write_json_atomic)
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest,
+                                require_manifest, skip_or_refuse, write_json_atomic)
 from pipeline.batching import epoch_batches
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
@@ -209,13 +208,10 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
     fp = fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
     clean_stale(run_dir)
-    existing = read_manifest(model_dir)
-    if existing is not None and not overwrite:
-        if existing.get("fingerprint") == fp:
-            log.info("train: %s is up to date (same config and data); nothing to do", model_dir)
-            return model_dir
-        raise ArtifactError(f"run '{cfg.resolved_run_name}' already exists at {run_dir} with another config "
-                            "or data; pass --overwrite, or choose another run_name=...")
+    if skip_or_refuse(model_dir, fp, overwrite=overwrite, stage="train", refusal=(
+            f"run '{cfg.resolved_run_name}' already exists at {run_dir} with another config or data; "
+            "pass --overwrite, or choose another run_name=...")):
+        return model_dir
     ckpt_state = None
     if (ckpt_dir / "state.json").exists():
         ckpt_state = json.loads((ckpt_dir / "state.json").read_text())
