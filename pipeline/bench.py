@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -159,8 +160,9 @@ def summarise(name: str, result: dict, unit: str, peaks: dict, extra: dict) -> d
            "peak_gflops": peak, "peak_fraction": _sig(useful / peak) if peak else None,
            "peak_rss_mb": result["peak_rss_mb"], "peak_gpu_mb": result.get("peak_gpu_mb"),
            "threads": result.get("threads"), "repeats": len(w), "worker_seconds": result.get("worker_seconds")}
-    if "trainable_params" in result:
-        row["trainable_params"] = result["trainable_params"]
+    for key in ("trainable_params", "steps_per_window", "cpu_levers"):
+        if key in result:
+            row[key] = result[key]
     return row
 
 
@@ -185,6 +187,10 @@ def bench_train(cfg: Config, work: Path, pairs_file: Path, peaks: dict, device: 
     else:
         for p in b.project_precisions:
             plan.append((f"project lora {p}", {"path": "project", "method": "lora", "precision": p}))
+        if b.lever_ablation:
+            p = b.project_precisions[0]
+            plan.append((f"project lora {p} levers off", {"path": "project", "method": "lora", "precision": p,
+                                                         "levers": False}))
         for p in b.reference_precisions:
             plan.append((f"reference lora {p}", {"path": "reference", "method": "lora", "precision": p}))
         if b.full_finetune:
@@ -212,10 +218,14 @@ def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device:
                 ("reference fp32", "reference", "fp32", b.reference_encode_batch_size)]
     else:
         plan = [(f"project {p}", "project", p, cfg.eval.batch_size) for p in b.project_precisions]
+        if b.lever_ablation:
+            p = b.project_precisions[0]
+            plan.append((f"project {p} levers off", "project", p, cfg.eval.batch_size))
         plan.append(("reference fp32", "reference", "fp32", b.reference_encode_batch_size))
     rows, embeddings = [], {}
     for name, path, precision, batch in plan:
         spec = {**common, "path": path, "precision": precision, "batch_size": batch,
+                "levers": not name.endswith("levers off"),
                 "config": _task_config(cfg, precision=precision, device=device)}
         log.info("bench: encoding, %s ...", name)
         result = run_worker(spec, work / f"{device}-encode-{name.replace(' ', '-')}")
@@ -259,8 +269,9 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     pairs_file = work / "parity-pairs.jsonl"
     pairs.to_json(pairs_file, orient="records", lines=True, force_ascii=False)
     splits = {s: load_split(layout.processed, s) for s in ("train", "val", "test")}
-    if len(splits["train"]) > b.parity_classifier_texts:
-        splits["train"] = splits["train"].sample(n=b.parity_classifier_texts, random_state=cfg.seed)
+    for s in ("train", "val"):
+        if len(splits[s]) > b.parity_classifier_texts:
+            splits[s] = splits[s].sample(n=b.parity_classifier_texts, random_state=cfg.seed)
     splits = {s: df.reset_index(drop=True) for s, df in splits.items()}
     texts_file = work / "parity-texts.json"
     texts_file.write_text(json.dumps({s: df["text"].tolist() for s, df in splits.items()}), encoding="utf-8")
@@ -348,6 +359,8 @@ def recommend_indexes(results: list[dict], recall_target: float, flat_max_ms: fl
             pick = flat
             why = (f"no IVF/HNSW setting reached recall {recall_target} on random vectors (best "
                    f"{best['index']} {best['recall_at_k']:.3f}); keep flat or tune on real embeddings")
+        if res.get("hnsw_skipped"):
+            why += f"; HNSW was not built at this size ({res['hnsw_skipped']})"
         recs.append({"n": res["n"], "index": pick["index"], "params": pick["params"], "reason": why,
                      "flat_under_budget_up_to_n": exact_up_to})
     return recs
@@ -358,9 +371,19 @@ def bench_faiss(cfg: Config, work: Path) -> dict:
     results = []
     for n in b.faiss_sizes:
         spec = {"task": "faiss", "n": n, "dim": b.faiss_dim, "queries": b.faiss_queries, "k": b.faiss_k,
-                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m}
+                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n}
         log.info("bench: FAISS on %d random vectors (dim %d) ...", n, b.faiss_dim)
         results.append(run_worker(spec, work / f"faiss-{n}"))
+    built = [r for r in results if not r.get("hnsw_skipped")]
+    for res in results:
+        if res.get("hnsw_skipped") and built:
+            # HNSW insertion costs about log(n) per vector: scale the largest measured build by n log n.
+            ref = max(built, key=lambda r: r["n"])
+            ref_build = next((r["build_s"] for r in ref["rows"] if r["index"] == "hnsw"), None)
+            if ref_build:
+                est = ref_build * res["n"] * math.log(res["n"]) / (ref["n"] * math.log(ref["n"]))
+                res["hnsw_build_s_extrapolated"] = round(est, 1)
+                res["hnsw_extrapolated_from_n"] = ref["n"]
     return {"results": results,
             "recommendation": recommend_indexes(results, b.faiss_recall_target, b.faiss_flat_max_ms),
             "recall_target": b.faiss_recall_target, "flat_max_ms": b.faiss_flat_max_ms,
@@ -384,12 +407,18 @@ def ratios(train: list[dict], encode: list[dict]) -> dict:
 
     out = {}
     proj_train = next((r for r in train if r["path"] == "project" and r["method"] == "lora"), None)
+    for r in train + encode:
+        if r["name"].endswith(" levers off"):
+            on = find(train if r in train else encode, r["name"][: -len(" levers off")])
+            unit = "pairs_per_s" if r in train else "texts_per_s"
+            if on:
+                out[f"levers: {on['name']} on / off"] = round(on[unit] / r[unit], 2)
     for ref in (r for r in train if r["path"] == "reference"):
         if proj_train:
             out[f"train: {proj_train['name']} / {ref['name']}"] = round(proj_train["pairs_per_s"] / ref["pairs_per_s"], 2)
     ref_enc = find(encode, "reference fp32")
     for r in encode:
-        if r["path"] == "project" and ref_enc:
+        if r["path"] == "project" and ref_enc and not r["name"].endswith(" levers off"):
             out[f"encode: {r['name']} / reference fp32"] = round(r["texts_per_s"] / ref_enc["texts_per_s"], 2)
     lora = next((r for r in train if r["path"] == "project" and r["method"] == "lora" and r["precision"] ==
                  (find(train, "project full auto") or {}).get("precision")), None)
@@ -425,9 +454,9 @@ def markdown(report: dict) -> str:
     if report.get("train"):
         t = report["train"]
         lines += ["## Training", "",
-                  f"{report['data']['train_pairs']} {report['dataset']} pairs, batch {t[0]['batch_size']}, "
-                  f"{report['config']['bench']['steps']} timed steps per repeat after "
-                  f"{report['config']['bench']['warmup_steps']} warm-up steps.", "",
+                  f"{report['data']['train_pairs']} {report['dataset']} pairs, batch {t[0]['batch_size']}; each repeat "
+                  f"times {t[0]['steps_per_window']} steps (the project path replays the same epoch-0 batches in "
+                  f"every repeat) after {report['config']['bench']['warmup_steps']} warm-up steps.", "",
                   "| path | pairs/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | trainable |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in t:
@@ -490,6 +519,11 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {res['n']:,} | {r['index']} | {params} | {r['build_s']:.2f} | "
                              f"{r['batch_ms_per_query']:.3f} | {r['single_query_ms']:.2f} | {r['recall_at_k']:.3f} | "
                              f"{r['memory_mb']:,.0f} |")
+            if res.get("hnsw_skipped"):
+                est = res.get("hnsw_build_s_extrapolated")
+                lines.append(f"| {res['n']:,} | hnsw | not built ({res['hnsw_skipped']}) | "
+                             + (f"~{est:,.0f} (extrapolated n log n from {res['hnsw_extrapolated_from_n']:,})"
+                                if est else "-") + " | - | - | - | - |")
         lines += ["", f"Recommendation (recall target {fa['recall_target']}, exact search while one query takes "
                       f"<= {fa['flat_max_ms']} ms; {fa['note']}):", ""]
         for rec in fa["recommendation"]:

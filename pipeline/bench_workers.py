@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipeline import speed
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -166,8 +168,14 @@ def _load(cfg, device):
 
 
 def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
-                 on_step: Callable[[int, int, float], None]) -> None:
-    """The train stage's loop (same batches, optimiser, schedule and step), without its bookkeeping."""
+                 on_step: Callable[[int, int, float], None], replay_after: int | None = None,
+                 replay_window: int | None = None) -> None:
+    """The train stage's loop (same batches, optimiser, schedule and step), without its bookkeeping.
+
+    ``replay_after=w``, ``replay_window=s``: after ``w`` warm-up steps, every window of ``s`` steps
+    replays the first ``s`` batches of epoch 0, so each timed window sees exactly the same batches
+    (length-grouped batches differ a lot in length, and other batches would measure other texts).
+    """
     from transformers import get_linear_schedule_with_warmup
 
     from pipeline.batching import epoch_batches
@@ -181,6 +189,9 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
     st_model.train()
     for step in range(total_steps):
         epoch, within = divmod(step, steps_per_epoch)
+        if replay_after is not None:
+            window = min(replay_window or steps_per_epoch, steps_per_epoch)
+            epoch, within = 0, (step if step < replay_after else (step - replay_after) % window)
         if epoch not in cache:
             cache = {epoch: epoch_batches(data.lengths, t.batch_size, seed, epoch, t.length_grouping)}
         idx = cache[epoch][within]
@@ -233,9 +244,11 @@ def task_train(spec: dict, out_dir: Path) -> dict:
     device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
     pairs = _read_pairs(spec["pairs_file"])
     st_model = _load(cfg, device)
-    warmup, steps, repeats = spec["warmup"], spec["steps"], spec["repeats"]
+    warmup, repeats = spec["warmup"], spec["repeats"]
+    steps = spec["steps"] or max(1, len(pairs) // t.batch_size)  # default: one pass over the pairs
     total = warmup + steps * repeats
     stamps: list[dict] = []
+    levers: dict = {}
 
     if spec["path"] == "project":
         from pipeline.model import apply_lora
@@ -245,6 +258,8 @@ def task_train(spec: dict, out_dir: Path) -> dict:
         if t.method == "lora":
             apply_lora(st_model, t.lora)
         st_model.to(device)
+        if spec.get("levers", True):
+            levers = speed.for_training(st_model, device)
         counter = TokenCounter(st_model)
         shape = encoder_shape(st_model)
         done = {"items": 0}
@@ -255,7 +270,8 @@ def task_train(spec: dict, out_dir: Path) -> dict:
             stamps.append({"time": time.perf_counter(), "items": done["items"], "counter": counter.snapshot()})
 
         stamps.append({"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()})
-        project_loop(st_model, data, t, cfg.seed, device, dtype, total, on_step)
+        project_loop(st_model, data, t, cfg.seed, device, dtype, total, on_step, replay_after=warmup,
+                     replay_window=steps)
     else:
         from transformers import TrainerCallback
 
@@ -283,7 +299,7 @@ def task_train(spec: dict, out_dir: Path) -> dict:
     return {"windows": windows, "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
             "trainable_params": _trainable(st_model), "shape": shape, "device": device.type,
             "precision": "bf16" if dtype is not None or spec["precision"] == "bf16" else "fp32",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu_levers": levers, "steps_per_window": steps}
 
 
 def task_encode(spec: dict, out_dir: Path) -> dict:
@@ -291,6 +307,8 @@ def task_encode(spec: dict, out_dir: Path) -> dict:
     from pipeline import encoding
 
     cfg = _config(spec)
+    if not spec.get("levers", True):
+        encoding.CPU_TOKEN_BUDGET = None  # the ablation: fixed-size batches, as before the lever
     device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
     texts = json.loads(Path(spec["texts_file"]).read_text(encoding="utf-8"))
     st_model = _load(cfg, device)
@@ -353,6 +371,7 @@ def task_parity(spec: dict, out_dir: Path) -> dict:
         data = PairTensors(pairs, st_model, t.max_seq_length)
         apply_lora(st_model, t.lora)
         st_model.to(device)
+        speed.for_training(st_model, device)
         steps = max(1, math.ceil(spec["epochs"] * len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0,
                                                                       t.length_grouping))))
         started = time.perf_counter()
@@ -433,6 +452,10 @@ def task_faiss(spec: dict, out_dir: Path) -> dict:
     del ivf, quantizer
 
     m = spec.get("hnsw_m", 32)
+    if spec.get("hnsw_max_n") and n > spec["hnsw_max_n"]:
+        # An HNSW build over 1M vectors takes many minutes on a small CPU: the parent extrapolates it.
+        return {"n": n, "dim": dim, "queries": nq, "k": k, "rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1),
+                "threads": faiss.omp_get_max_threads(), "hnsw_skipped": f"n > bench.hnsw_max_n={spec['hnsw_max_n']}"}
     t0 = time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = spec.get("hnsw_ef_construction", 40)

@@ -179,18 +179,19 @@ class BenchConfig(Section):
 
     parts: list[Literal["train", "encode", "parity", "faiss", "gpu"]] = Field(
         default_factory=lambda: ["train", "encode", "parity", "faiss", "gpu"])
-    train_pairs: int = Field(2048, ge=4)  # pairs the timed training steps draw from (same for both paths)
+    train_pairs: int = Field(512, ge=4)  # pairs the timed training steps draw from (same for both paths)
     warmup_steps: int = Field(2, ge=1)
-    steps: int = Field(6, ge=1)  # timed steps per repeat
+    steps: int | None = Field(None, ge=1)  # timed steps per repeat; default one pass over train_pairs
     repeats: int = Field(3, ge=1)  # the report gives the median
-    project_precisions: list[Literal["auto", "bf16", "fp32"]] = Field(default_factory=lambda: ["auto", "fp32"])
+    project_precisions: list[Literal["auto", "bf16", "fp32"]] = Field(default_factory=lambda: ["auto"])
     reference_precisions: list[Literal["fp32", "bf16"]] = Field(default_factory=lambda: ["fp32", "bf16"])
     full_finetune: bool = True  # also time full fine-tuning (project path): LoRA vs full peak memory
-    encode_texts: int = Field(2000, ge=1)
+    lever_ablation: bool = True  # also time the project path with pipeline/speed.py's levers off
+    encode_texts: int = Field(1500, ge=1)
     reference_encode_batch_size: int = Field(32, ge=1)  # SentenceTransformer.encode's default
     parity_pairs: int = Field(2000, ge=0)  # 0 skips the quality-parity training
     parity_epochs: float = Field(1.0, gt=0)
-    parity_classifier_texts: int = Field(5000, ge=10)  # train texts the parity classifier is fitted on
+    parity_classifier_texts: int = Field(3000, ge=10)  # train (and val) texts the parity classifier uses
     faiss_sizes: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])
     faiss_dim: int = Field(384, ge=2)
     faiss_queries: int = Field(1000, ge=1)
@@ -198,6 +199,7 @@ class BenchConfig(Section):
     faiss_recall_target: float = Field(0.95, gt=0, le=1)
     faiss_flat_max_ms: float = Field(10.0, gt=0)  # exact search is recommended while one query stays under this
     hnsw_m: int = Field(32, ge=2)
+    hnsw_max_n: int | None = Field(100_000, ge=1)  # larger HNSW builds are extrapolated, not run
     matmul_size: int = Field(2048, ge=64)
     gpu_matmul_size: int = Field(8192, ge=64)
 

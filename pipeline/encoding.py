@@ -59,24 +59,45 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# On the CPU a batch is also capped at this many padded tokens, so its activations stay in cache. Measured
+# on 2,000 PriceRunner titles (MiniLM, bf16, 2 cores, interleaved repeats): 1,055 texts/s against 798 with
+# 256-row batches; budgets of 1024 and 4096 gave 1,006 and 942. `make bench` times it on/off ("levers off").
+CPU_TOKEN_BUDGET = 2048
+
+
+def _batch_bounds(sorted_lengths: Sequence[int], batch_size: int, token_budget: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of each batch over lengths sorted longest first: at most ``batch_size`` rows and,
+    with a budget, at most ``token_budget`` padded tokens (the first row sets the batch's width)."""
+    bounds, start, n = [], 0, len(sorted_lengths)
+    while start < n:
+        rows = batch_size
+        if token_budget:
+            rows = max(1, min(batch_size, token_budget // max(1, sorted_lengths[start])))
+        bounds.append((start, min(n, start + rows)))
+        start += rows
+    return bounds
+
+
 @torch.inference_mode()
 def encode_ids(st_model, ids: Sequence[Sequence[int]], *, batch_size: int = 256,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                progress: str | None = None, normalize: bool = True) -> np.ndarray:
     """Embed pre-tokenised texts; returns float32 (n, dim), rows in the input order.
 
-    Texts are processed longest first so each batch carries little padding.
+    Texts are processed longest first so each batch carries little padding; on the CPU a batch also
+    holds at most ``CPU_TOKEN_BUDGET`` padded tokens.
     """
     device = torch.device(device)
     st_model.eval()
     pad, side = pad_info(st_model)
     order = np.argsort([-len(x) for x in ids], kind="stable")
     out: np.ndarray | None = None
-    starts = range(0, len(ids), batch_size)
-    bar = tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False,
+    bounds = _batch_bounds([len(ids[i]) for i in order], batch_size,
+                           CPU_TOKEN_BUDGET if device.type == "cpu" else None)
+    bar = tqdm(bounds, desc=progress, unit="batch", disable=progress is None, leave=False,
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for start in bar:
-        idx = order[start:start + batch_size]
+    for start, stop in bar:
+        idx = order[start:stop]
         feats = {k: v.to(device) for k, v in collate([ids[i] for i in idx], pad, side).items()}
         with autocast(device, dtype):
             emb = forward(st_model, feats)

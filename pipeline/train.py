@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import distributed, encoding, recovery, tracking
+from pipeline import distributed, encoding, recovery, speed, tracking
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest,
                                 require_manifest, skip_or_refuse, write_json_atomic)
 from pipeline.batching import epoch_batches
@@ -265,6 +265,7 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
     if t.method == "lora":
         apply_lora(st_model, t.lora)
     st_model.to(device)
+    levers = speed.for_training(st_model, device)  # measured by `make bench`; see pipeline/speed.py
     trainable, total = count_parameters(st_model)
     params = [p for p in st_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -352,6 +353,7 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
             "precision": "bf16" if dtype is not None else "fp32",
             "resumed_from_step": start_step,
             "processes": dist.world if dist else 1,
+            "cpu_levers": levers,
         }
         if not main:
             return model_dir

@@ -14,7 +14,8 @@ from tests.conftest import cli
 
 QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2",
          "bench.project_precisions=[auto]", "bench.reference_precisions=[fp32]", "bench.encode_texts=40",
-         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.faiss_sizes=[3000]",
+         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.faiss_sizes=[2000,4000]",
+         "bench.hnsw_max_n=3000",
          "bench.faiss_queries=50", "bench.matmul_size=128", "eval.bootstrap=50"]
 
 
@@ -86,7 +87,10 @@ def test_quick_bench_writes_report_with_sane_fields(project):
     peaks = report["peaks"]["cpu"]
     assert peaks["fp32_gflops"] > 0 and peaks["bf16_gflops"] > 0
     train = {r["name"]: r for r in report["train"]}
-    assert set(train) == {"project lora auto", "reference lora fp32", "project full auto"}
+    assert set(train) == {"project lora auto", "project lora auto levers off", "reference lora fp32",
+                          "project full auto"}
+    assert train["project lora auto"]["cpu_levers"]["fast_dropout_layers"] > 0
+    assert train["project lora auto levers off"]["cpu_levers"] == {}
     for r in train.values():
         assert r["pairs_per_s"] > 0 and len(r["pairs_per_s_runs"]) == 2 and r["real_tokens_per_s"] > 0
         assert 0 <= r["padding_share"] < 1 and r["useful_gflops"] > 0 and r["peak_fraction"] > 0
@@ -96,12 +100,13 @@ def test_quick_bench_writes_report_with_sane_fields(project):
     assert train["project full auto"]["trainable_params"] > 10 * train["project lora auto"]["trainable_params"]
 
     encode = {r["name"]: r for r in report["encode"]}
-    assert set(encode) == {"project auto", "reference fp32"}
+    assert set(encode) == {"project auto", "project auto levers off", "reference fp32"}
     assert all(r["texts_per_s"] > 0 and r["peak_rss_mb"] > 100 for r in encode.values())
     cos = encode["project auto"]["cosine_to_reference"]
     assert cos["min"] > 0.99  # the same model: bf16 may differ slightly, never change the embedding
     assert {"train: project lora auto / reference lora fp32", "encode: project auto / reference fp32",
-            "memory: full fine-tuning / LoRA peak RSS"} <= set(report["ratios"])
+            "memory: full fine-tuning / LoRA peak RSS", "levers: project lora auto on / off",
+            "levers: project auto on / off"} <= set(report["ratios"])
     assert all(v > 0 for v in report["ratios"].values())
     assert report["encode_cost_per_1m"][0]["hours_per_1m"] > 0
 
@@ -115,11 +120,15 @@ def test_quick_bench_writes_report_with_sane_fields(project):
     assert -1 <= lo <= hi <= 1 and isinstance(par["parity"], bool)
     assert par["training"]["project"]["pairs"] == par["training"]["reference"]["pairs"] == 48
 
-    faiss = report["faiss"]["results"][0]
-    assert faiss["n"] == 3000 and {r["index"] for r in faiss["rows"]} == {"flat", "ivf", "hnsw"}
-    assert next(r for r in faiss["rows"] if r["index"] == "flat")["recall_at_k"] == 1.0
-    assert all(0 <= r["recall_at_k"] <= 1 and r["single_query_ms"] > 0 for r in faiss["rows"])
-    assert report["faiss"]["recommendation"][0]["n"] == 3000
+    small, large = report["faiss"]["results"]
+    assert small["n"] == 2000 and {r["index"] for r in small["rows"]} == {"flat", "ivf", "hnsw"}
+    for res in (small, large):
+        assert next(r for r in res["rows"] if r["index"] == "flat")["recall_at_k"] == 1.0
+        assert all(0 <= r["recall_at_k"] <= 1 and r["single_query_ms"] > 0 for r in res["rows"])
+    # above bench.hnsw_max_n the HNSW build is extrapolated, never reported as measured
+    assert {r["index"] for r in large["rows"]} == {"flat", "ivf"} and large["hnsw_skipped"]
+    assert large["hnsw_build_s_extrapolated"] > 0 and large["hnsw_extrapolated_from_n"] == 2000
+    assert [r["n"] for r in report["faiss"]["recommendation"]] == [2000, 4000]
 
     if not torch.cuda.is_available():
         assert "no CUDA" in report["gpu"]["skipped"] and "Skipped" in md
