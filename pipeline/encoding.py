@@ -109,7 +109,7 @@ def encode_ids(st_model, ids: Sequence[Sequence[int]], *, batch_size: int = 256,
             out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
         out[idx] = emb
     if out is None:
-        dim = st_model.get_sentence_embedding_dimension() or 0
+        dim = st_model.get_embedding_dimension() or 0
         return np.zeros((0, dim), dtype=np.float32)
     return out
 

@@ -261,7 +261,7 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
     tok.save_pretrained(str(folder))
     inner_model(st_model).config.save_pretrained(str(folder))
     meta = {"inputs": names, "outputs": ["last_hidden_state", "sentence_embedding"],
-            "max_seq_length": max_seq_length, "embedding_dim": int(st_model.get_sentence_embedding_dimension()),
+            "max_seq_length": max_seq_length, "embedding_dim": int(st_model.get_embedding_dimension()),
             "padding_side": getattr(tok, "padding_side", "right") or "right",
             "truncation_side": getattr(tok, "truncation_side", "right") or "right",
             "pad_token_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),

@@ -147,7 +147,7 @@ def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer,
 
     def embed(text_ids):
         if len(text_ids) == 0:  # a shard with no negatives (or no rows) still takes part in the gather
-            return torch.zeros((0, st_model.get_sentence_embedding_dimension()), device=device)
+            return torch.zeros((0, st_model.get_embedding_dimension()), device=device)
         feats = {k: v.to(device) for k, v in encoding.collate([data.ids[i] for i in text_ids], pad, side).items()}
         return encoding.forward(st_model, feats)
 
@@ -400,7 +400,7 @@ def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> 
             "base_fingerprint": base_fingerprint(resolved), "revision": cfg.model.revision,
             "trust_remote_code": cfg.model.trust_remote_code, "max_seq_length": cfg.train.max_seq_length,
             "lora": None, "trainable_params": 0, "total_params": total,
-            "embedding_dim": st_model.get_sentence_embedding_dimension()}
+            "embedding_dim": st_model.get_embedding_dimension()}
     tags = {"method": "base", "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with tracking.run(cfg, run_name=cfg.resolved_run_name, tags=tags) as tracker:
         tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
