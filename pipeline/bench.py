@@ -210,6 +210,21 @@ def bench_train(cfg: Config, work: Path, pairs_file: Path, peaks: dict, device: 
     return rows, shapes["shape"]
 
 
+def bench_profile(cfg: Config, work: Path, pairs_file: Path, device: str) -> list[dict]:
+    """Where a training step's CPU time goes, for the project path and the vanilla reference (LoRA)."""
+    b = cfg.bench
+    p = b.project_precisions[0]
+    plan = [(f"project lora {p}", "project", p), ("reference lora fp32", "reference", "fp32")]
+    out = []
+    for name, path, precision in plan:
+        spec = {"task": "profile", "pairs_file": str(pairs_file), "warmup": b.warmup_steps, "steps": b.profile_steps,
+                "device": device, "path": path, "method": "lora", "precision": precision,
+                "config": _task_config(cfg, method="lora", precision=precision, device=device)}
+        log.info("bench: profiling, %s ...", name)
+        out.append({"name": name, **run_worker(spec, work / f"{device}-profile-{name.replace(' ', '-')}")})
+    return out
+
+
 def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device: str) -> list[dict]:
     b = cfg.bench
     common = {"task": "encode", "texts_file": str(texts_file), "repeats": b.repeats, "device": device}
@@ -466,6 +481,14 @@ def markdown(report: dict) -> str:
                          f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None)} | "
                          f"{r['peak_rss_mb']:,.0f} | {r.get('trainable_params', 0):,} |")
         lines.append("")
+    for prof in report.get("profile", []):
+        lines += [f"### Profile: {prof['name']}", "",
+                  f"torch.profiler over {prof['steps']} steps (profiling slows them; rates are from the table above): "
+                  f"{prof['self_ms_per_step_total']:,.0f} ms of self CPU time per step, top operators:", "",
+                  "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
+        lines += [f"| `{r['op']}` | {r['self_ms_per_step']:,.1f} | {100 * r['share']:.1f}% | {r['calls_per_step']:g} |"
+                  for r in prof["top"]]
+        lines.append("")
     if report.get("encode"):
         lines += ["## Encoding", "", f"{report['data']['encode_texts']} test-split texts.", "",
                   "| path | batch | texts/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | "
@@ -597,6 +620,8 @@ def run(cfg: Config) -> Path:
         if "train" in b.parts:
             report["train"], shape = bench_train(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
             report["flop_model"]["shape"] = shape
+        if "profile" in b.parts:
+            report["profile"] = bench_profile(cfg, work, pairs_file, "cpu")
         if "encode" in b.parts:
             report["encode"] = bench_encode(cfg, work, texts_file, report["peaks"]["cpu"], "cpu")
             report["encode_cost_per_1m"] = encode_cost(report["encode"])

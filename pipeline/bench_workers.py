@@ -237,8 +237,11 @@ def _trainable(st_model) -> int:
 # Tasks
 
 
-def task_train(spec: dict, out_dir: Path) -> dict:
-    """Timed training windows for one path; returns per-window rates and the process's peak memory."""
+def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None = None) -> dict:
+    """Timed training windows for one path; returns per-window rates and the process's peak memory.
+
+    ``after_step`` is called after every optimiser step (the profile task advances its profiler there).
+    """
     cfg = _config(spec)
     t = cfg.train
     device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
@@ -268,6 +271,8 @@ def task_train(spec: dict, out_dir: Path) -> dict:
             done["items"] += n
             _sync(device)
             stamps.append({"time": time.perf_counter(), "items": done["items"], "counter": counter.snapshot()})
+            if after_step:
+                after_step()
 
         stamps.append({"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()})
         project_loop(st_model, data, t, cfg.seed, device, dtype, total, on_step, replay_after=warmup,
@@ -289,6 +294,8 @@ def task_train(spec: dict, out_dir: Path) -> dict:
                 _sync(device)
                 stamps.append({"time": time.perf_counter(), "items": state.global_step * t.batch_size,
                                 "counter": counter.snapshot()})
+                if after_step:
+                    after_step()
 
         trainer = reference_trainer(st_model, pairs, cfg, precision=spec["precision"], device=device, max_steps=total,
                                     epochs=1, drop_last=True, out_dir=out_dir / "hf-trainer", callbacks=[Stamp()])
@@ -471,7 +478,32 @@ def task_faiss(spec: dict, out_dir: Path) -> dict:
             "threads": faiss.omp_get_max_threads()}
 
 
-TASKS = {"train": task_train, "encode": task_encode, "parity": task_parity, "faiss": task_faiss}
+def task_profile(spec: dict, out_dir: Path) -> dict:
+    """torch.profiler over ``spec["steps"]`` training steps of one path after its warm-up steps.
+
+    Returns the operators with the most self CPU time, per step, so the report can say where a step goes.
+    The profiled steps are slower than unprofiled ones; rates come from the train task, not from here.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    warmup, steps = spec["warmup"], spec["steps"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
+    traces: list = []  # the schedule hands over the recorded window here, when its last step ends
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
+                 on_trace_ready=lambda p: traces.append(p.key_averages())) as prof:
+        task_train({**spec, "repeats": 1}, out_dir, after_step=prof.step)
+    if not traces:
+        raise RuntimeError(f"the profiler recorded no window ({warmup} warm-up + {steps} steps expected)")
+    events = [e for e in traces[-1] if e.self_cpu_time_total > 0]
+    total_us = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    top = [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+            "share": round(e.self_cpu_time_total / total_us, 4), "calls_per_step": round(e.count / steps, 1)}
+           for e in events[:spec.get("top", 12)]]
+    return {"steps": steps, "self_ms_per_step_total": round(total_us / 1000 / steps, 1), "top": top}
+
+
+TASKS = {"train": task_train, "profile": task_profile, "encode": task_encode, "parity": task_parity, "faiss": task_faiss}
 
 
 def main(argv: list[str]) -> int:

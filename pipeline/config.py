@@ -177,12 +177,13 @@ class SweepConfig(Section):
 class BenchConfig(Section):
     """Sizes of ``make bench`` (pipeline/bench.py); tiny values give the quick mode the tests run."""
 
-    parts: list[Literal["train", "encode", "parity", "faiss", "gpu"]] = Field(
-        default_factory=lambda: ["train", "encode", "parity", "faiss", "gpu"])
+    parts: list[Literal["train", "profile", "encode", "parity", "faiss", "gpu"]] = Field(
+        default_factory=lambda: ["train", "profile", "encode", "parity", "faiss", "gpu"])
     train_pairs: int = Field(512, ge=4)  # pairs the timed training steps draw from (same for both paths)
     warmup_steps: int = Field(2, ge=1)
     steps: int | None = Field(None, ge=1)  # timed steps per repeat; default one pass over train_pairs
     repeats: int = Field(3, ge=1)  # the report gives the median
+    profile_steps: int = Field(4, ge=1)  # training steps under torch.profiler per path (part "profile")
     project_precisions: list[Literal["auto", "bf16", "fp32"]] = Field(default_factory=lambda: ["auto"])
     reference_precisions: list[Literal["fp32", "bf16"]] = Field(default_factory=lambda: ["fp32", "bf16"])
     full_finetune: bool = True  # also time full fine-tuning (project path): LoRA vs full peak memory

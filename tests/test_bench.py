@@ -12,7 +12,7 @@ from pipeline.bench import recommend_indexes
 from pipeline.bench_workers import TokenCounter, encoder_shape, flops, window_stats
 from tests.conftest import cli
 
-QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2",
+QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2", "bench.profile_steps=2",
          "bench.project_precisions=[auto]", "bench.reference_precisions=[fp32]", "bench.encode_texts=40",
          "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.faiss_sizes=[2000,4000]",
          "bench.hnsw_max_n=3000",
@@ -98,6 +98,16 @@ def test_quick_bench_writes_report_with_sane_fields(project):
     # the same LoRA on both paths: same number of trainable weights; full trains everything
     assert train["project lora auto"]["trainable_params"] == train["reference lora fp32"]["trainable_params"] > 0
     assert train["project full auto"]["trainable_params"] > 10 * train["project lora auto"]["trainable_params"]
+
+    profiles = {p["name"]: p for p in report["profile"]}
+    assert set(profiles) == {"project lora auto", "reference lora fp32"} and "### Profile: project lora auto" in md
+    for prof in profiles.values():
+        ops = [r["op"] for r in prof["top"]]
+        shares = [r["share"] for r in prof["top"]]
+        assert ops and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+        assert prof["self_ms_per_step_total"] >= sum(r["self_ms_per_step"] for r in prof["top"]) - 0.5
+    # a training step is mostly matrix products: they must show among the top operators
+    assert any("mm" in op for op in (r["op"] for r in profiles["project lora auto"]["top"]))
 
     encode = {r["name"]: r for r in report["encode"]}
     assert set(encode) == {"project auto", "project auto levers off", "reference fp32"}
