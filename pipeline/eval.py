@@ -174,18 +174,55 @@ def lexical_baseline(splits: dict[str, pd.DataFrame], cfg: Config) -> dict:
     return result
 
 
-# Bump when the lexical baseline or a metric definition changes, so cached results are recomputed.
-LEXICAL_VERSION = 2
+# Bump when a baseline, a classifier head or a metric definition changes, so cached scores are recomputed.
+SCORES_VERSION = 2
 
 
 def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
-    key = hashlib.sha256(json.dumps([LEXICAL_VERSION, prep_fp, cfg.eval.model_dump(mode="json"),
+    key = hashlib.sha256(json.dumps([SCORES_VERSION, prep_fp, cfg.eval.model_dump(mode="json"),
                                      cfg.seed]).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "lexical" / f"{key}.json"
     if path.exists():
         return read_json(path)
     result = lexical_baseline(splits, cfg)
     write_json_atomic(path, result)
+    return result
+
+
+def _embeddings_digest(emb_dir: Path, names) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        f = Path(emb_dir) / name
+        h.update(name.encode())
+        h.update(f.read_bytes() if f.exists() else b"-")
+    return h.hexdigest()
+
+
+def cached_base_scores(cfg: Config, emb_dir: Path, splits: dict[str, pd.DataFrame], label_names: list[str]) -> dict:
+    """The untrained model's scores, shared by every run on the same splits and eval settings.
+
+    They depend only on the base embeddings (themselves cached by embed), the splits and the eval
+    settings, yet fitting the classifier heads and bootstrapping take a minute or more per run; a sweep
+    would otherwise repeat that once per child. The key hashes the embedding files themselves, so a
+    rebuilt base cache can never be scored from stale results.
+    """
+    names = [f"{s}.npy" for s in splits] + ["labels.npy"]
+    splits_digest = hashlib.sha256(json.dumps({s: [df["text"].tolist(), df["label"].astype(str).tolist(),
+                                                   df["group"].astype(str).tolist()] for s, df in splits.items()})
+                                   .encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([SCORES_VERSION, _embeddings_digest(emb_dir, names), splits_digest, label_names,
+                                     cfg.eval.model_dump(mode="json"), cfg.seed]).encode()).hexdigest()[:16]
+    path = Path(cfg.paths.cache) / "base-scores" / f"{key}.json"
+    if path.exists():
+        stored = read_json(path)
+        if "_details" in stored:
+            stored["_details"]["y_pred"] = np.asarray(stored["_details"]["y_pred"], dtype=object)
+        return stored
+    result = evaluate_embeddings(emb_dir, splits, cfg, label_names)
+    storable = {**result, "ci": {k: {m: list(v) for m, v in d.items()} for k, d in result["ci"].items()}}
+    if "_details" in result:
+        storable["_details"] = {**result["_details"], "y_pred": [str(x) for x in result["_details"]["y_pred"]]}
+    write_json_atomic(path, storable)
     return result
 
 
@@ -210,7 +247,7 @@ def run(cfg: Config) -> Path:
     train_manifest = require_manifest(layout.model_dir(), "trained model", "run `make train` first")
     info = read_model_info(layout.model_dir())
     check_base_matches(layout.model_dir(), info, cfg.model.base)
-    clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical")
+    clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical", Path(cfg.paths.cache) / "base-scores")
     cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
     if prep.get("kind") == "pairs":
         from pipeline import pairs_dataset
@@ -220,7 +257,7 @@ def run(cfg: Config) -> Path:
     label_names = read_json(layout.processed / "labels.json")
     log.info("eval: scoring %s and the base model on %d test items", cfg.resolved_run_name, len(splits["test"]))
     adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names)
-    base = evaluate_embeddings(Path(emb_manifest["base_dir"]), splits, cfg, label_names)
+    base = cached_base_scores(cfg, Path(emb_manifest["base_dir"]), splits, label_names)
     lexical = cached_lexical(cfg, layout, prep.get("splits_fingerprint", prep["fingerprint"]), splits) if cfg.eval.lexical else None
 
     train_stats = train_manifest.get("train", {})

@@ -112,5 +112,15 @@ def test_full_fine_tuning_and_base_reference(project):
     assert base["model"]["trainable_params"] == 0
     # the base run's adapted metrics are the base model's: same embeddings, same numbers
     assert base["retrieval"] == base["baseline"]["retrieval"]
+    # ...and its baseline block came from the cache the full run filled: scored once, equal when reused
+    assert base["classification"] == base["baseline"]["classification"] == full["baseline"]["classification"]
+    assert base["baseline"] == full["baseline"] and base["classifier"]["head"] == base["classifier"]["base_head"]
+    assert len(list(Path("cache/base-scores").glob("*.json"))) == 1
+    # the cache key hashes the embeddings themselves: changed base embeddings are scored afresh
+    base_dir = Path(json.loads(Path("runs/synthetic-base-s0/embeddings/manifest.json").read_text())["base_dir"])
+    test_npy = base_dir / "test.npy"
+    np.save(test_npy, np.load(test_npy)[:, ::-1].copy())
+    assert cli("eval", *cfg, "train.method=full") == 0
+    assert len(list(Path("cache/base-scores").glob("*.json"))) == 2
     assert full["retrieval"] != full["baseline"]["retrieval"]
     assert (Path("runs/synthetic-full-s0/model") / "model.safetensors").exists()
