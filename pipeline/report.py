@@ -102,7 +102,8 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict]) -> str:
                   f"peak RSS {t.get('peak_rss_mb') or 0:.0f} MB, {t.get('device')}/{t.get('precision')}. "
                   f"Embedding: {m.get('embed', {}).get('texts_per_second') or 0:.0f} texts/s.", ""]
     if per_class:
-        lines += ["## Per class (logistic regression on embeddings, test split)", "",
+        heads = m.get("classifier", {})
+        lines += [f"## Per class (test split; adapted: {heads.get('head')}, base: {heads.get('base_head')})", "",
                   "| class | precision | recall | F1 | base F1 | support |", "|---|---|---|---|---|---|"]
         for r in per_class:
             lines.append(f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
