@@ -10,7 +10,7 @@
 - encoding: the project's corpus encoder against ``SentenceTransformer.encode`` in fp32;
 - quality parity: both training paths on the same pairs, both scored with the project's metric code
   (same-product retrieval recall@1, logistic-regression macro-F1) with paired bootstrap CIs;
-- FAISS: flat / IVF / HNSW build and query latency and recall against flat on random vectors, with an
+- FAISS: flat / IVF / HNSW build and query latency and recall against flat on synthetic vectors, with an
   index recommendation per corpus size, and the encode cost of 1M texts from the measured throughput;
 - GPU (when CUDA is visible): the same training and encoding in bf16, against the GPU's matmul peak.
 
@@ -160,9 +160,13 @@ def summarise(name: str, result: dict, unit: str, peaks: dict, extra: dict) -> d
            "peak_gflops": peak, "peak_fraction": _sig(useful / peak) if peak else None,
            "peak_rss_mb": result["peak_rss_mb"], "peak_gpu_mb": result.get("peak_gpu_mb"),
            "threads": result.get("threads"), "repeats": len(w), "worker_seconds": result.get("worker_seconds")}
-    for key in ("trainable_params", "steps_per_window", "cpu_levers"):
+    for key in ("trainable_params", "total_params", "steps_per_window", "cpu_levers"):
         if key in result:
             row[key] = result[key]
+    if "total_params" in result:
+        # What the method itself keeps in memory, apart from activations and the runtime: fp32 weights, plus a
+        # gradient and two AdamW moments per trainable weight. It is what LoRA saves, and it grows with the model.
+        row["train_state_mb"] = round((4 * result["total_params"] + 12 * result["trainable_params"]) / 2**20, 1)
     return row
 
 
@@ -386,8 +390,9 @@ def bench_faiss(cfg: Config, work: Path) -> dict:
     results = []
     for n in b.faiss_sizes:
         spec = {"task": "faiss", "n": n, "dim": b.faiss_dim, "queries": b.faiss_queries, "k": b.faiss_k,
-                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n}
-        log.info("bench: FAISS on %d random vectors (dim %d) ...", n, b.faiss_dim)
+                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n,
+                "data": b.faiss_data, "cluster_size": b.faiss_cluster_size}
+        log.info("bench: FAISS on %d %s vectors (dim %d) ...", n, b.faiss_data, b.faiss_dim)
         results.append(run_worker(spec, work / f"faiss-{n}"))
     built = [r for r in results if not r.get("hnsw_skipped")]
     for res in results:
@@ -402,8 +407,11 @@ def bench_faiss(cfg: Config, work: Path) -> dict:
     return {"results": results,
             "recommendation": recommend_indexes(results, b.faiss_recall_target, b.faiss_flat_max_ms),
             "recall_target": b.faiss_recall_target, "flat_max_ms": b.faiss_flat_max_ms,
-            "note": "random Gaussian vectors have no cluster structure: IVF/HNSW recall here is a pessimistic bound "
-                    "for real embeddings"}
+            "data": b.faiss_data,
+            "note": (f"synthetic clustered vectors ({b.faiss_cluster_size} items per topic, queries near an item); "
+                     "ANN recall on a real corpus can differ, so check it on your own embeddings"
+                     if b.faiss_data == "clustered" else
+                     "isotropic random vectors have no structure: IVF/HNSW recall here is a worst case")}
 
 
 def encode_cost(rows: list[dict], n: int = 1_000_000) -> list[dict]:
@@ -440,6 +448,9 @@ def ratios(train: list[dict], encode: list[dict]) -> dict:
     full = find(train, "project full auto")
     if lora and full:
         out["memory: full fine-tuning / LoRA peak RSS"] = round(full["peak_rss_mb"] / lora["peak_rss_mb"], 2)
+        if lora.get("train_state_mb") and full.get("train_state_mb"):
+            out["memory: full fine-tuning / LoRA weights+gradients+optimiser"] = round(
+                full["train_state_mb"] / lora["train_state_mb"], 2)
     return out
 
 
@@ -472,14 +483,15 @@ def markdown(report: dict) -> str:
                   f"{report['data']['train_pairs']} {report['dataset']} pairs, batch {t[0]['batch_size']}; each repeat "
                   f"times {t[0]['steps_per_window']} steps (the project path replays the same epoch-0 batches in "
                   f"every repeat) after {report['config']['bench']['warmup_steps']} warm-up steps.", "",
-                  "| path | pairs/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | trainable |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| path | pairs/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | "
+                  "weights+grads+AdamW MB | trainable |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in t:
             runs = "/".join(f"{x:.0f}" for x in r["pairs_per_s_runs"])
             lines.append(f"| {r['name']} | {r['pairs_per_s']:.1f} ({runs}) | {r['real_tokens_per_s']:,.0f} | "
                          f"{100 * r['padding_share']:.0f}% | {r['useful_gflops']:.3g} | "
                          f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None)} | "
-                         f"{r['peak_rss_mb']:,.0f} | {r.get('trainable_params', 0):,} |")
+                         f"{r['peak_rss_mb']:,.0f} | {_fmt(r.get('train_state_mb'))} | {r.get('trainable_params', 0):,} |")
         lines.append("")
     for prof in report.get("profile", []):
         lines += [f"### Profile: {prof['name']}", "",
@@ -533,7 +545,7 @@ def markdown(report: dict) -> str:
                       f"**Parity: {'yes' if par['parity'] else 'NO'}** ({par['rule']}).", ""]
     fa = report.get("faiss")
     if fa:
-        lines += ["## FAISS (random unit vectors)", "",
+        lines += [f"## FAISS ({fa.get('data', 'uniform')} synthetic unit vectors)", "",
                   "| n | index | params | build s | ms/query (batch) | ms (single) | recall@k | memory MB |",
                   "|---|---|---|---|---|---|---|---|"]
         for res in fa["results"]:

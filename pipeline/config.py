@@ -194,6 +194,10 @@ class BenchConfig(Section):
     parity_epochs: float = Field(1.0, gt=0)
     parity_classifier_texts: int = Field(3000, ge=10)  # train (and val) texts the parity classifier uses
     faiss_sizes: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])
+    # clustered: items around topic centres, queries near items (pipeline/bench_workers.synthetic_vectors);
+    # uniform: isotropic Gaussian, the no-structure worst case for IVF/HNSW.
+    faiss_data: Literal["clustered", "uniform"] = "clustered"
+    faiss_cluster_size: int = Field(100, ge=1)
     faiss_dim: int = Field(384, ge=2)
     faiss_queries: int = Field(1000, ge=1)
     faiss_k: int = Field(10, ge=1)

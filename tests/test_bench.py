@@ -75,6 +75,24 @@ def test_index_recommendation_prefers_exact_search_while_it_is_fast():
     assert none_good[0]["index"] == "flat" and "no IVF/HNSW" in none_good[0]["reason"]
 
 
+def test_synthetic_vectors_have_the_structure_they_claim():
+    from pipeline.bench_workers import synthetic_vectors
+
+    rng = np.random.default_rng(0)
+    xb, xq = synthetic_vectors(rng, 5000, 200, 384, "clustered", cluster_size=100, chunk=1500)
+    assert xb.shape == (5000, 384) and xq.shape == (200, 384) and xb.dtype == xq.dtype == np.float32
+    assert np.allclose(np.linalg.norm(xb, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(xq, axis=1), 1, atol=1e-5)
+    sims = xq @ xb.T
+    top = np.sort(sims, axis=1)[:, ::-1]
+    assert 0.85 < np.median(top[:, 0]) < 0.95  # each query sits next to one item
+    assert 0.4 < np.median(top[:, 9]) < 0.7  # ... and among its topic's items
+    assert abs(np.median(sims)) < 0.05  # unrelated items are about orthogonal
+    ub, uq = synthetic_vectors(np.random.default_rng(0), 5000, 200, 384, "uniform")
+    assert np.median(np.sort(uq @ ub.T, axis=1)[:, -1]) < 0.3  # no structure: the nearest is barely near
+    with pytest.raises(ValueError):
+        synthetic_vectors(rng, 10, 2, 4, "lumpy")
+
+
 def test_quick_bench_writes_report_with_sane_fields(project):
     assert cli("prepare", "--config", str(project)) == 0
     assert cli("bench", "--config", str(project), *QUICK) == 0
@@ -95,6 +113,11 @@ def test_quick_bench_writes_report_with_sane_fields(project):
         assert r["pairs_per_s"] > 0 and len(r["pairs_per_s_runs"]) == 2 and r["real_tokens_per_s"] > 0
         assert 0 <= r["padding_share"] < 1 and r["useful_gflops"] > 0 and r["peak_fraction"] > 0
         assert r["executed_gflops"] >= r["useful_gflops"] and r["peak_rss_mb"] > 100
+    # what LoRA saves: weights + gradients + AdamW moments (4 + 12 bytes per trainable weight)
+    lora_row, full_row = train["project lora auto"], train["project full auto"]
+    assert full_row["train_state_mb"] == round(16 * full_row["total_params"] / 2**20, 1)
+    assert lora_row["train_state_mb"] < full_row["train_state_mb"] / 2
+    assert report["ratios"]["memory: full fine-tuning / LoRA weights+gradients+optimiser"] > 2
     # the same LoRA on both paths: same number of trainable weights; full trains everything
     assert train["project lora auto"]["trainable_params"] == train["reference lora fp32"]["trainable_params"] > 0
     assert train["project full auto"]["trainable_params"] > 10 * train["project lora auto"]["trainable_params"]
