@@ -376,7 +376,7 @@ def recommend_indexes(results: list[dict], recall_target: float, flat_max_ms: fl
         else:
             best = max((r for r in rows if r["index"] != "flat"), key=lambda r: r["recall_at_k"], default=flat)
             pick = flat
-            why = (f"no IVF/HNSW setting reached recall {recall_target} on random vectors (best "
+            why = (f"no IVF/HNSW setting reached recall {recall_target} on these vectors (best "
                    f"{best['index']} {best['recall_at_k']:.3f}); keep flat or tune on real embeddings")
         if res.get("hnsw_skipped"):
             why += f"; HNSW was not built at this size ({res['hnsw_skipped']})"

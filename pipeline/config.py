@@ -204,7 +204,7 @@ class BenchConfig(Section):
     faiss_recall_target: float = Field(0.95, gt=0, le=1)
     faiss_flat_max_ms: float = Field(10.0, gt=0)  # exact search is recommended while one query stays under this
     hnsw_m: int = Field(32, ge=2)
-    hnsw_max_n: int | None = Field(100_000, ge=1)  # larger HNSW builds are extrapolated, not run
+    hnsw_max_n: int | None = Field(1_000_000, ge=1)  # larger HNSW builds are extrapolated, not run
     matmul_size: int = Field(2048, ge=64)
     gpu_matmul_size: int = Field(8192, ge=64)
 

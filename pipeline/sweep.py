@@ -450,7 +450,9 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
     full = next((c for c in configs if c["method"] == "full"), None)
     loras = [c for c in configs if c["method"] == "lora"]
     first = rows[0] if rows else {}
-    lines = [f"# Sweep `{s.name}`: LoRA rank × alpha against full fine-tuning", "",
+    varied = [what for what, n in (("rank", len({c.get("r") for c in loras})), ("alpha", len({c.get("alpha") for c in loras})),
+                                   ("target modules", len({c.get("preset") for c in loras}))) if n > 1]
+    lines = [f"# Sweep `{s.name}`: LoRA {' × '.join(varied) or 'configurations'} against full fine-tuning", "",
              f"Dataset **{cfg.data.name}** (prepared data `{meta.get('data_fingerprint')}`), base "
              f"`{cfg.model.base}`; test split {first.get('test_items') or 0:,} items, "
              f"{first.get('retrieval_queries') or 0:,} retrieval queries; {meta.get('pairs') or 0:,} training pairs, "
