@@ -19,7 +19,8 @@ def test_default_config_is_lora_on_qkv():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg.train.method == "lora"
     assert cfg.train.lora.target_modules == ["query", "key", "value"]
-    assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.dropout) == (16, 32, 0.05)
+    # the validation-chosen default (configs/experiments/README.md): r16, rsLoRA, no dropout
+    assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.dropout, cfg.train.lora.use_rslora) == (16, 32, 0.0, True)
     assert cfg.data.name == "pricerunner"
 
 
