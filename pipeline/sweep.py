@@ -250,12 +250,6 @@ def collect_child(child: Config, point: Point, record: dict | None) -> dict:
     trainable, total = int(info.get("trainable_params", 0)), int(info.get("total_params", 0))
     base_params = total - trainable if point.method == "lora" else total
     size, adapted = _weights_on_disk(layout.model_dir())
-    values = {}
-    for block in ("classification", "retrieval"):
-        for k, v in m.get(block, {}).items():
-            ci = m.get("ci", {}).get(block, {}).get(k)
-            if isinstance(v, (int, float)) and ci is not None:
-                values[f"{block}.{k}"] = [float(v), float(ci[0]), float(ci[1])]
     return {
         "run": child.resolved_run_name, "config_id": point.config_id, "method": point.method, "seed": point.seed,
         "r": point.r, "alpha": point.alpha, "preset": point.preset, "target_modules": list(point.modules),
@@ -268,7 +262,7 @@ def collect_child(child: Config, point: Point, record: dict | None) -> dict:
         "pairs_per_second": stats.get("pairs_per_second"), "peak_rss_mb": stats.get("peak_rss_mb"),
         "peak_gpu_mb": stats.get("peak_gpu_mb"), "device": stats.get("device"),
         "child_wall_seconds": (record or {}).get("wall_seconds"),
-        "metrics": values,
+        "metrics": _block_values(m),  # metrics.json's top level has the same shape as its baseline block
         "baseline": _block_values(m.get("baseline", {})),
         "lexical": _block_values(m.get("lexical", {})),
         "test_items": m.get("test_items"), "retrieval_queries": m.get("retrieval_queries"),
