@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench import recommend_indexes
+from pipeline.bench import _parity_blocks, recommend_indexes, seed_item_bootstrap_ci
 from pipeline.bench_workers import TokenCounter, encoder_shape, flops, window_stats
 from tests.conftest import cli
 
 QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2", "bench.profile_steps=2",
          "bench.project_precisions=[auto]", "bench.reference_precisions=[fp32]", "bench.encode_texts=40",
-         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.faiss_sizes=[2000,4000]",
+         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.parity_seeds=[0,1]", "bench.faiss_sizes=[2000,4000]",
          "bench.hnsw_max_n=3000",
          "bench.faiss_queries=50", "bench.matmul_size=128", "eval.bootstrap=50"]
 
@@ -152,6 +152,12 @@ def test_quick_bench_writes_report_with_sane_fields(project):
     lo, hi = par["comparison"]["recall@1_diff_ci"]
     assert -1 <= lo <= hi <= 1 and isinstance(par["parity"], bool)
     assert par["training"]["project"]["pairs"] == par["training"]["reference"]["pairs"] == 48
+    # one training run per parity seed; the verdict is on their mean difference
+    assert par["seeds"] == [0, 1] and [r["seed"] for r in par["runs"]] == [0, 1]
+    per_seed = [r["comparison"]["recall@1_diff"] for r in par["runs"]]
+    assert par["comparison"]["recall@1_diff_per_seed"] == per_seed
+    assert par["comparison"]["recall@1_diff"] == pytest.approx(np.mean(per_seed), abs=1e-4)
+    assert "| seed | project recall@1 |" in md
 
     small, large = report["faiss"]["results"]
     assert small["n"] == 2000 and {r["index"] for r in small["rows"]} == {"flat", "ivf", "hnsw"}
@@ -166,3 +172,38 @@ def test_quick_bench_writes_report_with_sane_fields(project):
     if not torch.cuda.is_available():
         assert "no CUDA" in report["gpu"]["skipped"] and "Skipped" in md
     assert not list(Path("cache").glob("bench-*")), "the bench work folder must be removed"
+
+
+def test_seed_item_bootstrap_carries_the_spread_between_training_seeds():
+    rng = np.random.default_rng(0)
+    items = rng.normal(0, 0.1, 500)
+    # the same per-item noise in every run, shifted by a seed effect: one run's interval is narrow ...
+    one = seed_item_bootstrap_ci(lambda k, idx: items[idx].mean(), 1, 500, 400, 0)
+    assert one[1] - one[0] < 0.05
+    # ... three seeds at -0.3, -0.3 and +0.6 give an interval that covers the seed means' spread
+    offsets = np.array([-0.3, -0.3, 0.6])
+    lo, hi = seed_item_bootstrap_ci(lambda k, idx: offsets[k] + items[idx].mean(), 3, 500, 400, 0)
+    assert lo < -0.25 and hi > 0.25
+    # seeds that agree stay as narrow as one run
+    lo, hi = seed_item_bootstrap_ci(lambda k, idx: 0.2 + items[idx].mean(), 3, 500, 400, 0)
+    assert hi - lo < 0.05 and lo < 0.2 < hi
+
+
+def test_parity_blocks_average_seeds_and_score_macro_f1_like_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    y = np.array(["a", "a", "b", "b", "c", "c"])
+    project = [np.array(["a", "a", "b", "b", "c", "a"]), np.array(["a", "b", "b", "b", "c", "c"])]
+    reference = [np.array(["a", "a", "b", "c", "c", "c"]), np.array(["a", "a", "b", "b", "c", "c"])]
+    hits_p = [np.array([1.0, 1, 0, 1]), np.array([1.0, 0, 0, 1])]
+    hits_r = [np.array([1.0, 0, 0, 1]), np.array([1.0, 1, 1, 1])]
+    scores, comp = _parity_blocks({"project": hits_p, "reference": hits_r}, {"project": project, "reference": reference},
+                                  y, 200, 0)
+    assert scores["project"]["recall@1"] == pytest.approx(0.625)
+    assert comp["recall@1_diff_per_seed"] == [0.25, -0.5] and comp["recall@1_diff"] == pytest.approx(-0.125)
+    expect = [f1_score(y, p, average="macro") - f1_score(y, r, average="macro") for p, r in zip(project, reference)]
+    assert comp["macro_f1_diff_per_seed"] == pytest.approx(expect, abs=1e-5)
+    assert scores["reference"]["macro_f1"] == pytest.approx(np.mean([f1_score(y, r, average="macro")
+                                                                      for r in reference]), abs=1e-5)
+    for block in (comp["recall@1_diff_ci"], comp["macro_f1_diff_ci"], scores["project"]["macro_f1_ci"]):
+        assert block[0] <= block[1]
