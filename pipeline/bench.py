@@ -160,13 +160,16 @@ def summarise(name: str, result: dict, unit: str, peaks: dict, extra: dict) -> d
            "peak_gflops": peak, "peak_fraction": _sig(useful / peak) if peak else None,
            "peak_rss_mb": result["peak_rss_mb"], "peak_gpu_mb": result.get("peak_gpu_mb"),
            "threads": result.get("threads"), "repeats": len(w), "worker_seconds": result.get("worker_seconds")}
-    for key in ("trainable_params", "total_params", "steps_per_window", "cpu_levers"):
+    for key in ("trainable_params", "total_params", "steps_per_window", "cpu_levers", "rss_before_train_mb"):
         if key in result:
             row[key] = result[key]
     if "total_params" in result:
         # What the method itself keeps in memory, apart from activations and the runtime: fp32 weights, plus a
         # gradient and two AdamW moments per trainable weight. It is what LoRA saves, and it grows with the model.
         row["train_state_mb"] = round((4 * result["total_params"] + 12 * result["trainable_params"]) / 2**20, 1)
+    if result.get("rss_before_train_mb") is not None:
+        # Model, data and runtime are loaded by then: the rest of the peak is what the training steps add.
+        row["train_added_rss_mb"] = round(result["peak_rss_mb"] - result["rss_before_train_mb"], 1)
     return row
 
 
@@ -212,6 +215,64 @@ def bench_train(cfg: Config, work: Path, pairs_file: Path, peaks: dict, device: 
         rows.append(row)
         shapes.setdefault("shape", result["shape"])
     return rows, shapes["shape"]
+
+
+# Layer shapes of common encoders. Peak memory depends on shapes, not on the weights' values, so random
+# weights built here measure it without a download.
+ENCODER_SHAPES = {
+    "bert-tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
+    "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+}
+
+
+def random_encoder(shape: str, tokenizer_from: str, folder: Path) -> Path:
+    """A sentence-transformers folder (BERT of ``shape`` with random weights, mean pooling, normalised) that
+    uses the tokenizer of ``tokenizer_from``; returns the folder."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.model import resolve_base
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(tokenizer_from))
+    torch.manual_seed(0)
+    hf_dir, st_dir = folder / "hf", folder / "st"
+    BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=512, **ENCODER_SHAPES[shape])).save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    transformer = models.Transformer(str(hf_dir))
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(st_dir))
+    return st_dir
+
+
+def bench_memory(cfg: Config, work: Path, pairs_file: Path, peaks: dict, device: str) -> list[dict]:
+    """Peak memory of the project's LoRA and full fine-tuning steps on larger encoder shapes.
+
+    At MiniLM's 22M weights the activations and the runtime dominate peak memory, so LoRA's saving
+    (no gradients or AdamW moments for frozen weights, 16 bytes per weight) is small there; this shows
+    how it grows with the model. Same pairs, batch, LoRA settings and precision as the training part.
+    """
+    b = cfg.bench
+    rows = []
+    for shape in b.memory_shapes:
+        log.info("bench: memory, building a %s-shaped encoder with random weights ...", shape)
+        model_dir = random_encoder(shape, cfg.model.base, work / f"random-{shape}")
+        for method in ("lora", "full"):
+            name = f"{shape} {method}"
+            config = _task_config(cfg, method=method, precision="auto", device=device)
+            config["model"]["base"] = str(model_dir)
+            spec = {"task": "train", "pairs_file": str(pairs_file), "warmup": 1, "steps": b.memory_steps,
+                    "repeats": 1, "device": device, "path": "project", "method": method, "precision": "auto",
+                    "config": config}
+            log.info("bench: memory, training %s for %d steps ...", name, b.memory_steps + 1)
+            result = run_worker(spec, work / f"{device}-memory-{name.replace(' ', '-')}")
+            row = summarise(name, result, "pairs", peaks, {"path": "project", "method": method, "shape": shape,
+                                                           "batch_size": cfg.train.batch_size})
+            log.info("bench:   peak RSS %.0f MB, %.0f MB added by training", row["peak_rss_mb"],
+                     row.get("train_added_rss_mb") or float("nan"))
+            rows.append(row)
+    return rows
 
 
 def bench_profile(cfg: Config, work: Path, pairs_file: Path, device: str) -> list[dict]:
@@ -530,6 +591,32 @@ def ratios(train: list[dict], encode: list[dict]) -> dict:
     return out
 
 
+def memory_ratios(train: list[dict], memory: list[dict]) -> dict:
+    """full fine-tuning / LoRA for peak RSS and for what training adds to it, per encoder shape."""
+    out = {}
+    minilm = [r for r in train if r["path"] == "project" and not r["name"].endswith(" levers off")
+              and r["precision"] == next((x["precision"] for x in train if x["name"] == "project full auto"), None)]
+    groups: dict[str, list[dict]] = {}
+    for r in memory:
+        groups.setdefault(r["shape"], []).append(r)
+    for shape, rows in groups.items():
+        lora = next((r for r in rows if r["method"] == "lora"), None)
+        full = next((r for r in rows if r["method"] == "full"), None)
+        if not (lora and full):
+            continue
+        out[f"memory at {shape}: full fine-tuning / LoRA peak RSS"] = round(full["peak_rss_mb"] / lora["peak_rss_mb"], 2)
+        if lora.get("train_added_rss_mb") and full.get("train_added_rss_mb"):
+            out[f"memory at {shape}: full fine-tuning / LoRA RSS added by training"] = round(
+                full["train_added_rss_mb"] / lora["train_added_rss_mb"], 2)
+    # The default model's peak-RSS ratio is in ratios(); what its training steps add is new here.
+    lora = next((r for r in minilm if r["method"] == "lora"), None)
+    full = next((r for r in minilm if r["method"] == "full"), None)
+    if lora and full and lora.get("train_added_rss_mb") and full.get("train_added_rss_mb"):
+        out["memory: full fine-tuning / LoRA RSS added by training"] = round(
+            full["train_added_rss_mb"] / lora["train_added_rss_mb"], 2)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -596,6 +683,21 @@ def markdown(report: dict) -> str:
         lines += ["Encode cost of 1M texts at the measured rate: " + "; ".join(
             f"{c['name']} {c['hours_per_1m']} h" for c in report["encode_cost_per_1m"]) +
             f" (about {report['encode_cost_per_1m'][0]['real_tokens_per_text']} real tokens per text).", ""]
+    mem_rows = [r for r in report.get("train", []) if r["path"] == "project" and "rss_before_train_mb" in r
+                and not r["name"].endswith(" levers off")] + report.get("memory", [])
+    if report.get("memory"):
+        lines += ["## Memory: LoRA vs full fine-tuning by model size", "",
+                  f"Project path, same pairs and batch; the larger shapes are built with random weights "
+                  f"({report['config']['bench']['memory_steps']} steps after one warm-up). \"Before training\" is "
+                  "the resident memory with model, data and runtime loaded; the rest of the peak is what the steps "
+                  "add (activations, gradients, AdamW moments).", "",
+                  "| run | weights | trainable | weights+grads+AdamW MB | RSS before training MB | peak RSS MB | "
+                  "added by training MB |", "|---|---|---|---|---|---|---|"]
+        for r in mem_rows:
+            lines.append(f"| {r['name']} | {r.get('total_params', 0):,} | {r.get('trainable_params', 0):,} | "
+                         f"{_fmt(r.get('train_state_mb'))} | {_fmt(r.get('rss_before_train_mb'))} | "
+                         f"{r['peak_rss_mb']:,.0f} | {_fmt(r.get('train_added_rss_mb'))} |")
+        lines.append("")
     par = report.get("parity")
     if par:
         seeds = par.get("seeds", [])
@@ -718,6 +820,9 @@ def run(cfg: Config) -> Path:
             report["encode"] = bench_encode(cfg, work, texts_file, report["peaks"]["cpu"], "cpu")
             report["encode_cost_per_1m"] = encode_cost(report["encode"])
         report["ratios"] = ratios(report.get("train", []), report.get("encode", []))
+        if "memory" in b.parts and b.memory_shapes:
+            report["memory"] = bench_memory(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
+        report["ratios"].update(memory_ratios(report.get("train", []), report.get("memory", [])))
         if "parity" in b.parts and b.parity_pairs > 0:
             report["parity"] = bench_parity(cfg, work, layout)
         if "faiss" in b.parts and b.faiss_sizes:

@@ -36,6 +36,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def current_rss_mb() -> float | None:
+    """Resident memory now (Linux /proc); None where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FLOP accounting
 
@@ -274,6 +285,7 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
             if after_step:
                 after_step()
 
+        rss_before = current_rss_mb()
         stamps.append({"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()})
         project_loop(st_model, data, t, cfg.seed, device, dtype, total, on_step, replay_after=warmup,
                      replay_window=steps)
@@ -299,11 +311,13 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
 
         trainer = reference_trainer(st_model, pairs, cfg, precision=spec["precision"], device=device, max_steps=total,
                                     epochs=1, drop_last=True, out_dir=out_dir / "hf-trainer", callbacks=[Stamp()])
+        rss_before = current_rss_mb()
         trainer.train()
     if len(stamps) != total + 1:
         raise RuntimeError(f"expected {total} timed steps, saw {len(stamps) - 1}")
     windows = window_stats(stamps, warmup, steps, repeats, shape, t.method, "pairs")
     return {"windows": windows, "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
+            "rss_before_train_mb": round(rss_before, 1) if rss_before is not None else None,
             "trainable_params": _trainable(st_model), "total_params": sum(p.numel() for p in st_model.parameters()), "shape": shape, "device": device.type,
             "precision": "bf16" if dtype is not None or spec["precision"] == "bf16" else "fp32",
             "threads": torch.get_num_threads(), "cpu_levers": levers, "steps_per_window": steps}

@@ -177,8 +177,8 @@ class SweepConfig(Section):
 class BenchConfig(Section):
     """Sizes of ``make bench`` (pipeline/bench.py); tiny values give the quick mode the tests run."""
 
-    parts: list[Literal["train", "profile", "encode", "parity", "faiss", "gpu"]] = Field(
-        default_factory=lambda: ["train", "profile", "encode", "parity", "faiss", "gpu"])
+    parts: list[Literal["train", "profile", "encode", "parity", "memory", "faiss", "gpu"]] = Field(
+        default_factory=lambda: ["train", "profile", "encode", "parity", "memory", "faiss", "gpu"])
     train_pairs: int = Field(512, ge=4)  # pairs the timed training steps draw from (same for both paths)
     warmup_steps: int = Field(2, ge=1)
     steps: int | None = Field(None, ge=1)  # timed steps per repeat; default one pass over train_pairs
@@ -188,6 +188,10 @@ class BenchConfig(Section):
     reference_precisions: list[Literal["fp32", "bf16"]] = Field(default_factory=lambda: ["fp32", "bf16"])
     full_finetune: bool = True  # also time full fine-tuning (project path): LoRA vs full peak memory
     lever_ablation: bool = True  # also time the project path with pipeline/speed.py's levers off
+    # Part "memory": LoRA vs full fine-tuning peak memory on larger encoder shapes built with random weights
+    # (memory does not depend on the weights' values), where the optimiser state outweighs the activations.
+    memory_shapes: list[Literal["bert-tiny", "bert-base", "bert-large"]] = Field(default_factory=lambda: ["bert-base"])
+    memory_steps: int = Field(3, ge=1)  # timed steps per shape and method, after one warm-up step
     encode_texts: int = Field(1500, ge=1)
     reference_encode_batch_size: int = Field(32, ge=1)  # SentenceTransformer.encode's default
     parity_pairs: int = Field(2000, ge=0)  # 0 skips the quality-parity training

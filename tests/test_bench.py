@@ -14,7 +14,8 @@ from tests.conftest import cli
 
 QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2", "bench.profile_steps=2",
          "bench.project_precisions=[auto]", "bench.reference_precisions=[fp32]", "bench.encode_texts=40",
-         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.parity_seeds=[0,1]", "bench.faiss_sizes=[2000,4000]",
+         "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.parity_seeds=[0,1]",
+         "bench.memory_shapes=[bert-tiny]", "bench.memory_steps=1", "bench.faiss_sizes=[2000,4000]",
          "bench.hnsw_max_n=3000",
          "bench.faiss_queries=50", "bench.matmul_size=128", "eval.bootstrap=50"]
 
@@ -142,6 +143,16 @@ def test_quick_bench_writes_report_with_sane_fields(project):
             "levers: project auto on / off"} <= set(report["ratios"])
     assert all(v > 0 for v in report["ratios"].values())
     assert report["encode_cost_per_1m"][0]["hours_per_1m"] > 0
+
+    # memory by model size: LoRA and full fine-tuning on a shape built with random weights
+    mem = {r["name"]: r for r in report["memory"]}
+    assert set(mem) == {"bert-tiny lora", "bert-tiny full"} and "## Memory: LoRA vs full" in md
+    assert mem["bert-tiny full"]["trainable_params"] == mem["bert-tiny full"]["total_params"]
+    assert 0 < mem["bert-tiny lora"]["trainable_params"] < mem["bert-tiny full"]["total_params"] / 10
+    for r in list(mem.values()) + [lora_row, full_row]:
+        assert 0 < r["rss_before_train_mb"] <= r["peak_rss_mb"]
+        assert r["train_added_rss_mb"] == pytest.approx(r["peak_rss_mb"] - r["rss_before_train_mb"], abs=0.11)
+    assert "memory at bert-tiny: full fine-tuning / LoRA peak RSS" in report["ratios"]
 
     par = report["parity"]
     assert set(par["scores"]) == {"project", "reference", "base"}
