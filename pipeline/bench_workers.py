@@ -190,10 +190,9 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
     from transformers import get_linear_schedule_with_warmup
 
     from pipeline.batching import epoch_batches
-    from pipeline.train import training_step
+    from pipeline.train import make_optimizer, training_step
 
-    params = [p for p in st_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(st_model, t)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
     steps_per_epoch = len(epoch_batches(data.lengths, t.batch_size, seed, 0, t.length_grouping))
     cache: dict[int, list] = {}

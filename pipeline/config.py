@@ -93,6 +93,8 @@ class LoraSettings(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"])
     use_rslora: bool = False
     use_dora: bool = False
+    # LoRA+: lora_B learns this many times faster than lora_A (peft.optimizers.create_loraplus_optimizer).
+    loraplus_lr_ratio: float | None = Field(None, ge=1)
 
 
 class TrainConfig(Section):

@@ -91,6 +91,18 @@ def _codes(series) -> np.ndarray:
     return np.array([uniques[v] if v else -1 for v in values])
 
 
+def make_optimizer(st_model, t) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; with ``train.lora.loraplus_lr_ratio``, PEFT's LoRA+ groups
+    (lora_B at ratio x train.lr, lora_A at train.lr)."""
+    if t.method == "lora" and t.lora.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(st_model, torch.optim.AdamW, lr=t.lr,
+                                         loraplus_lr_ratio=t.lora.loraplus_lr_ratio, weight_decay=t.weight_decay)
+    return torch.optim.AdamW([p for p in st_model.parameters() if p.requires_grad], lr=t.lr,
+                             weight_decay=t.weight_decay)
+
+
 def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, state: dict) -> None:
     """Trainable weights as safetensors; optimizer/scheduler/RNG as tensors loaded with weights_only."""
     from safetensors.torch import save_file
@@ -268,7 +280,7 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
     levers = speed.for_training(st_model, device)  # measured by `make bench`; see pipeline/speed.py
     trainable, total = count_parameters(st_model)
     params = [p for p in st_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(st_model, t)
     steps_per_epoch = len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0, t.length_grouping))
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     from transformers import get_linear_schedule_with_warmup
