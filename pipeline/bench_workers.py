@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,21 +29,7 @@ import numpy as np
 import torch
 
 from pipeline import speed
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def current_rss_mb() -> float | None:
-    """Resident memory now (Linux /proc); None where it cannot be read."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
+from pipeline.memory import current_rss_mb, peak_rss_mb
 
 
 # ---------------------------------------------------------------------------------------------------------------

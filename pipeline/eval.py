@@ -279,6 +279,7 @@ def run(cfg: Config) -> Path:
                     if lexical else {"classification": {}, "retrieval": {}}),
         "train": {"seconds": train_stats.get("seconds", 0.0), "pairs_per_second": train_stats.get("pairs_per_second"),
                   "peak_rss_mb": train_stats.get("peak_rss_mb"),
+                  "rss_before_train_mb": train_stats.get("rss_before_train_mb"),
                   "real_tokens_per_second": train_stats.get("real_tokens_per_second"),
                   "steps": train_stats.get("steps"), "device": train_stats.get("device"),
                   "precision": train_stats.get("precision")},

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import pickle
-import resource
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_
 from pipeline.batching import epoch_batches
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
+from pipeline.memory import current_rss_mb, peak_rss_mb
 from pipeline.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 from pipeline.model import (apply_lora, base_fingerprint, count_parameters, inner_model, load_encoder, lora_b_norm,
                             pick_device, pick_dtype, resolve_base, write_model_info)
@@ -49,11 +49,6 @@ def fingerprint(cfg: Config, data_fingerprint: str) -> str:
     payload = json.dumps({"model": cfg.model.model_dump(mode="json"), "train": train, "seed": cfg.seed,
                           "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class PairTensors:
@@ -311,6 +306,7 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
                                 "n_pairs": len(data), "device": device.type,
                                 "precision": "bf16" if dtype is not None else "fp32"})
         st_model.train()
+        rss_before = current_rss_mb()
         epoch_cache: dict[int, list[np.ndarray]] = {}
         started = time.perf_counter()
         losses: list[float] = []
@@ -357,6 +353,8 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
             "pairs_per_second": round(pairs_done / run_seconds, 2) if run_seconds > 0 else None,
             "real_tokens_per_second": round(tokens_done / run_seconds, 1) if run_seconds > 0 else None,
             "peak_rss_mb": round(peak_rss_mb(), 1),
+            # model, data and runtime loaded; the rest of the peak is what the training steps add
+            "rss_before_train_mb": round(rss_before, 1) if rss_before is not None else None,
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
             "final_loss": round(float(np.mean(losses[-20:])), 5) if losses else None,
             "lora_b_abs_sum": moved,

@@ -69,6 +69,7 @@ def test_all_stages_write_exactly_their_artefacts(project):
     lo, hi = m["ci"]["retrieval"]["recall@1"]
     assert lo <= m["retrieval"]["recall@1"] <= hi
     assert {"seconds", "pairs_per_second", "peak_rss_mb"} <= set(m["train"])
+    assert 0 < m["train"]["rss_before_train_mb"] <= m["train"]["peak_rss_mb"]
     assert "| base (untrained) |" in (report / "report.md").read_text()
 
     # MLflow holds the run with params, per-step loss and eval metrics
