@@ -21,6 +21,7 @@ def test_default_config_is_lora_on_qkv():
     assert cfg.train.lora.target_modules == ["query", "key", "value"]
     # the validation-chosen default (configs/experiments/README.md): r16, rsLoRA, no dropout
     assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.dropout, cfg.train.lora.use_rslora) == (16, 32, 0.0, True)
+    assert cfg.train.epochs == 3
     assert cfg.data.name == "pricerunner"
 
 
