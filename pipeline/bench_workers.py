@@ -211,8 +211,14 @@ def reference_trainer(st_model, pairs, cfg, *, precision: str, device, max_steps
         save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=drop_last,
         seed=cfg.seed)
     loss = MultipleNegativesRankingLoss(st_model, scale=t.scale)
+    optimizers = (None, None)
+    if t.method == "lora" and t.lora.loraplus_lr_ratio:
+        # Same optimiser groups as the project path; the trainer builds its schedule around them.
+        from pipeline.train import make_optimizer
+
+        optimizers = (make_optimizer(st_model, t), None)
     return SentenceTransformerTrainer(model=st_model, args=args, train_dataset=dataset, loss=loss,
-                                      callbacks=list(callbacks))
+                                      callbacks=list(callbacks), optimizers=optimizers)
 
 
 def add_reference_lora(st_model, lora) -> None:

@@ -30,8 +30,8 @@ from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_
 from pipeline.batching import epoch_batches
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
-from pipeline.memory import current_rss_mb, peak_rss_mb
 from pipeline.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
+from pipeline.memory import current_rss_mb, peak_rss_mb
 from pipeline.model import (apply_lora, base_fingerprint, count_parameters, inner_model, load_encoder, lora_b_norm,
                             pick_device, pick_dtype, resolve_base, write_model_info)
 from pipeline.prepare import load_pairs

@@ -218,3 +218,23 @@ def test_parity_blocks_average_seeds_and_score_macro_f1_like_scikit_learn():
                                                                       for r in reference]), abs=1e-5)
     for block in (comp["recall@1_diff_ci"], comp["macro_f1_diff_ci"], scores["project"]["macro_f1_ci"]):
         assert block[0] <= block[1]
+
+
+def test_reference_trainer_uses_the_same_loraplus_groups_as_the_project(tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    from pipeline.bench_workers import add_reference_lora, reference_trainer
+    from pipeline.config import Config
+    from pipeline.model import load_encoder
+
+    pairs = pd.DataFrame({"anchor": [f"title {i}" for i in range(8)], "positive": [f"other {i}" for i in range(8)]})
+    for ratio, expected in ((None, [1e-3]), (8, [1e-3, 8e-3])):
+        cfg = Config.model_validate({"train": {"method": "lora", "lr": 1e-3, "batch_size": 4,
+                                               "lora": {"r": 2, "alpha": 4, "loraplus_lr_ratio": ratio}}})
+        st = load_encoder(str(tiny_model_dir))
+        add_reference_lora(st, cfg.train.lora)
+        trainer = reference_trainer(st, pairs, cfg, precision="fp32", device=torch.device("cpu"), max_steps=1,
+                                    epochs=1, drop_last=True, out_dir=tmp_path / f"r{ratio}")
+        trainer.train()
+        lrs = sorted({g["initial_lr"] for g in trainer.optimizer.param_groups if g["params"]})
+        assert lrs == pytest.approx(expected)
