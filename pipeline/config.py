@@ -76,11 +76,21 @@ class HardNegativesConfig(Section):
 
 
 class PairsConfig(Section):
-    """Which contrastive pairs prepare builds from the train split."""
+    """Which contrastive pairs prepare builds from the train split.
 
-    product_pairs_per_group: int = 3  # (title, other title of the same group) pairs per group, at most
-    label_pairs: float = 1.0  # fraction of train texts that get a (text, label name) pair
-    same_label_pairs: float = 0.0  # fraction of train texts paired with a random same-label text
+    ``objective`` decides which kinds of pair the corpus gets (pipeline/objectives.py): ``group`` (two texts
+    of one entity, plus text -> label name), ``label`` (two texts of one label, plus text -> label name;
+    for labelled corpora without entity ids) or ``pairs`` (the given query -> positive rows). ``auto``
+    picks from the data's shape; an explicit value wins. The defaults below were chosen on validation
+    splits (configs/experiments/README.md).
+    """
+
+    objective: Literal["auto", "group", "label", "pairs"] = "auto"
+    product_pairs_per_group: int = 10  # (text, other text of the same group) pairs per group, at most
+    label_pairs: float = 0.5  # fraction of train texts that get a (text, label name) pair
+    # fraction of train texts paired with a random same-label text; None: 0 for the group objective, 1 for
+    # the label objective (pipeline/objectives.py)
+    same_label_pairs: float | None = None
     max_pairs: int | None = None
     label_template: str = "{label}"
     hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
@@ -89,26 +99,38 @@ class PairsConfig(Section):
 class LoraSettings(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # 0.0: equal on validation, lighter and faster (configs/experiments/)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"])
-    use_rslora: bool = False
+    use_rslora: bool = True  # alpha/sqrt(r) scaling: higher validation recall@1 (configs/experiments/README.md)
     use_dora: bool = False
     # LoRA+: lora_B learns this many times faster than lora_A (peft.optimizers.create_loraplus_optimizer).
     loraplus_lr_ratio: float | None = Field(None, ge=1)
 
 
+class ValidationConfig(Section):
+    """Scoring the validation split while training (pipeline/validation.py): the model the run keeps is
+    the best one seen, and training stops after ``patience`` evaluations without improvement."""
+
+    enabled: bool = True
+    every_steps: int | None = Field(None, ge=1)  # None: at the end of every epoch
+    patience: int = Field(2, ge=1)  # evaluations without improvement before training stops
+    min_delta: float = Field(0.0, ge=0)  # an improvement smaller than this does not count
+    max_texts: int = Field(5000, ge=10)  # cap on the texts one evaluation embeds (a seeded sample)
+
+
 class TrainConfig(Section):
     method: Literal["lora", "full", "base"] = "lora"  # base: no training, the reference row
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(3.0, gt=0)  # the most; validation may stop earlier (train.validation)
     max_steps: int | None = None
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(5e-4, gt=0)  # LoRA's rate; full fine-tuning wants about a tenth (configs/full.yaml)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = 0.0
     scale: float = Field(20.0, gt=0)  # inverse temperature of the in-batch softmax
     symmetric: bool = False  # also score positive -> anchors
-    mask_same_label: bool = False  # do not push two same-category texts apart in a batch
+    # do not push two same-label texts apart in a batch; None: decided by the objective (on for label)
+    mask_same_label: bool | None = None
     length_grouping: bool = True  # batches of similar length: less padding, same negatives quality
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -116,6 +138,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1)  # steps
     num_threads: int | None = None
     grad_clip: float = 1.0
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
 
 class EvalConfig(Section):

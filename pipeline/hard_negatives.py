@@ -66,12 +66,13 @@ def choose(scores: np.ndarray, ok: np.ndarray, positive_score: float, *, range_m
 
 
 def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
-         label_names: list[str] | None = None) -> tuple[pd.DataFrame, dict]:
+         label_names: list[str] | None = None, *, mask_same_label: bool | None = None) -> tuple[pd.DataFrame, dict]:
     """Add ``negative``, ``negative_group``, ``negative_label``, ``negative_kind`` columns to ``pairs``.
 
     pairs: anchor, positive, kind, group, label (one row per training pair).
     pool: text, group, label -- the texts a negative may be drawn from; only training data belongs here.
     label_names: the category names (label pairs draw their negative among their templated forms).
+    mask_same_label: the objective's resolved mask (pipeline/objectives.py); None: train.mask_same_label.
     Pairs for which no candidate passes the guard, window and margin get no negative (null).
     """
     hn = cfg.pairs.hard_negatives
@@ -102,7 +103,7 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
         largest_group = int(pool.groupby("group").size().max())
         depth = min(len(pool), hn.range_max + largest_group + 16)
         scores, ids = search(emb[pool_rows], emb[a_rows[text_pairs]], depth)
-        label_guard = cfg.train.mask_same_label
+        label_guard = cfg.train.mask_same_label if mask_same_label is None else mask_same_label
         for qi, i in enumerate(text_pairs):
             hit = ids[qi]
             ok = (hit >= 0) & (pool_group[hit] != groups[i])

@@ -49,6 +49,7 @@ from pipeline.sources import _read_csv, ensure_raw
 
 log = logging.getLogger(__name__)
 TEXT_FILES = ["queries.jsonl", "gallery.jsonl"]
+VAL_QUERIES = "val_queries.jsonl"  # queries of the val split: read by training to choose its checkpoint
 CLASSIFICATION_NOTE = ("no classification metrics: this is a pair dataset (query -> matching record) without a "
                        "shared label space; the shop categories are noisy and differ between the two shops "
                        "(only 41 of 962 matches share a category string), so no classifier is scored rather "
@@ -227,12 +228,25 @@ def split_corpus(corpus: PairCorpus) -> dict:
     counts["train_pairs"] = int(len(pairs))
     counts["train_groups"] = int(pairs["group"].nunique())
 
+    val_queries = _val_queries(m, q_text, held_q, set(train["query_id"]))
+    counts["val_queries"] = int(len(val_queries))
     pool = corpus.gallery[~corpus.gallery["id"].isin(held_i) & ~corpus.gallery["text"].isin(held_i_text)]
     pool = pd.DataFrame({"text": pool["text"].to_numpy(),
                          "group": ["g:" + uf.find(f"b:{i}") if f"b:{i}" in uf.parent else f"b:{i}"
                                    for i in pool["id"]],
                          "label": None})
-    return {"queries": queries, "pairs": pairs, "pool": pool, "counts": counts}
+    return {"queries": queries, "val_queries": val_queries, "pairs": pairs, "pool": pool, "counts": counts}
+
+
+def _val_queries(m: pd.DataFrame, q_text: dict, test_q: set, train_q: set) -> pd.DataFrame:
+    """Validation queries for choosing a checkpoint: queries with a labelled match in the val split that
+    are neither test queries nor anchors of a training pair (so the score is not recall of seen pairs);
+    relevant items are all their labelled matches, as for the test queries."""
+    val_q = sorted(set(m.loc[m["split"] == "val", "query_id"]) - test_q - train_q, key=_id_order)
+    relevant = m[m["query_id"].isin(set(val_q))].groupby("query_id")["item_id"].apply(
+        lambda s: sorted(set(s), key=_id_order)).to_dict()
+    return pd.DataFrame({"id": val_q, "text": [q_text[q] for q in val_q], "relevant": [relevant[q] for q in val_q]},
+                        columns=["id", "text", "relevant"])
 
 
 def _attach_given_negatives(pairs, train, negatives, uf, g_text, held_i, held_i_text) -> pd.DataFrame:
@@ -297,12 +311,15 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         "pairs": {"total": int(len(pairs)), "pair": int(len(pairs)),
                   "with_negative": int(pairs["negative"].notna().sum()) if "negative" in pairs else 0},
         "labels": [],
+        "objective": {"name": "pairs", "reason": "the corpus is query -> positive pairs", "same_label_pairs": 0.0,
+                      "mask_same_label": bool(cfg.train.mask_same_label)},
         "retrieval_protocol": "query: a Walmart record with a labelled match in test.csv; gallery: every Amazon "
                               "record; relevant: all the query's labelled matches (any split)",
         **({"hard_negatives": hn_stats} if hn_stats else {}),
     }
     with atomic_dir(out) as tmp:
         parts["queries"].to_json(tmp / "queries.jsonl", orient="records", lines=True, force_ascii=False)
+        parts["val_queries"].to_json(tmp / VAL_QUERIES, orient="records", lines=True, force_ascii=False)
         corpus.gallery.to_json(tmp / "gallery.jsonl", orient="records", lines=True, force_ascii=False)
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
         summary["texts_fingerprint"] = texts_fingerprint(tmp, TEXT_FILES)

@@ -23,6 +23,7 @@ from pipeline.artifacts import (Layout, atomic_dir, clean_stale, is_up_to_date, 
                                 write_json_atomic, MANIFEST)
 from pipeline.config import Config
 from pipeline.errors import DataError
+from pipeline.objectives import Objective, resolve as resolve_objective
 from pipeline.sources import load_records
 
 log = logging.getLogger(__name__)
@@ -115,29 +116,17 @@ def remove_cross_split_texts(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
     return df[~leak.to_numpy()].reset_index(drop=True), counts
 
 
-def build_pairs(train: pd.DataFrame, cfg: Config, seed: int) -> pd.DataFrame:
-    """Contrastive pairs from the train split only.
+def build_pairs(train: pd.DataFrame, cfg: Config, seed: int, objective: Objective) -> pd.DataFrame:
+    """Contrastive pairs from the train split only, of the kinds ``objective`` uses.
 
-    kinds: ``group`` (two different texts of one group), ``label`` (text -> label name),
-    ``same_label`` (two texts of one label from different groups).
+    kinds: ``group`` (two different texts of one group; group objective), ``label`` (text -> label name),
+    ``same_label`` (two different texts of one label, from different groups).
     """
     p = cfg.pairs
     rng = np.random.default_rng(seed + 1)
     rows: list[dict] = []
-    has_groups = not train["group"].str.startswith("t:").all()
-    if has_groups and p.product_pairs_per_group > 0:
-        for group, members in train.groupby("group", sort=True):
-            texts = list(dict.fromkeys(members["text"]))
-            if len(texts) < 2:
-                continue
-            label = members["label"].iloc[0]
-            combos = [(a, b) for i, a in enumerate(texts) for b in texts[i + 1:]]
-            take = rng.permutation(len(combos))[: p.product_pairs_per_group]
-            for k in take:
-                a, b = combos[k]
-                if rng.random() < 0.5:
-                    a, b = b, a
-                rows.append({"anchor": a, "positive": b, "kind": "group", "group": group, "label": label})
+    if objective.name == "group" and p.product_pairs_per_group > 0:
+        rows += _group_pairs(train, p.product_pairs_per_group, rng)
     labelled = train[train["label"].notna()]
     if p.label_pairs > 0 and len(labelled):
         n = int(round(p.label_pairs * len(labelled)))
@@ -145,25 +134,51 @@ def build_pairs(train: pd.DataFrame, cfg: Config, seed: int) -> pd.DataFrame:
             r = labelled.iloc[i]
             rows.append({"anchor": r["text"], "positive": p.label_template.format(label=r["label"]),
                          "kind": "label", "group": r["group"], "label": r["label"]})
-    if p.same_label_pairs > 0 and len(labelled):
-        by_label = {k: v.reset_index(drop=True) for k, v in labelled.groupby("label")}
-        n = int(round(p.same_label_pairs * len(labelled)))
-        for i in rng.permutation(len(labelled))[:n]:
-            r = labelled.iloc[i]
-            pool = by_label[r["label"]]
-            other = pool.iloc[int(rng.integers(len(pool)))]
-            if other["group"] == r["group"]:
-                continue
-            rows.append({"anchor": r["text"], "positive": other["text"], "kind": "same_label",
-                         "group": r["group"], "label": r["label"]})
+    if objective.same_label_pairs > 0 and len(labelled):
+        rows += _same_label_pairs(labelled, objective.same_label_pairs, rng)
     pairs = pd.DataFrame(rows, columns=["anchor", "positive", "kind", "group", "label"])
     pairs = pairs.iloc[rng.permutation(len(pairs))].reset_index(drop=True)
     if p.max_pairs is not None and len(pairs) > p.max_pairs:
         pairs = pairs.iloc[: p.max_pairs].reset_index(drop=True)
     if len(pairs) == 0:
-        raise DataError("no training pairs could be built from the train split "
-                        "(no group with two different texts and no labels)")
+        raise DataError(f"no training pairs could be built from the train split for the {objective.name} "
+                        "objective (no group with two different texts and no labels)")
     return pairs
+
+
+def _group_pairs(train: pd.DataFrame, per_group: int, rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for group, members in train.groupby("group", sort=True):
+        texts = list(dict.fromkeys(members["text"]))
+        if len(texts) < 2:
+            continue
+        label = members["label"].iloc[0]
+        combos = [(a, b) for i, a in enumerate(texts) for b in texts[i + 1:]]
+        for k in rng.permutation(len(combos))[:per_group]:
+            a, b = combos[k]
+            if rng.random() < 0.5:
+                a, b = b, a
+            rows.append({"anchor": a, "positive": b, "kind": "group", "group": group, "label": label})
+    return rows
+
+
+def _same_label_pairs(labelled: pd.DataFrame, share: float, rng: np.random.Generator) -> list[dict]:
+    """``share`` x len(labelled) pairs (a share above 1 gives texts several partners), each text with a
+    random text of its label from another group; a label with no such text gives no pair."""
+    by_label = {k: v.reset_index(drop=True) for k, v in labelled.groupby("label")}
+    n = int(round(share * len(labelled)))
+    order = np.concatenate([rng.permutation(len(labelled)) for _ in range(int(np.ceil(share)))])[:n]
+    rows = []
+    for i in order:
+        r = labelled.iloc[i]
+        pool = by_label[r["label"]]
+        others = np.flatnonzero(pool["group"].to_numpy() != r["group"])
+        if len(others) == 0:
+            continue
+        other = pool.iloc[int(others[rng.integers(len(others))])]
+        rows.append({"anchor": r["text"], "positive": other["text"], "kind": "same_label",
+                     "group": r["group"], "label": r["label"]})
+    return rows
 
 
 def subsample_groups(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame:
@@ -221,13 +236,17 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     for s, part in splits.items():
         if len(part) == 0:
             raise DataError(f"the {s} split is empty after preparation; the corpus is too small")
-    pairs = build_pairs(splits["train"], cfg, cfg.seed)
+    objective = resolve_objective(cfg, has_groups=not splits["train"]["group"].str.startswith("t:").all(),
+                                  has_labels=bool(splits["train"]["label"].notna().any()))
+    log.info("prepare: objective %s (%s)", objective.name, objective.reason)
+    pairs = build_pairs(splits["train"], cfg, cfg.seed, objective)
     labels = sorted(df["label"].dropna().unique().tolist())
     hn_stats = None
     if cfg.pairs.hard_negatives.enabled:
         from pipeline import hard_negatives
 
-        pairs, hn_stats = hard_negatives.mine(pairs, splits["train"][["text", "group", "label"]], cfg, labels)
+        pairs, hn_stats = hard_negatives.mine(pairs, splits["train"][["text", "group", "label"]], cfg, labels,
+                                              mask_same_label=objective.mask_same_label)
     summary = {
         "counts": counts,
         "sizes": {s: int(len(p)) for s, p in splits.items()},
@@ -236,6 +255,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                          for s, p in splits.items()},
         "pairs": {"total": int(len(pairs)), **{k: int(v) for k, v in pairs["kind"].value_counts().items()}},
         "labels": labels,
+        "objective": objective.as_dict(),
         **({"hard_negatives": hn_stats} if hn_stats else {}),
     }
     with atomic_dir(out) as tmp:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import distributed, encoding, recovery, speed, tracking
+from pipeline import distributed, encoding, objectives, recovery, speed, tracking, validation
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest,
                                 require_manifest, skip_or_refuse, write_json_atomic)
 from pipeline.batching import epoch_batches
@@ -249,6 +249,126 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
             recovery.release(run_dir)
 
 
+class Selection:
+    """Validation state of one training run: the curve so far, the best step, and patience.
+
+    It travels in the checkpoint's state.json, so a resumed run continues the same curve and keeps the
+    same best step; the best step's trainable weights are in ``runs/<run>/best/``.
+    """
+
+    def __init__(self, vset: validation.ValidationSet | None, vcfg, state: dict | None = None):
+        self.vset, self.vcfg = vset, vcfg
+        state = state or {}
+        self.curve: list[dict] = state.get("curve", [])
+        self.best_step: int | None = state.get("best_step")
+        self.best_value: float | None = state.get("best_value")
+        self.bad_evals: int = state.get("bad_evals", 0)
+
+    @property
+    def active(self) -> bool:
+        return self.vset is not None
+
+    def record(self, step: int, epoch: float, value: float) -> bool:
+        """Add one evaluation; True when it is the new best trained step."""
+        self.curve.append({"step": step, "epoch": round(epoch, 4), "value": round(value, 6)})
+        if step == 0:
+            return False  # the untrained base: the reference level, never the model kept
+        if self.best_value is None or value > self.best_value + self.vcfg.min_delta:
+            self.best_step, self.best_value, self.bad_evals = step, value, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad_evals >= self.vcfg.patience
+
+    def state(self) -> dict:
+        return {"curve": self.curve, "best_step": self.best_step, "best_value": self.best_value,
+                "bad_evals": self.bad_evals}
+
+    def summary(self, last_step: int, total_steps: int) -> dict | None:
+        if not self.active:
+            return None
+        base = next((c["value"] for c in self.curve if c["step"] == 0), None)
+        return {"metric": self.vset.metric, "split": "val", "what": self.vset.description, "curve": self.curve,
+                "best_step": self.best_step, "best_value": self.best_value, "base_value": base,
+                "stopped_early": last_step < total_steps, "last_step": last_step,
+                "patience": self.vcfg.patience}
+
+
+def eval_steps(total_steps: int, steps_per_epoch: int, every: int | None) -> set[int]:
+    """Steps after which validation is scored: every ``every`` steps (default: each epoch end) and the last."""
+    every = every or steps_per_epoch
+    return set(range(every, total_steps + 1, every)) | {total_steps}
+
+
+def _validate(st_model, vset: validation.ValidationSet, ids: tuple, device) -> float:
+    """Score the current weights on the validation set (eval mode, no gradients), then back to train mode."""
+    st_model.eval()
+    q = encoding.encode_ids(st_model, ids[0], device=device)
+    d = encoding.encode_ids(st_model, ids[1], device=device) if ids[1] is not None else None
+    st_model.train()
+    return vset.score(q, d)
+
+
+def _save_best(folder: Path, st_model, step: int, value: float) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad},
+                  tmp / "trainable.safetensors")
+        write_json_atomic(tmp / "state.json", {"step": step, "value": value})
+
+
+def _restore_best(folder: Path, st_model, step: int) -> None:
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
+    if state.get("step") != step:
+        raise ArtifactError(f"the best checkpoint in {folder} is from step {state.get('step')}, but validation chose "
+                            f"step {step}; pass --overwrite to train again")
+    params = dict(st_model.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(folder / "trainable.safetensors").items():
+            params[n].copy_(t.to(params[n].device))
+
+
+class _Setup:
+    """What one training run works with: model, pairs, optimiser, schedule and validation."""
+
+    def __init__(self, cfg: Config, layout: Layout, prep: dict, dist):
+        t = cfg.train
+        self.device = pick_device(t.device)
+        self.dtype = pick_dtype(t.precision, self.device)
+        self.model = load_encoder(cfg.model.base, device=self.device, revision=cfg.model.revision,
+                                  trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length)
+        self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length)
+        self.probe_ids = self.data.ids[:PROBE_TEXTS]
+        self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
+        vset = (validation.load(layout.processed, prep, max_texts=t.validation.max_texts, seed=cfg.seed)
+                if t.validation.enabled else None)
+        self.val_ids = ((encoding.tokenize(self.model, vset.queries, t.max_seq_length),
+                         encoding.tokenize(self.model, vset.documents, t.max_seq_length) if vset.documents else None)
+                        if vset else None)
+        self.vset = vset
+        if t.method == "lora":
+            apply_lora(self.model, t.lora)
+        self.model.to(self.device)
+        self.levers = speed.for_training(self.model, self.device)  # measured by `make bench`; see speed.py
+        self.trainable, self.total = count_parameters(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.model, t)
+        self.steps_per_epoch = len(epoch_batches(self.data.lengths, t.batch_size, cfg.seed, 0, t.length_grouping))
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(t.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+        self.mask_same_label = objectives.mask_same_label(cfg, prep)
+        self.t = t.model_copy(update={"mask_same_label": self.mask_same_label})
+
+
 def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ckpt_dir: Path,
            ckpt_state: dict | None, previous_attempt: dict | None, dist: distributed.Dist | None) -> Path:
     main = dist is None or dist.is_main
@@ -259,37 +379,16 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
     np.random.seed(cfg.seed)
     if t.num_threads or dist:
         torch.set_num_threads(t.num_threads or distributed.default_threads())
-    device = pick_device(t.device)
-    dtype = pick_dtype(t.precision, device)
-
-    st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length)
-    pairs = load_pairs(layout.processed)
-    data = PairTensors(pairs, st_model, t.max_seq_length)
-    probe_ids = data.ids[:PROBE_TEXTS]
-    base_probe = encoding.encode_ids(st_model, probe_ids, device=device)
-
-    if t.method == "lora":
-        apply_lora(st_model, t.lora)
-    st_model.to(device)
-    levers = speed.for_training(st_model, device)  # measured by `make bench`; see pipeline/speed.py
-    trainable, total = count_parameters(st_model)
-    params = [p for p in st_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(st_model, t)
-    steps_per_epoch = len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0, t.length_grouping))
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    from transformers import get_linear_schedule_with_warmup
-
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
-
-    start_step, seconds_before, mlflow_run_id = 0, 0.0, None
+    su = _Setup(cfg, layout, prep, dist)
+    start_step, seconds_before, mlflow_run_id, sel_state = 0, 0.0, None, None
     if ckpt_state is not None:
-        state = load_checkpoint(ckpt_dir, st_model=st_model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(ckpt_dir, st_model=su.model, optimizer=su.optimizer, scheduler=su.scheduler)
         start_step, seconds_before = state["step"], state.get("seconds", 0.0)
-        mlflow_run_id = state.get("mlflow_run_id")
-        log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, start_step, total_steps)
+        mlflow_run_id, sel_state = state.get("mlflow_run_id"), state.get("selection")
+        log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, start_step, su.total_steps)
     if dist:
-        dist.broadcast_params(params)
+        dist.broadcast_params(su.params)
+    sel = Selection(su.vset, t.validation, sel_state)
 
     tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with (tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) if main
@@ -300,104 +399,169 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
         if start_step:
             tracker.set_tags({"pipeline.resumed_from_step": start_step})
         if ckpt_state is None or tracker.run_id != mlflow_run_id:  # a new MLflow run gets the params
-            tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
-            tracker.log_params({"data_fingerprint": prep["fingerprint"], "trainable_params": trainable,
-                                "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
-                                "n_pairs": len(data), "device": device.type,
-                                "precision": "bf16" if dtype is not None else "fp32"})
-        st_model.train()
-        rss_before = current_rss_mb()
-        epoch_cache: dict[int, list[np.ndarray]] = {}
-        started = time.perf_counter()
-        losses: list[float] = []
-        pairs_done = tokens_done = 0
-        bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                   unit="step", file=sys.stderr, disable=not main,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(data.lengths, t.batch_size, cfg.seed, epoch, t.length_grouping)}
-            idx = epoch_cache[epoch][within]
-            loss = training_step(st_model, data, idx, t, optimizer=optimizer, scheduler=scheduler,
-                                 device=device, dtype=dtype, step=step, dist=dist)
-            losses.append(loss)
-            pairs_done += len(idx)
-            tokens_done += int(data.lengths[idx].sum())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-            done = step + 1
-            if done % 10 == 0 or done == total_steps:
-                tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
-                                     "lr": scheduler.get_last_lr()[0]}, step=done)
-            if done % t.checkpoint_every == 0 and done < total_steps and main:
-                save_checkpoint(ckpt_dir, step=done, st_model=st_model, optimizer=optimizer, scheduler=scheduler,
-                                state={"fingerprint": fp, "mlflow_run_id": tracker.run_id,
-                                       "seconds": seconds_before + time.perf_counter() - started})
-        bar.close()
-        seconds = seconds_before + time.perf_counter() - started
-        run_seconds = time.perf_counter() - started
-
-        st_model.eval()
-        moved = lora_b_norm(st_model) if t.method == "lora" else None
-        new_probe = encoding.encode_ids(st_model, probe_ids, device=device)
-        probe_cos = float(np.mean(np.sum(base_probe * new_probe, axis=1)))
-        if t.method == "lora" and not moved:
-            raise TrainingError("training finished but every lora_B weight is still zero: the adapter did not "
-                                "learn (check train.lr and that the target modules are used)")
-        if probe_cos > 0.999999:
-            raise TrainingError(f"training finished but embeddings are unchanged (mean cosine to base "
-                                f"{probe_cos:.7f}); the trained model equals the base")
-        stats = {
-            "seconds": round(seconds, 2),
-            "steps": total_steps,
-            "pairs_per_second": round(pairs_done / run_seconds, 2) if run_seconds > 0 else None,
-            "real_tokens_per_second": round(tokens_done / run_seconds, 1) if run_seconds > 0 else None,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            # model, data and runtime loaded; the rest of the peak is what the training steps add
-            "rss_before_train_mb": round(rss_before, 1) if rss_before is not None else None,
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
-            "final_loss": round(float(np.mean(losses[-20:])), 5) if losses else None,
-            "lora_b_abs_sum": moved,
-            "probe_cosine_to_base": round(probe_cos, 6),
-            "device": device.type,
-            "precision": "bf16" if dtype is not None else "fp32",
-            "resumed_from_step": start_step,
-            "processes": dist.world if dist else 1,
-            "cpu_levers": levers,
-        }
+            _log_params(tracker, cfg, prep, su)
+        stats = _loop(cfg, layout, su, sel, tracker, fp, ckpt_dir, start_step, seconds_before, dist)
         if not main:
             return model_dir
-        resolved = resolve_base(cfg.model.base)
-        info = {
-            "method": t.method,
-            "base": cfg.model.base,
-            "base_resolved": resolved,
-            "base_fingerprint": base_fingerprint(resolved),
-            "revision": cfg.model.revision,
-            "trust_remote_code": cfg.model.trust_remote_code,
-            "max_seq_length": t.max_seq_length,
-            "lora": t.lora.model_dump() if t.method == "lora" else None,
-            "trainable_params": trainable,
-            "total_params": total,
-            "embedding_dim": int(new_probe.shape[1]),
-        }
-        with atomic_dir(model_dir) as tmp:
-            if t.method == "lora":
-                inner_model(st_model).save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-            else:
-                st_model.save(str(tmp), safe_serialization=True)
-            write_model_info(tmp, info)
-            write_json_atomic(tmp / MANIFEST, make_manifest(
-                "train", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"]},
-                extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info}))
-        tracker.log_metrics({f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
-        tracker.log_artifact(model_dir / MANIFEST)
-        if t.method == "lora":
-            tracker.log_artifact(model_dir / "adapter", "adapter")
+        info = _model_info(cfg, su, stats)
+        _write_model(model_dir, cfg, su, info, stats, fp, prep, tracker)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    log.info("train: %s done in %.0fs (%.1f pairs/s), saved to %s", cfg.resolved_run_name, seconds,
+    shutil.rmtree(layout.run() / "best", ignore_errors=True)
+    log.info("train: %s done in %.0fs (%.1f pairs/s), saved to %s", cfg.resolved_run_name, stats["seconds"],
              stats["pairs_per_second"] or 0, model_dir)
     return model_dir
+
+
+def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
+    tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+    tracker.log_params({"data_fingerprint": prep["fingerprint"], "trainable_params": su.trainable,
+                        "total_params": su.total, "trainable_pct": round(100 * su.trainable / su.total, 4),
+                        "n_pairs": len(su.data), "device": su.device.type,
+                        "precision": "bf16" if su.dtype is not None else "fp32",
+                        "objective": (prep.get("objective") or {}).get("name", "unknown"),
+                        "mask_same_label": su.mask_same_label,
+                        "validation_metric": su.vset.metric if su.vset else "none"})
+
+
+def _evaluate_at(step: int, su: _Setup, sel: Selection, tracker, best_dir: Path, main: bool) -> None:
+    value = _validate(su.model, su.vset, su.val_ids, su.device)
+    if sel.record(step, step / su.steps_per_epoch, value) and main:
+        _save_best(best_dir, su.model, step, value)
+    tracker.log_metrics({f"val_{su.vset.metric}": value}, step=step)
+    log.info("train: step %d, validation %s %.4f (best %s at step %s)", step, su.vset.metric, value,
+             f"{sel.best_value:.4f}" if sel.best_value is not None else "-", sel.best_step)
+
+
+def _loop(cfg: Config, layout: Layout, su: _Setup, sel: Selection, tracker, fp: str, ckpt_dir: Path,
+          start_step: int, seconds_before: float, dist) -> dict:
+    """The training steps, validation scoring and checkpoints; returns the run's stats with the best
+    step's weights loaded into ``su.model``."""
+    main = dist is None or dist.is_main
+    t, data, best_dir = su.t, su.data, layout.run() / "best"
+    checks = eval_steps(su.total_steps, su.steps_per_epoch, t.validation.every_steps) if sel.active else set()
+    if sel.active and start_step == 0:
+        _evaluate_at(0, su, sel, tracker, best_dir, main)
+    su.model.train()
+    rss_before = current_rss_mb()
+    epoch_cache: dict[int, list[np.ndarray]] = {}
+    started = time.perf_counter()
+    losses: list[float] = []
+    pairs_done = tokens_done = 0
+    done = start_step
+    bar = tqdm(range(start_step, su.total_steps), initial=start_step, total=su.total_steps, desc="train",
+               unit="step", file=sys.stderr, disable=not main, mininterval=0.5 if sys.stderr.isatty() else 30)
+    for step in bar:
+        epoch, within = divmod(step, su.steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: epoch_batches(data.lengths, t.batch_size, cfg.seed, epoch, t.length_grouping)}
+        idx = epoch_cache[epoch][within]
+        loss = training_step(su.model, data, idx, t, optimizer=su.optimizer, scheduler=su.scheduler,
+                             device=su.device, dtype=su.dtype, step=step, dist=dist)
+        losses.append(loss)
+        pairs_done += len(idx)
+        tokens_done += int(data.lengths[idx].sum())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        done = step + 1
+        if done % 10 == 0 or done == su.total_steps:
+            tracker.log_metrics({"train_loss": float(np.mean(losses[-10:])),
+                                 "lr": su.scheduler.get_last_lr()[0]}, step=done)
+        if done in checks:
+            _evaluate_at(done, su, sel, tracker, best_dir, main)
+        stop = sel.active and sel.exhausted
+        if (done % t.checkpoint_every == 0 or done in checks) and done < su.total_steps and not stop and main:
+            save_checkpoint(ckpt_dir, step=done, st_model=su.model, optimizer=su.optimizer, scheduler=su.scheduler,
+                            state={"fingerprint": fp, "mlflow_run_id": tracker.run_id, "selection": sel.state(),
+                                   "seconds": seconds_before + time.perf_counter() - started})
+        if stop:
+            log.info("train: validation %s has not improved for %d evaluations; stopping at step %d of %d",
+                     su.vset.metric, t.validation.patience, done, su.total_steps)
+            break
+    bar.close()
+    run_seconds = time.perf_counter() - started
+    if sel.active and sel.best_step is not None and sel.best_step != done:
+        if main:
+            _restore_best(best_dir, su.model, sel.best_step)
+        log.info("train: keeping step %d (validation %s %.4f), the best of %d evaluations", sel.best_step,
+                 su.vset.metric, sel.best_value, len(sel.curve))
+    elif not sel.active:
+        log.info("train: no validation set to choose a step with; keeping the last step")
+    stats = _finish_stats(su, sel, losses, done, seconds_before + run_seconds, run_seconds, pairs_done,
+                          tokens_done, rss_before, dist)
+    return {**stats, "resumed_from_step": start_step}
+
+
+def _finish_stats(su: _Setup, sel: Selection, losses, done, seconds, run_seconds, pairs_done, tokens_done,
+                  rss_before, dist) -> dict:
+    """The trust checks on the kept weights (field notes 2 and 5) and the run's figures."""
+    t = su.t
+    su.model.eval()
+    moved = lora_b_norm(su.model) if t.method == "lora" else None
+    new_probe = encoding.encode_ids(su.model, su.probe_ids, device=su.device)
+    probe_cos = float(np.mean(np.sum(su.base_probe * new_probe, axis=1)))
+    if t.method == "lora" and not moved:
+        raise TrainingError("training finished but every lora_B weight is still zero: the adapter did not "
+                            "learn (check train.lr and that the target modules are used)")
+    if probe_cos > 0.999999:
+        raise TrainingError(f"training finished but embeddings are unchanged (mean cosine to base "
+                            f"{probe_cos:.7f}); the trained model equals the base")
+    return {
+        "seconds": round(seconds, 2),
+        "steps": done,
+        "planned_steps": su.total_steps,
+        "pairs_per_second": round(pairs_done / run_seconds, 2) if run_seconds > 0 else None,
+        "real_tokens_per_second": round(tokens_done / run_seconds, 1) if run_seconds > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        # model, data and runtime loaded; the rest of the peak is what the training steps add
+        "rss_before_train_mb": round(rss_before, 1) if rss_before is not None else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if su.device.type == "cuda" else None,
+        "final_loss": round(float(np.mean(losses[-20:])), 5) if losses else None,
+        "lora_b_abs_sum": moved,
+        "probe_cosine_to_base": round(probe_cos, 6),
+        "device": su.device.type,
+        "precision": "bf16" if su.dtype is not None else "fp32",
+        "processes": dist.world if dist else 1,
+        "cpu_levers": su.levers,
+        "mask_same_label": su.mask_same_label,
+        "validation": sel.summary(done, su.total_steps),
+        "embedding_dim": int(new_probe.shape[1]),
+    }
+
+
+def _model_info(cfg: Config, su: _Setup, stats: dict) -> dict:
+    resolved = resolve_base(cfg.model.base)
+    t = cfg.train
+    return {
+        "method": t.method,
+        "base": cfg.model.base,
+        "base_resolved": resolved,
+        "base_fingerprint": base_fingerprint(resolved),
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "max_seq_length": t.max_seq_length,
+        "lora": t.lora.model_dump() if t.method == "lora" else None,
+        "trainable_params": su.trainable,
+        "total_params": su.total,
+        "embedding_dim": stats.pop("embedding_dim"),
+    }
+
+
+def _write_model(model_dir: Path, cfg: Config, su: _Setup, info: dict, stats: dict, fp: str, prep: dict,
+                 tracker) -> None:
+    with atomic_dir(model_dir) as tmp:
+        if cfg.train.method == "lora":
+            inner_model(su.model).save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        else:
+            su.model.save(str(tmp), safe_serialization=True)
+        write_model_info(tmp, info)
+        write_json_atomic(tmp / MANIFEST, make_manifest(
+            "train", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"]},
+            extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info,
+                   "objective": prep.get("objective")}))
+    tracker.log_metrics({f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)})
+    tracker.log_artifact(model_dir / MANIFEST)
+    if cfg.train.method == "lora":
+        tracker.log_artifact(model_dir / "adapter", "adapter")
 
 
 def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> Path:

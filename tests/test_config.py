@@ -25,6 +25,17 @@ def test_default_config_is_lora_on_qkv():
     assert cfg.data.name == "pricerunner"
 
 
+def test_a_config_with_only_a_data_section_trains_like_the_default_run(tmp_path):
+    """One set of defaults: configs/default.yaml holds only PriceRunner's data section, so a user's config
+    with only its own data section gets exactly the default run's pairs, training and eval settings."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data: {name: mine, format: table, path: corpus.csv, text_column: t, label_column: y}\n")
+    ours, theirs = load_config(REPO / "configs" / "default.yaml"), load_config(mine)
+    for section in ("model", "pairs", "train", "eval", "export", "tracking", "seed"):
+        assert getattr(theirs, section) == getattr(ours, section), section
+    assert Config().train == ours.train and Config().pairs == ours.pairs
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(REPO / "configs" / "default.yaml",
                       ["train.lora.r=8", "train.epochs=2", "train.lora.target_modules=[query,value]", "seed=3"])
@@ -57,7 +68,7 @@ def test_wrong_choice_is_named():
 
 def test_override_into_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match="not a section"):
-        load_config(REPO / "configs" / "default.yaml", ["seed.value=1"])
+        load_config(REPO / "configs" / "default.yaml", ["data.name.value=1"])
 
 
 def test_override_without_equals_is_an_error():

@@ -114,8 +114,14 @@ def test_pair_dataset_trains_and_evaluates_without_classification(wa_project):
     for stage in ("prepare", "train", "embed", "eval"):
         assert cli(stage, *cfg) == 0, stage
     processed = Path("data/processed/walmart_amazon")
-    assert {p.name for p in processed.iterdir()} == {"queries.jsonl", "gallery.jsonl", "pairs.jsonl", "manifest.json"}
+    assert {p.name for p in processed.iterdir()} == {"queries.jsonl", "val_queries.jsonl", "gallery.jsonl", "pairs.jsonl",
+                                                    "manifest.json"}
     run = "walmart_amazon-lora-r4-a8-s0"
+    val_queries = pd.read_json(processed / "val_queries.jsonl", lines=True)
+    test_ids = set(pd.read_json(processed / "queries.jsonl", lines=True, dtype={"id": str})["id"])
+    assert len(val_queries) > 0 and not set(val_queries["id"].astype(str)) & test_ids
+    selection = json.loads((Path("runs") / run / "model" / "manifest.json").read_text())["train"]["validation"]
+    assert selection["metric"] == "recall@1" and selection["curve"][0]["step"] == 0
     emb = Path("runs") / run / "embeddings"
     assert {p.name for p in emb.iterdir()} == {"queries.npy", "gallery.npy", "manifest.json"}
     assert len(np.load(emb / "gallery.npy")) == len(pd.read_csv(Path(load_config(wa_project).paths.mirror)
