@@ -91,28 +91,21 @@ def check_labels(df: pd.DataFrame, cfg: Config, source: str) -> None:
             absent = df.loc[(df["split"] == name) & ~df["label"].isin(in_train), "label"].value_counts()
             if len(absent):
                 raise DataError(
-                    f"{source}: {_some_labels(absent)} of the given {name} split {_is_are(absent)} not in the train "
-                    f"split{column}: a label never trained on cannot be learnt; add train rows for "
-                    f"{_it_them(absent)} or remove {_its_their(absent)} rows from {name}")
+                    f"{source}: the given {name} split has labels that the train split lacks{column}: "
+                    f"{_listed(absent)}; a label never trained on cannot be learnt: add train rows with these "
+                    f"labels or remove their rows from {name}")
     sizes = df["label"].value_counts()
     single = sizes[sizes == 1]
     if len(single):
         raise DataError(
-            f"{source}: {_some_labels(single)} {_has_have(single)} a single example{column}: a label needs "
-            f"examples in train and in test (3 groups when prepare draws the splits); add examples, merge "
-            f"{_it_them(single)} into another label, or remove {_its_their(single)} row{'s' * (len(single) > 1)}")
+            f"{source}: labels with a single example{column}: {_listed(single)}; a label needs examples in train "
+            f"and in test (3 groups when prepare draws the splits): add examples, merge the label into another, "
+            f"or remove its row")
 
 
-def _some_labels(counts: pd.Series, show: int = 5) -> str:
+def _listed(counts: pd.Series, show: int = 5) -> str:
     named = ", ".join(f"'{k}' ({n} row{'s' * (n != 1)})" for k, n in list(counts.items())[:show])
-    more = f" and {len(counts) - show} more" if len(counts) > show else ""
-    return f"label {named}" if len(counts) == 1 else f"{len(counts)} labels, {named}{more},"
-
-
-def _is_are(c): return "is" if len(c) == 1 else "are"  # noqa: E704
-def _has_have(c): return "has" if len(c) == 1 else "have"  # noqa: E704
-def _it_them(c): return "it" if len(c) == 1 else "them"  # noqa: E704
-def _its_their(c): return "its" if len(c) == 1 else "their"  # noqa: E704
+    return named + (f" and {len(counts) - show} more" if len(counts) > show else "")
 
 
 def _cut_by_group(df: pd.DataFrame, shares: dict[str, float], rng: np.random.Generator, *, strict: bool,
@@ -145,13 +138,15 @@ def _cut_by_group(df: pd.DataFrame, shares: dict[str, float], rng: np.random.Gen
             mapping.update(dict.fromkeys(gnames, names[0]))
             continue
         gnames = gnames[rng.permutation(len(gnames))]
-        cum = np.cumsum(group_sizes.reindex(gnames).to_numpy()) / group_sizes.reindex(gnames).sum()
-        where = np.array(names, dtype=object)[np.searchsorted(bounds, cum, side="left")]
-        # Small labels: make sure each split gets at least one group.
-        first_mid_last = {names[0]: 0, names[-1]: len(where) - 1, **({names[1]: len(where) // 2} if len(names) == 3 else {})}
+        sizes = group_sizes.reindex(gnames).to_numpy()
+        where = np.array(names, dtype=object)[np.searchsorted(bounds, np.cumsum(sizes) / sizes.sum(), side="left")]
+        # Small labels: make sure each split gets at least one group (first, middle and last of the order).
+        slot = {names[0]: 0, names[-1]: len(where) - 1}
+        if len(names) == 3:
+            slot[names[1]] = len(where) // 2
         for name in names:
             if name not in where:
-                where[first_mid_last[name]] = name
+                where[slot[name]] = name
         mapping.update(zip(gnames, where))
     # By group, not by label: the rows of a minority label in a mixed group go where their group goes.
     return df["group"].map(mapping), short
@@ -262,7 +257,7 @@ def _log_carve(plan: dict, *, by: str) -> None:
                  100 * rows["test"] / n_train, how)
     short = plan.get("labels_only_in_train") or []
     if short:
-        named = ", ".join(f"'{label}'" for label in short[:5]) + (f" and {len(short) - 5} more" if len(short) > 5 else "")
+        named = ", ".join(f"'{label}'" for label in short[:5]) + (f" and {len(short) - 5} more" * (len(short) > 5))
         log.warning("prepare: %d label(s) have a single group in train and stay there, so the carved %s "
                     "split has none of them: %s", len(short), carved[0], named)
 

@@ -138,6 +138,9 @@ def read_table(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file {p} does not exist")
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; name a {'/'.join(TABLE_SUFFIXES)} file (data.format 'table' also reads "
+                        f"a folder of split files: train.csv, dev.csv, test.csv ...)")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: the file is empty")
     suffix = p.suffix.lower()

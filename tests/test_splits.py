@@ -243,8 +243,9 @@ def test_too_small_corpus_says_what_each_split_got_and_what_is_needed(here):
 def test_label_with_one_example_is_named_with_the_fix(here):
     df = _intents().drop(columns=["split"])
     pd.concat([df, pd.DataFrame([{"text": "a lonely ask", "category": "lonely"}])]).to_csv("corpus.csv", index=False)
-    msg = _fails(_cfg(split_column=None), r"label 'lonely' \(1 row\) has a single example \(column 'category'\)")
-    assert "add examples, merge it into another label, or remove its row" in msg
+    msg = _fails(_cfg(split_column=None), r"corpus.csv: labels with a single example \(column 'category'\): "
+                                          r"'lonely' \(1 row\); ")
+    assert msg.endswith("add examples, merge the label into another, or remove its row")
 
 
 def test_test_label_absent_from_train_is_named(here):
@@ -252,8 +253,9 @@ def test_test_label_absent_from_train_is_named(here):
     extra = pd.DataFrame({"text": ["refund please", "my refund", "where is my card"],
                           "category": ["refund", "refund", "card"], "split": "test"})
     pd.concat([df, extra]).to_csv("corpus.csv", index=False)
-    _fails(_cfg(), r"2 labels, 'refund' \(2 rows\), 'card' \(1 row\), of the given test split are not in the "
-                   r"train split \(column 'category'\): .*add train rows for them or remove their rows from test")
+    _fails(_cfg(), r"the given test split has labels that the train split lacks \(column 'category'\): "
+                   r"'refund' \(2 rows\), 'card' \(1 row\); .*add train rows with these labels or remove their "
+                   r"rows from test$")
 
 
 def test_unknown_split_values_are_listed_with_the_accepted_names(here):
