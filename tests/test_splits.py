@@ -104,6 +104,18 @@ def test_train_only_given_carves_val_and_test_like_an_own_split(here, caplog):
     assert any(r.getMessage().startswith("prepare: only a train split given; carved val ") for r in caplog.records)
 
 
+def test_train_and_val_given_carve_test_from_train(here, caplog):
+    df = _intents().replace({"split": {"test": "validation"}})
+    df.to_csv("corpus.csv", index=False)
+    caplog.set_level(logging.INFO, logger="pipeline.prepare")
+    out = prepare.run(_cfg())
+    splits = _splits(out)
+    assert splits["val"]["text"].tolist() == df.loc[df["split"] == "validation", "text"].tolist()
+    assert set(splits["test"]["text"]) < set(df.loc[df["split"] == "train", "text"])
+    assert _manifest(out)["split_plan"]["carved"] == ["test"]
+    assert any(r.getMessage().startswith("prepare: no test split given; carved ") for r in caplog.records)
+
+
 def test_three_given_splits_are_used_as_given_whatever_their_names(here):
     df = _intents()
     df["split"] = [[" Training ", "DEV", "testing\t", "train"][i % 4] for i in range(len(df))]
@@ -143,6 +155,22 @@ def test_folder_of_split_files_is_read_by_file_name(here, suffix):
         assert splits[s]["text"].tolist() == df.loc[df["split"] == s, "text"].tolist(), s
     assert sorted(Path(p).name for p in _manifest(out)["inputs"]) == sorted(
         f"{n}.{suffix}" for n in ("Train", "dev", "test"))
+
+
+def test_sharded_split_files_are_one_split_and_two_files_for_one_split_are_an_error(here):
+    df = _intents()
+    Path("corpus").mkdir()
+    train = df[df["split"] == "train"].drop(columns=["split"])
+    train.iloc[::2].to_parquet("corpus/train-00000-of-00002.parquet", index=False)
+    train.iloc[1::2].to_parquet("corpus/train-00001-of-00002.parquet", index=False)
+    df[df["split"] == "test"].drop(columns=["split"]).to_parquet("corpus/test-00000-of-00001.parquet", index=False)
+    out = prepare.run(_cfg("corpus", split_column=None))
+    splits = _splits(out)
+    assert len(splits["train"]) + len(splits["val"]) == len(train)
+    train.to_csv("corpus/training.csv", index=False)
+    with pytest.raises(DataError, match=r"several files for the train split \(train-00000-of-00002.parquet, "
+                                        r"train-00001-of-00002.parquet, training.csv\); keep one per split"):
+        prepare.run(_cfg("corpus", split_column=None))
 
 
 def test_folder_with_train_and_test_files_carves_val(here):
