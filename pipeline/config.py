@@ -45,15 +45,22 @@ class DataConfig(Section):
     # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
     # pairs: the same file types holding query -> positive rows (pipeline/pairs_dataset.py).
     format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
-    path: str | None = None  # table: a file, a folder of split files, or "hf:<dataset id or path>"
+    # table: a file, a folder of split files (train.csv, dev.jsonl, test.parquet ...), "hf:<dataset id or
+    # path>", or "mirror:<path under the data mirror>" (copied read-only to data/raw/<name>/ first)
+    path: str | None = None
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None  # same-entity id (PriceRunner's cluster); split never cuts a group
     split_column: str | None = None  # given splits (train/val/test values) instead of our own
+    # Given split names beyond the usual ones (sources.SPLIT_ALIASES), case and spaces ignored:
+    # {holdout: test, unsupervised: drop}; "drop" leaves those rows out (counted in the manifest).
+    split_names: dict[str, Literal["train", "val", "test", "drop"]] = Field(default_factory=dict)
     query_column: str = "query"  # format pairs: the query text
     positive_column: str = "positive"  # format pairs: a relevant text for that query
     negative_column: str | None = None  # format pairs: optional given negative text per row
     blank_texts: Literal["drop", "error"] = "drop"
+    # Own split: these fractions. Given splits lacking val and/or test: the missing ones are carved from
+    # train in the same proportions, e.g. a carved val takes val / (train + val) of the train rows.
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_rows: int | None = None  # subsample for quick runs (whole groups are kept)
 

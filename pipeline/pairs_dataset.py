@@ -107,7 +107,7 @@ def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
     Splits come from ``data.split_column`` or are drawn per distinct query with ``data.split`` fractions,
     so one query never spans two splits.
     """
-    from pipeline.sources import read_table
+    from pipeline.sources import canonical_splits, read_table
 
     d = cfg.data
     if not d.path:
@@ -123,6 +123,12 @@ def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
     clean = lambda c: df[c].astype("string").str.strip()  # noqa: E731
     q, p = clean(d.query_column), clean(d.positive_column)
     keep = (q.notna() & (q != "") & p.notna() & (p != "")).to_numpy()
+    given = None
+    if split_col:
+        where = (f"{d.path} (the split names)" if split_col == "__split__"
+                 else f"{d.path}: column '{split_col}' (data.split_column)")
+        given = canonical_splits(df[split_col], cfg, where)
+        keep &= (given != "drop").to_numpy()
     if not keep.any():
         raise DataError(f"{d.path}: no row has both a query and a positive text")
     q, p = q[keep].astype(str), p[keep].astype(str)
@@ -133,11 +139,7 @@ def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
     g_id = {t: str(i) for i, t in enumerate(gallery_texts)}
     q_id = {t: str(i) for i, t in enumerate(query_texts)}
     if split_col:
-        split = df.loc[keep, split_col].astype(str).str.lower().replace(
-            {"validation": "val", "valid": "val", "dev": "val"}).to_numpy()
-        bad = sorted(set(split) - {"train", "val", "test"})
-        if bad:
-            raise DataError(f"data.split_column has values {bad}; expected train, val (or validation) and test")
+        split = given[keep].to_numpy()
     else:
         rng = np.random.default_rng(cfg.seed)
         order = rng.permutation(len(query_texts))

@@ -1,12 +1,16 @@
 """Readers that turn a raw dataset into one table of records: ``text``, ``label``, ``group``, ``split``.
 
 The shipped datasets have readers of their own; any other corpus is a ``table`` named in the config
-(CSV, JSONL, Parquet, or a Hugging Face dataset) whose columns the config maps onto these names.
+(CSV, JSONL, Parquet, a folder of split files, or a Hugging Face dataset) whose columns the config maps
+onto these names. Given split names are mapped onto ``train``/``val``/``test`` here (``canonical_splits``);
+what prepare does with a missing val or test split is in ``pipeline/prepare.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,8 @@ import pandas as pd
 from pipeline.artifacts import PROJECT_ROOT
 from pipeline.config import Config
 from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,41 @@ RAW_SPECS = {
         "see ../shared/data/walmart_amazon/SOURCE.md",
     ),
 }
+
+
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training"),
+    "val": ("val", "validation", "valid", "dev", "eval", "development"),
+    "test": ("test", "testing"),
+}
+ACCEPTED_SPLIT_NAMES = "; ".join("/".join(names) for names in SPLIT_ALIASES.values())
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+MIRROR_PREFIX = "mirror:"
+# Hugging Face exports shard a split as train-00000-of-00003.parquet; the shards are one split.
+_SHARD = re.compile(r"-\d+-of-\d+$")
+
+
+def split_name_map(cfg: Config) -> dict[str, str]:
+    """Lower-cased given name -> train / val / test / drop: the usual names, then data.split_names."""
+    names = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in aliases}
+    names.update({k.strip().lower(): v for k, v in cfg.data.split_names.items()})
+    return names
+
+
+def canonical_splits(values: pd.Series, cfg: Config, where: str) -> pd.Series:
+    """Given split names as train / val / test / drop; any other value (or a blank) is an error naming it."""
+    stripped = values.astype("string").str.strip()
+    mapped = stripped.str.lower().map(split_name_map(cfg))
+    unknown = mapped.isna()
+    if unknown.any():
+        counts = stripped[unknown].fillna("").value_counts()
+        listed = ", ".join(f"{repr(v) if v else '<blank>'} ({n} row{'s' * (n != 1)})"
+                           for v, n in list(counts.items())[:8])
+        more = f" and {len(counts) - 8} more" if len(counts) > 8 else ""
+        raise DataError(f"{where} has split names the pipeline does not know: {listed}{more}; accepted, in any "
+                        f"case: {ACCEPTED_SPLIT_NAMES}; rename them or map them with data.split_names "
+                        f"(e.g. data.split_names={{holdout: test}}, or drop to leave rows out)")
+    return mapped.astype(object)
 
 
 def mirror_dir(cfg: Config) -> Path:
@@ -97,6 +138,9 @@ def read_table(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file {p} does not exist")
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; name a {'/'.join(TABLE_SUFFIXES)} file (data.format 'table' also reads "
+                        f"a folder of split files: train.csv, dev.csv, test.csv ...)")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: the file is empty")
     suffix = p.suffix.lower()
@@ -157,22 +201,103 @@ def load_pricerunner(raw_dir: Path) -> pd.DataFrame:
     })
 
 
-def load_table(cfg: Config) -> pd.DataFrame:
+def mirrored_path(cfg: Config, raw_dir: Path) -> Path:
+    """``mirror:<path>``: the file or folder under the data mirror, as a read-only copy in ``raw_dir``.
+
+    An existing copy is used as it is, like the shipped datasets' (ensure_raw), so a run never depends on
+    the mirror staying unchanged once the copy is made.
+    """
+    rel = cfg.data.path[len(MIRROR_PREFIX):].strip().strip("/")
+    if not rel:
+        raise DataError(f"data.path '{cfg.data.path}' names no file: write mirror:<folder>/<file>")
+    dest = raw_dir / Path(rel).name
+    if dest.exists():
+        return dest
+    src = mirror_dir(cfg) / rel
+    if not src.exists():
+        raise DataError(f"data.path {cfg.data.path}: {dest} does not exist and the mirror has no {src} "
+                        f"(set DATA_MIRROR or paths.mirror)")
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if src.is_dir():
+        tmp.mkdir()
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES:
+                shutil.copyfile(f, tmp / f.name)
+                (tmp / f.name).chmod(0o444)
+    else:
+        shutil.copyfile(src, tmp)
+        tmp.chmod(0o444)
+    os.replace(tmp, dest)
+    return dest
+
+
+def split_files(folder: Path, cfg: Config) -> list[tuple[Path, str]]:
+    """The (file, split) pairs of a folder of split files, named train.csv, dev.jsonl, test.parquet ..."""
+    names = split_name_map(cfg)
+    found = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and f.suffix.lower() in TABLE_SUFFIXES)
+    chosen: dict[str, list[Path]] = {}
+    ignored = []
+    for f in found:
+        split = names.get(_SHARD.sub("", f.stem.strip().lower()))
+        if split is None:
+            ignored.append(f.name)
+        elif split != "drop":
+            chosen.setdefault(split, []).append(f)
+    if "train" not in chosen:
+        listed = ", ".join(f.name for f in found) or f"no {'/'.join(TABLE_SUFFIXES)} file"
+        raise DataError(f"{folder}: no train file among the split files (found: {listed}); name the files by "
+                        f"split, in any case: {ACCEPTED_SPLIT_NAMES}, with a {'/'.join(TABLE_SUFFIXES)} suffix "
+                        f"(e.g. train.csv, dev.csv, test.csv), or map a name with data.split_names")
+    for split, files in chosen.items():
+        if len(files) > 1 and not all(_SHARD.search(f.stem) for f in files):
+            raise DataError(f"{folder}: several files for the {split} split ({', '.join(f.name for f in files)}); "
+                            f"keep one per split")
+    if ignored:
+        log.warning("prepare: %s: ignoring %s (not a split name; accepted: %s)", folder, ", ".join(ignored),
+                    ACCEPTED_SPLIT_NAMES)
+    order = {s: i for i, s in enumerate(SPLIT_ALIASES)}
+    return [(f, split) for split in sorted(chosen, key=order.get) for f in chosen[split]]
+
+
+def _table_parts(cfg: Config, raw_dir: Path) -> tuple[list[tuple[str, pd.DataFrame]], str | None, dict[str, Path]]:
+    """The frames to read (with where each came from), the split column among them, and the input files."""
+    d = cfg.data
+    if d.path.startswith("hf:"):
+        return [(d.path, _read_hf(d.path[3:]))], d.split_column or "__split__", {}
+    path = mirrored_path(cfg, raw_dir) if d.path.startswith(MIRROR_PREFIX) else Path(d.path)
+    if not path.is_dir():
+        return [(str(path), read_table(str(path)))], d.split_column, {str(path): path}
+    if d.split_column:
+        raise DataError(f"{path} is a folder of split files, whose names give the splits; set "
+                        f"data.split_column=null (it is '{d.split_column}') or point data.path at one file")
+    parts = []
+    for f, split in split_files(path, cfg):
+        frame = read_table(str(f))
+        parts.append((str(f), frame.assign(__split__=split)))
+    return parts, "__split__", {where: Path(where) for where, _ in parts}
+
+
+def load_table(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
     d = cfg.data
     if not d.path:
         raise DataError("data.path must name the corpus file (or hf:<dataset>) when data.format is 'table'")
-    df = read_table(d.path)
-    if len(df) == 0:
-        raise DataError(f"{d.path}: the file has no rows")
-    split_col = "__split__" if d.path.startswith("hf:") and d.split_column is None else d.split_column
-    _require_columns(df, {"text_column": d.text_column, "label_column": d.label_column,
-                          "group_column": d.group_column, "split_column": split_col}, d.path)
+    parts, split_col, files = _table_parts(cfg, raw_dir)
+    for where, frame in parts:
+        if len(frame) == 0:
+            raise DataError(f"{where}: the file has no rows")
+        _require_columns(frame, {"text_column": d.text_column, "label_column": d.label_column,
+                                 "group_column": d.group_column, "split_column": split_col}, where)
+    df = pd.concat([frame for _, frame in parts], ignore_index=True) if len(parts) > 1 else parts[0][1]
     out = pd.DataFrame({"id": [str(i) for i in range(len(df))], "text": df[d.text_column]})
     out["label"] = df[d.label_column] if d.label_column else None
     out["group"] = df[d.group_column].astype(str) if d.group_column else None
     if split_col:
-        out["split"] = df[split_col].astype(str).str.lower().replace({"validation": "val", "valid": "val", "dev": "val"})
-    return out
+        where = (f"{parts[0][0]}: column '{split_col}' (data.split_column)" if split_col != "__split__"
+                 else f"{d.path} (the split names)")
+        out["split"] = canonical_splits(df[split_col], cfg, where)
+    return out, files
 
 
 def load_records(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -181,6 +306,5 @@ def load_records(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, st
         files = ensure_raw(cfg, raw_dir)
         return load_pricerunner(raw_dir), {str(f): f for f in files}
     if cfg.data.format == "table":
-        p = cfg.data.path or ""
-        return load_table(cfg), ({p: Path(p)} if not p.startswith("hf:") else {})
+        return load_table(cfg, raw_dir)
     raise DataError(f"data.format '{cfg.data.format}' has no labelled-record reader")

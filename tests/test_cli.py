@@ -175,8 +175,9 @@ def test_label_with_a_single_member(project, capsys):
     lonely = pd.DataFrame([{"title": "a singular gadget", "category": "gadgets", "cluster": 999}])
     pd.concat([make_corpus(), lonely]).to_csv("corpus.csv", index=False)
     msg = _fails_cleanly(capsys, "prepare", "--config", str(project), OFF)
-    assert msg == ("corpus.csv: label 'gadgets' has 1 group(s) (1 record(s)) in column 'category': it cannot be "
-                   "split into train, val and test; remove it or merge it with another label")
+    assert msg == ("corpus.csv: labels with a single example (column 'category'): 'gadgets' (1 row); a label needs "
+                   "examples in train and in test (3 groups when prepare draws the splits): add examples, merge the "
+                   "label into another, or remove its row")
 
 
 def test_non_utf8_bytes(project, capsys):

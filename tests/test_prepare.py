@@ -82,9 +82,10 @@ def test_same_seed_same_split_and_other_seed_differs(project):
 
 def test_label_with_too_few_groups_cannot_be_split(project, tmp_path):
     df = make_corpus()
-    lonely = pd.DataFrame([{"title": "a singular gadget", "category": "gadgets", "cluster": 999}])
+    lonely = pd.DataFrame([{"title": "a singular gadget", "category": "gadgets", "cluster": 999},
+                           {"title": "another gadget", "category": "gadgets", "cluster": 998}])
     pd.concat([df, lonely]).to_csv(tmp_path / "corpus.csv", index=False)
-    with pytest.raises(DataError, match=r"label 'gadgets' has 1 group\(s\) \(1 record\(s\)\)"):
+    with pytest.raises(DataError, match=r"label 'gadgets' has 2 group\(s\) \(2 record\(s\)\)"):
         prepare.run(load_config(project))
     assert not (tmp_path / "data" / "processed" / "synthetic").exists()
 
