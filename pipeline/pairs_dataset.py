@@ -350,12 +350,12 @@ def summarize(per_query: dict[str, np.ndarray], cfg: Config) -> tuple[dict, dict
 
 
 def paired_deltas(adapted: dict[str, np.ndarray], base: dict[str, np.ndarray], cfg: Config) -> dict:
-    """Mean per-query difference adapted - base with a paired bootstrap 95% CI (same queries resampled)."""
+    """Mean per-query difference adapted - base with a paired bootstrap 95% CI (same queries resampled)
+    and its verdict, for every metric."""
     out = {}
     for k in adapted:
-        diff = adapted[k] - base[k]
-        lo, hi = M.bootstrap_mean_ci(diff, cfg.eval.bootstrap, cfg.seed)
-        out[k] = {"delta": round(float(diff.mean()), 5), "ci": [round(lo, 5), round(hi, 5)]}
+        r = M.paired_bootstrap_mean(adapted[k], base[k], cfg.eval.bootstrap, cfg.seed)
+        out[k] = {"delta": round(r["delta"], 5), "ci": [round(x, 5) for x in r["ci"]], "verdict": r["verdict"]}
     return out
 
 
@@ -399,6 +399,7 @@ def delta_table(deltas: dict) -> list[str]:
 
 
 def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Path:
+    from pipeline import eval as E
     from pipeline import report
 
     queries, gallery = load_queries(layout.processed), load_gallery(layout.processed)
@@ -410,10 +411,16 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
     base = score_embeddings(Path(emb_manifest["base_dir"]), queries, gallery, relevant, cfg)
     ret, ci = summarize(adapted, cfg)
     base_ret, base_ci = summarize(base, cfg)
-    lexical = None
+    lexical, lex_items = None, None
     if cfg.eval.lexical:
-        lex_ret, lex_ci = summarize(lexical_retrieval(queries, gallery, relevant, cfg), cfg)
+        lex_per_query = lexical_retrieval(queries, gallery, relevant, cfg)
+        lex_ret, lex_ci = summarize(lex_per_query, cfg)
         lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
+        lex_items = {"retrieval": lex_per_query}
+    # No validation split is scored here: the validation rule reads the training curve when there is one.
+    curve = E.train_curve(train_manifest)
+    verdict = E.verdict_block(cfg, info["method"], {"retrieval": adapted}, {"retrieval": base}, lex_items, None,
+                              {}, curve)
     train_stats = train_manifest.get("train", {})
     lora = info.get("lora")
     payload = {
@@ -435,6 +442,7 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
                   "precision": train_stats.get("precision")},
         "ci": {"retrieval": ci},
         "delta_vs_base": {"retrieval": paired_deltas(adapted, base, cfg)},
+        "verdict": verdict,
         "notes": {"classification": CLASSIFICATION_NOTE, "retrieval": prep.get("retrieval_protocol", "")},
         "embed": emb_manifest.get("timing", {}),
         "test_items": int(len(queries)),
@@ -447,8 +455,9 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
     out = layout.report()
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", payload)
+        has_curve = E.write_curve(curve, tmp, f"{cfg.resolved_run_name}: validation during training")
         others = report.other_runs(Path(cfg.paths.reports), payload)
-        md = report.markdown(payload, None, others)
+        md = report.markdown(payload, None, others, curve=has_curve)
         md += "\n".join([
             f"Gallery: {len(gallery):,} records. {prep.get('retrieval_protocol', '')}.", "",
             "## Change vs the base model (same queries)", "", *delta_table(payload["delta_vs_base"]["retrieval"]),
@@ -469,7 +478,8 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         flat.update({f"delta.{k}": d["delta"] for k, d in payload["delta_vs_base"]["retrieval"].items()})
         tracker.log_metrics(flat)
         tracker.set_tags({"evaluated": "true", "classification": "absent (pair dataset)"})
-        for f in ("metrics.json", "report.md"):
+        E.log_verdict(tracker, verdict)
+        for f in ("metrics.json", "report.md", "curve.png"):
             tracker.log_artifact(out / f, "report")
     log.info("eval: wrote %s (recall@1 %.3f vs base %.3f)", out / "metrics.json", ret["recall@1"],
              base_ret["recall@1"])
