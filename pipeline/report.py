@@ -106,12 +106,12 @@ def verdict_lines(verdict: dict | None) -> list[str]:
     vs_base, vs_lex = verdict["test"].get("vs_base", {}), verdict["test"].get("vs_lexical")
     keys = list(dict.fromkeys([*vs_base, *(vs_lex or {})]))
     lines = ["## Verdict", ""]
+    refs = [("vs base model", vs_base)] + ([("vs TF-IDF", vs_lex)] if vs_lex is not None else [])
     if keys:
-        lines += ["| headline metric (test) | vs base model | " + ("vs TF-IDF |" if vs_lex is not None else ""),
-                  "|---|---|" + ("---|" if vs_lex is not None else "")]
+        lines += ["| headline metric (test) | " + " | ".join(name for name, _ in refs) + " |",
+                  "|---" * (len(refs) + 1) + "|"]
         for k in keys:
-            lines.append(f"| {_label(k)} | {_verdict_cell(vs_base.get(k))} | "
-                         + (f"{_verdict_cell(vs_lex.get(k))} |" if vs_lex is not None else ""))
+            lines.append(f"| {_label(k)} | " + " | ".join(_verdict_cell(block.get(k)) for _, block in refs) + " |")
         lines += ["", "Difference adapted minus reference on the same test items, with its 95% CI from a paired "
                       "bootstrap (the items are resampled once per replicate and both models are scored on the same "
                       "draw): *better* when the whole interval is above 0, *worse* when below, else *no measurable "
