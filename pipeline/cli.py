@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "serve", "bench", "probe")
+STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,6 +138,10 @@ def _dispatch(args, cfg) -> int | None:
         from pipeline import sweep
 
         sweep.run(cfg, overwrite=args.overwrite)
+    elif stage == "suite":
+        from pipeline import suite
+
+        suite.run(cfg, overwrite=args.overwrite)
     elif stage == "serve":
         from pipeline import serve
 
