@@ -316,8 +316,8 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-def load_queries(folder: Path) -> pd.DataFrame:
-    return pd.read_json(Path(folder) / "queries.jsonl", lines=True, dtype={"id": str, "text": str})
+def load_queries(folder: Path, name: str = "queries.jsonl") -> pd.DataFrame:
+    return pd.read_json(Path(folder) / name, lines=True, dtype={"id": str, "text": str})
 
 
 def load_gallery(folder: Path) -> pd.DataFrame:
@@ -391,6 +391,29 @@ def score_embeddings(emb_dir: Path, queries, gallery, relevant, cfg: Config) -> 
     return retrieval_scores(q, g, relevant, cfg.eval.retrieval_k)
 
 
+def validation_figures(processed: Path, emb_manifest: dict, gallery: pd.DataFrame, cfg: Config) -> dict:
+    """``{metric: (adapted, base)}`` of retrieval on the validation queries, where prepare wrote
+    ``val_queries.jsonl`` and embed embedded it for both models; else empty (the validation rule then
+    falls back to the training curve)."""
+    path = Path(processed) / "val_queries.jsonl"
+    dirs = [Path(emb_manifest["adapted_dir"]), Path(emb_manifest["base_dir"])]
+    if not path.exists() or not all((d / "val_queries.npy").exists() for d in dirs):
+        return {}
+    queries = load_queries(processed, "val_queries.jsonl")
+    relevant = relevance_rows(queries, gallery)
+    keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
+    if not keep.any():
+        return {}
+    scores = []
+    for d in dirs:
+        q, g = np.load(d / "val_queries.npy"), np.load(d / "gallery.npy")
+        if len(q) != len(queries):
+            raise DataError(f"embeddings in {d} do not match {path}; rerun embed --force")
+        per_query = retrieval_scores(q[keep], g, [r for r, k in zip(relevant, keep) if k], cfg.eval.retrieval_k)
+        scores.append({k: float(v.mean()) for k, v in per_query.items()})
+    return {k: (scores[0][k], scores[1][k]) for k in scores[0]}
+
+
 def delta_table(deltas: dict) -> list[str]:
     lines = ["| metric | adapted - base | 95% CI (paired bootstrap) |", "|---|---|---|"]
     for k, d in deltas.items():
@@ -417,10 +440,10 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         lex_ret, lex_ci = summarize(lex_per_query, cfg)
         lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
         lex_items = {"retrieval": lex_per_query}
-    # No validation split is scored here: the validation rule reads the training curve when there is one.
     curve = E.train_curve(train_manifest)
+    val_figures = validation_figures(layout.processed, emb_manifest, gallery, cfg)
     verdict = E.verdict_block(cfg, info["method"], {"retrieval": adapted}, {"retrieval": base}, lex_items, None,
-                              {}, curve)
+                              val_figures, curve)
     train_stats = train_manifest.get("train", {})
     lora = info.get("lora")
     payload = {
@@ -443,6 +466,9 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         "ci": {"retrieval": ci},
         "delta_vs_base": {"retrieval": paired_deltas(adapted, base, cfg)},
         "verdict": verdict,
+        **({"validation": {"adapted": {"retrieval": {k: round(a, 5) for k, (a, _) in val_figures.items()}},
+                           "base": {"retrieval": {k: round(b, 5) for k, (_, b) in val_figures.items()}}}}
+           if val_figures else {}),
         "notes": {"classification": CLASSIFICATION_NOTE, "retrieval": prep.get("retrieval_protocol", "")},
         "embed": emb_manifest.get("timing", {}),
         "test_items": int(len(queries)),

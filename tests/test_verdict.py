@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,19 @@ def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_pro
     assert cli("eval", *cfg) == 0
     val = _metrics(WA_RUN)["verdict"]["validation"]
     assert val["better"] is True and (val["adapted"], val["base"], val["best_step"]) == (0.55, 0.40, 20)
+
+    # validation queries embedded by both models come before the curve (here the test queries stand in
+    # for them, so the validation figures must equal the test figures)
+    shutil.copy(Path("data/processed/walmart_amazon/queries.jsonl"), "data/processed/walmart_amazon/val_queries.jsonl")
+    emb = json.loads((Path("runs") / WA_RUN / "embeddings" / "manifest.json").read_text())
+    for key in ("adapted_dir", "base_dir"):
+        shutil.copy(Path(emb[key]) / "queries.npy", Path(emb[key]) / "val_queries.npy")
+    assert cli("eval", *cfg) == 0
+    m = _metrics(WA_RUN)
+    val = m["verdict"]["validation"]
+    assert (val["metric"], val["source"]) == ("recall@1", "eval (validation split)")
+    assert (val["adapted"], val["base"]) == (m["retrieval"]["recall@1"], m["baseline"]["retrieval"]["recall@1"])
+    assert m["validation"]["adapted"]["retrieval"]["ndcg@10"] == m["retrieval"]["ndcg@10"]
 
 
 def test_validation_rule_sources_in_order():
