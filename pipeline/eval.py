@@ -10,6 +10,13 @@ validation macro-F1, scored once on test; kNN: similarity-weighted vote of the 1
 items (FAISS inner product); zero-shot: nearest label-name embedding. Retrieval: every test item
 whose group has >= 2 test items is a query, the other members are relevant, the gallery is every other
 test item (FAISS exact inner product on normalised embeddings).
+
+Verdict (``verdict`` in metrics.json, the opening of report.md). On each headline metric (macro-F1,
+recall@1, nDCG@10, where the dataset has them) the adapted model is compared with the base model and with
+TF-IDF by a paired bootstrap on the same test items: better, no measurable difference or worse. The
+validation rule asks whether the adapted model beat the base on the validation split (eval's own
+validation figures, else the train manifest's validation curve); when it did not, eval warns and export
+refuses the run without ``--force``.
 """
 
 from __future__ import annotations
