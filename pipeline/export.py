@@ -619,12 +619,12 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
                           "nothing trained to export; export a lora or full run")
     check_base_matches(model_dir, info, cfg.model.base)  # the base-vs-merged gate must use the right base
     metrics_path = layout.report() / "metrics.json"
-    check_verdict(run_name, metrics_path, train_manifest["fingerprint"], force=force)
     out = layout.export()
     fp = fingerprint(cfg, train_manifest, prep, metrics_path)
     if skip_or_refuse(out, fp, overwrite=overwrite, stage="export", refusal=(
             f"export {out} exists from another model, data, eval or export config; pass --overwrite to replace it")):
-        return out
+        return out  # up to date with this very metrics.json: it passed the check below, or was forced
+    check_verdict(run_name, metrics_path, train_manifest["fingerprint"], force=force)
     if cfg.tracking.enabled and cfg.export.mlflow_model:
         from pipeline import tracking
 

@@ -402,6 +402,9 @@ def validation_figures(processed: Path, emb_manifest: dict, gallery: pd.DataFram
     queries = load_queries(processed, "val_queries.jsonl")
     relevant = relevance_rows(queries, gallery)
     keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
+    if not keep.all():
+        log.warning("eval: %d of %d validation queries have no relevant item in the gallery; scored without them",
+                    int((~keep).sum()), len(keep))
     if not keep.any():
         return {}
     scores = []
@@ -415,9 +418,9 @@ def validation_figures(processed: Path, emb_manifest: dict, gallery: pd.DataFram
 
 
 def delta_table(deltas: dict) -> list[str]:
-    lines = ["| metric | adapted - base | 95% CI (paired bootstrap) |", "|---|---|---|"]
+    lines = ["| metric | adapted - base | 95% CI (paired bootstrap) | verdict |", "|---|---|---|---|"]
     for k, d in deltas.items():
-        lines.append(f"| {k} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+        lines.append(f"| {k} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d.get('verdict', '–')} |")
     return lines
 
 
