@@ -498,18 +498,24 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         for f in out.iterdir():
             shutil.copy2(f, tmp / f.name)
 
+    _log_to_mlflow(cfg, train_manifest, payload, out)
+    log.info("eval: wrote %s (recall@1 %.3f vs base %.3f)", out / "metrics.json", ret["recall@1"],
+             base_ret["recall@1"])
+    return out
+
+
+def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) -> None:
+    from pipeline import eval as E
+
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
         flat = {}
         for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
             flat.update({f"{prefix}{k}": v for k, v in block.get("retrieval", {}).items()})
-        for k, (lo, hi) in ci.items():
+        for k, (lo, hi) in payload["ci"]["retrieval"].items():
             flat[f"{k}.ci_low"], flat[f"{k}.ci_high"] = lo, hi
         flat.update({f"delta.{k}": d["delta"] for k, d in payload["delta_vs_base"]["retrieval"].items()})
         tracker.log_metrics(flat)
         tracker.set_tags({"evaluated": "true", "classification": "absent (pair dataset)"})
-        E.log_verdict(tracker, verdict)
+        E.log_verdict(tracker, payload["verdict"])
         for f in ("metrics.json", "report.md", "curve.png"):
             tracker.log_artifact(out / f, "report")
-    log.info("eval: wrote %s (recall@1 %.3f vs base %.3f)", out / "metrics.json", ret["recall@1"],
-             base_ret["recall@1"])
-    return out
