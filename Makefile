@@ -10,7 +10,7 @@ MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow data train embed eval sweep export serve ui bench clean probe
+.PHONY: help install test test-slow data train embed eval sweep suite export serve ui bench clean probe
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ eval: embed ## metrics for the run just trained, the base model and TF-IDF -> re
 
 sweep: data ## rank x alpha grid + full fine-tuning + base as one MLflow parent run
 	$(RUN) sweep $(CFG) $(ARGS)
+
+suite: ## default settings on every corpus of suite.configs -> reports/suite/<name>/summary.md, one MLflow parent
+	$(RUN) suite $(CFG) $(ARGS)
 
 export: ## merged model, adapter, ONNX and FAISS index under exports/<run>/, verified equal
 	$(RUN) export $(CFG) $(ARGS)

@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "serve", "bench", "probe")
+STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lora.r=8")
     p.add_argument("--config", default=None, help="YAML config (default configs/default.yaml)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
-    p.add_argument("--force", action="store_true", help="redo a stage even if its outputs are up to date")
+    p.add_argument("--force", action="store_true", help="redo a stage even if its outputs are up to date; "
+                   "export: export a run that eval found not better than the base model on validation")
     p.add_argument("--run", default=None, help="run name to act on (export/serve; default: from the config)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -132,11 +133,15 @@ def _dispatch(args, cfg) -> int | None:
     elif stage == "export":
         from pipeline import export
 
-        export.run(cfg, overwrite=args.overwrite)
+        export.run(cfg, overwrite=args.overwrite, force=args.force)
     elif stage == "sweep":
         from pipeline import sweep
 
         sweep.run(cfg, overwrite=args.overwrite)
+    elif stage == "suite":
+        from pipeline import suite
+
+        suite.run(cfg, overwrite=args.overwrite)
     elif stage == "serve":
         from pipeline import serve
 

@@ -206,6 +206,16 @@ class SweepConfig(Section):
     isolate: bool = True
 
 
+class SuiteConfig(Section):
+    """``make suite``: the default settings on every staged corpus, one summary table (pipeline/suite.py)."""
+
+    name: str = "default"
+    # One config per corpus, each run with its own settings as an ordinary run named suite-<name>-<file stem>.
+    configs: list[str] = Field(default_factory=lambda: ["configs/default.yaml", "configs/walmart_amazon.yaml",
+                                                        "configs/clinc150.yaml"], min_length=1)
+    overrides: list[str] = Field(default_factory=list)  # key=value applied to every corpus config (quick runs)
+
+
 class BenchConfig(Section):
     """Sizes of ``make bench`` (pipeline/bench.py); tiny values give the quick mode the tests run."""
 
@@ -276,6 +286,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    suite: SuiteConfig = Field(default_factory=SuiteConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 

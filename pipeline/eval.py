@@ -10,6 +10,13 @@ validation macro-F1, scored once on test; kNN: similarity-weighted vote of the 1
 items (FAISS inner product); zero-shot: nearest label-name embedding. Retrieval: every test item
 whose group has >= 2 test items is a query, the other members are relevant, the gallery is every other
 test item (FAISS exact inner product on normalised embeddings).
+
+Verdict (``verdict`` in metrics.json, the opening of report.md). On each headline metric (macro-F1,
+recall@1, nDCG@10, where the dataset has them) the adapted model is compared with the base model and with
+TF-IDF by a paired bootstrap on the same test items: better, no measurable difference or worse. The
+validation rule asks whether the adapted model beat the base on the validation split (eval's own
+validation figures, else the train manifest's validation curve); when it did not, eval warns and export
+refuses the run without ``--force``.
 """
 
 from __future__ import annotations
@@ -95,13 +102,15 @@ def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFr
     return out, ci, details
 
 
-def retrieval_block(test_emb: np.ndarray, groups: np.ndarray, cfg: Config, search_fn=None) -> tuple[dict, dict, int]:
+def retrieval_block(test_emb: np.ndarray, groups: np.ndarray, cfg: Config,
+                    search_fn=None) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """(means, CIs, per-query arrays) of same-group retrieval; the arrays feed the paired verdicts."""
     per_query = M.group_retrieval(test_emb, groups, k=cfg.eval.retrieval_k, search_fn=search_fn)
     if not per_query:
-        return {}, {}, 0
+        return {}, {}, {}
     out = {k: float(v.mean()) for k, v in per_query.items()}
     ci = {k: M.bootstrap_mean_ci(v, cfg.eval.bootstrap, cfg.seed) for k, v in per_query.items()}
-    return out, ci, len(next(iter(per_query.values())))
+    return out, ci, per_query
 
 
 def has_groups(test: pd.DataFrame) -> bool:
@@ -123,9 +132,10 @@ def evaluate_embeddings(emb_dir: Path, splits: dict[str, pd.DataFrame], cfg: Con
         result["classification"], result["ci"]["classification"] = cls, ci
         result["_details"] = details
     if has_groups(splits["test"]):
-        ret, ci, n_queries = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg)
+        ret, ci, per_query = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg)
         result["retrieval"], result["ci"]["retrieval"] = ret, ci
-        result["retrieval_queries"] = n_queries
+        result["retrieval_queries"] = len(next(iter(per_query.values()), []))
+        result["_items"] = {"retrieval": per_query}
         val_ret, _, _ = retrieval_block(emb["val"], splits["val"]["group"].to_numpy(), cfg.model_copy(
             update={"eval": cfg.eval.model_copy(update={"bootstrap": 0})}))
         result["validation"] = {"retrieval": val_ret}
@@ -165,17 +175,39 @@ def lexical_baseline(splits: dict[str, pd.DataFrame], cfg: Config) -> dict:
         pred = best[2].predict(x["test"])
         result["classification"] = M.classification_scores(y["test"], pred)
         result["classification"]["svm_C"] = best[1]
+        result["_details"] = {"y_pred": pred}
         result["ci"]["classification"] = {
             "macro_f1": M.bootstrap_macro_f1_ci(y["test"], pred, cfg.eval.bootstrap, cfg.seed),
             "accuracy": M.bootstrap_mean_ci(pred == y["test"], cfg.eval.bootstrap, cfg.seed)}
     if has_groups(test):
-        ret, ci, _ = retrieval_block(x["test"], test["group"].to_numpy(), cfg, search_fn=M.sparse_search)
+        ret, ci, per_query = retrieval_block(x["test"], test["group"].to_numpy(), cfg, search_fn=M.sparse_search)
         result["retrieval"], result["ci"]["retrieval"] = ret, ci
+        result["_items"] = {"retrieval": per_query}
     return result
 
 
-# Bump when a baseline, a classifier head or a metric definition changes, so cached scores are recomputed.
-SCORES_VERSION = 2
+# Bump when a baseline, a classifier head, a metric definition or what the cache keeps changes, so cached
+# scores are recomputed. 3: per-query retrieval arrays and test predictions are kept for paired verdicts.
+SCORES_VERSION = 3
+
+
+def _to_storable(result: dict) -> dict:
+    """JSON form of a scoring result: CI tuples, per-item arrays and predictions as lists."""
+    out = {**result, "ci": {k: {m: list(v) for m, v in d.items()} for k, d in result["ci"].items()}}
+    if "_details" in result:
+        out["_details"] = {**result["_details"], "y_pred": [str(x) for x in result["_details"]["y_pred"]]}
+    if "_items" in result:
+        out["_items"] = {"retrieval": {k: np.asarray(v, dtype=float).tolist()
+                                       for k, v in result["_items"]["retrieval"].items()}}
+    return out
+
+
+def _from_storable(stored: dict) -> dict:
+    if "_details" in stored:
+        stored["_details"]["y_pred"] = np.asarray(stored["_details"]["y_pred"], dtype=object)
+    if "_items" in stored:
+        stored["_items"]["retrieval"] = {k: np.asarray(v, dtype=float) for k, v in stored["_items"]["retrieval"].items()}
+    return stored
 
 
 def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
@@ -183,9 +215,9 @@ def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
                                      cfg.seed]).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "lexical" / f"{key}.json"
     if path.exists():
-        return read_json(path)
+        return _from_storable(read_json(path))
     result = lexical_baseline(splits, cfg)
-    write_json_atomic(path, result)
+    write_json_atomic(path, _to_storable(result))
     return result
 
 
@@ -214,15 +246,9 @@ def cached_base_scores(cfg: Config, emb_dir: Path, splits: dict[str, pd.DataFram
                                      cfg.eval.model_dump(mode="json"), cfg.seed]).encode()).hexdigest()[:16]
     path = Path(cfg.paths.cache) / "base-scores" / f"{key}.json"
     if path.exists():
-        stored = read_json(path)
-        if "_details" in stored:
-            stored["_details"]["y_pred"] = np.asarray(stored["_details"]["y_pred"], dtype=object)
-        return stored
+        return _from_storable(read_json(path))
     result = evaluate_embeddings(emb_dir, splits, cfg, label_names)
-    storable = {**result, "ci": {k: {m: list(v) for m, v in d.items()} for k, d in result["ci"].items()}}
-    if "_details" in result:
-        storable["_details"] = {**result["_details"], "y_pred": [str(x) for x in result["_details"]["y_pred"]]}
-    write_json_atomic(path, storable)
+    write_json_atomic(path, _to_storable(result))
     return result
 
 
@@ -237,6 +263,119 @@ def _rounded(block: dict) -> dict:
 def _rounded_tree(tree: dict) -> dict:
     return {k: (_rounded_tree(v) if isinstance(v, dict) else round(v, 5) if isinstance(v, float) else v)
             for k, v in tree.items()}
+
+
+# ------------------------------------------------------------------------------------------- verdicts
+
+def headline_keys(cfg: Config) -> list[str]:
+    """The metrics a verdict is given on: macro-F1 where there are labels, recall@1 and nDCG@k where
+    there is retrieval (k = eval.retrieval_k, 10 by default)."""
+    return ["classification.macro_f1", "retrieval.recall@1", f"retrieval.ndcg@{cfg.eval.retrieval_k}"]
+
+
+def paired_verdicts(mine: dict, ref: dict, y_true, cfg: Config) -> dict:
+    """Headline metric differences ``mine - ref`` on the same test items, each with a paired bootstrap 95%
+    CI and its verdict. ``mine``/``ref``: ``{"y_pred": test predictions or None, "retrieval": {metric:
+    per-query array}}``; a metric is left out unless both sides have it."""
+    out = {}
+    n, seed = cfg.eval.bootstrap, cfg.seed
+    for key in headline_keys(cfg):
+        kind, metric = key.split(".", 1)
+        if kind == "classification":
+            if y_true is None or mine.get("y_pred") is None or ref.get("y_pred") is None:
+                continue
+            r = M.paired_bootstrap_macro_f1(y_true, mine["y_pred"], ref["y_pred"], n, seed)
+        else:
+            a, b = mine.get("retrieval", {}).get(metric), ref.get("retrieval", {}).get(metric)
+            if a is None or b is None:
+                continue
+            r = M.paired_bootstrap_mean(a, b, n, seed)
+        out[key] = {"delta": round(r["delta"], 5), "ci": [round(x, 5) for x in r["ci"]], "verdict": r["verdict"]}
+    return out
+
+
+def items_of(result: dict | None) -> dict | None:
+    """The per-item part of a scoring result, as :func:`paired_verdicts` takes it."""
+    if result is None:
+        return None
+    return {"y_pred": result.get("_details", {}).get("y_pred"),
+            "retrieval": result.get("_items", {}).get("retrieval", {})}
+
+
+def train_curve(train_manifest: dict) -> dict | None:
+    """The validation curve the train stage recorded (``train.validation`` of its manifest), if any."""
+    v = (train_manifest.get("train") or {}).get("validation")
+    return v if isinstance(v, dict) and v.get("curve") else None
+
+
+def validation_verdict(method: str, eval_figures: dict, curve: dict | None) -> dict:
+    """Is the adapted model better than the base on the validation split?
+
+    eval_figures: ``{metric: (adapted, base)}`` that eval measured on validation (chosen classifier head's
+    macro-F1, retrieval recall@1). The metric is the one training validated on when eval has it, else
+    macro-F1, else recall@1; without eval figures the train manifest's curve (best vs step-0 value) is
+    the source; without either, nothing is claimed (``better`` is None).
+    """
+    if method == "base":
+        return {"metric": None, "adapted": None, "base": None, "better": None, "source": "none",
+                "note": "the run is the untrained base model itself"}
+    wanted = (curve or {}).get("metric")
+    for metric in [wanted, "macro_f1", "recall@1"]:
+        if metric in eval_figures:
+            adapted, base = eval_figures[metric]
+            return {"metric": metric, "adapted": round(float(adapted), 5), "base": round(float(base), 5),
+                    "better": bool(adapted > base), "source": "eval (validation split)"}
+    if curve and curve.get("best_value") is not None and curve.get("base_value") is not None:
+        adapted, base = float(curve["best_value"]), float(curve["base_value"])
+        return {"metric": curve.get("metric"), "adapted": round(adapted, 5), "base": round(base, 5),
+                "better": bool(adapted > base), "source": "train manifest (validation curve)",
+                "best_step": curve.get("best_step")}
+    return {"metric": None, "adapted": None, "base": None, "better": None, "source": "none",
+            "note": "no validation figures: eval has none for this dataset and the train manifest has no "
+                    "validation curve"}
+
+
+def eval_validation_figures(adapted: dict, base: dict) -> dict:
+    """``{metric: (adapted, base)}`` of what eval measured on the validation split."""
+    out = {}
+    da, db = adapted.get("_details"), base.get("_details")
+    if da and db:  # the chosen head's validation macro-F1, as the head choice saw it
+        out["macro_f1"] = (da["validation_macro_f1"][da["head"]], db["validation_macro_f1"][db["head"]])
+    ra = adapted.get("validation", {}).get("retrieval", {})
+    rb = base.get("validation", {}).get("retrieval", {})
+    for k in ra:
+        if k in rb:
+            out[k] = (ra[k], rb[k])
+    return out
+
+
+def warn_if_not_better(run_name: str, v: dict) -> None:
+    if v.get("better") is False:
+        log.warning("WARNING: %s is NOT better than the base model on validation (%s %.4f vs base %.4f, from %s); "
+                    "export will refuse it without --force", run_name, v["metric"], v["adapted"], v["base"],
+                    v["source"])
+
+
+def verdict_block(cfg: Config, method: str, adapted: dict, base: dict, lexical: dict | None, y_true,
+                  eval_figures: dict, curve: dict | None) -> dict:
+    """metrics.json's ``verdict``: test-split paired verdicts against the base and TF-IDF, and the
+    validation rule (adapted must beat the base on validation)."""
+    test = {"vs_base": paired_verdicts(adapted, base, y_true, cfg)}
+    if lexical is not None:
+        test["vs_lexical"] = paired_verdicts(adapted, lexical, y_true, cfg)
+    validation = validation_verdict(method, eval_figures, curve)
+    warn_if_not_better(cfg.resolved_run_name, validation)
+    return {"test": test, "validation": validation}
+
+
+def write_curve(curve: dict | None, folder: Path, title: str) -> bool:
+    """curve.png in ``folder`` from the train manifest's validation curve; False when there is none."""
+    if curve is None:
+        return False
+    from pipeline import report
+
+    report.curve_png(curve, folder / "curve.png", title)
+    return True
 
 
 def run(cfg: Config) -> Path:
@@ -292,6 +431,9 @@ def run(cfg: Config) -> Path:
         # Model selection happens on these validation figures, never on test.
         "validation": {"adapted": _rounded_tree(adapted.get("validation", {})),
                        "base": _rounded_tree(base.get("validation", {}))},
+        "verdict": verdict_block(cfg, info["method"], items_of(adapted), items_of(base), items_of(lexical),
+                                 splits["test"]["label"].to_numpy() if "_details" in adapted else None,
+                                 eval_validation_figures(adapted, base), train_curve(train_manifest)),
         "seed": cfg.seed,
         "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
         "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score
@@ -301,6 +443,7 @@ def run(cfg: Config) -> Path:
     out = layout.report()
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", payload)
+        curve = write_curve(train_curve(train_manifest), tmp, f"{cfg.resolved_run_name}: validation during training")
         per_class = None
         if "_details" in adapted:
             per_class = report.per_class_table(splits["test"]["label"].to_numpy(), adapted["_details"]["y_pred"],
@@ -308,12 +451,32 @@ def run(cfg: Config) -> Path:
             report.confusion_png(splits["test"]["label"].to_numpy(), adapted["_details"]["y_pred"], label_names,
                                  tmp / "confusion.png", title=f"{cfg.resolved_run_name} (test)")
         others = report.other_runs(Path(cfg.paths.reports), payload)
-        (tmp / "report.md").write_text(report.markdown(payload, per_class, others), encoding="utf-8")
+        (tmp / "report.md").write_text(report.markdown(payload, per_class, others, curve=curve), encoding="utf-8")
     latest = layout.latest_report
     with atomic_dir(latest) as tmp:
         for f in out.iterdir():
             shutil.copy2(f, tmp / f.name)
+    _log_to_mlflow(cfg, train_manifest, payload, out)
+    log.info("eval: wrote %s", out / "metrics.json")
+    return out
 
+
+def log_verdict(tracker, verdict: dict) -> None:
+    """The verdict as MLflow metrics (difference and CI per headline metric) and tags (the words)."""
+    flat, tags = {}, {}
+    for ref, block in verdict["test"].items():
+        for key, d in block.items():
+            name = f"verdict.{ref}.{key.split('.', 1)[1]}".replace("@", "_at_")
+            flat[f"{name}.delta"], flat[f"{name}.ci_low"], flat[f"{name}.ci_high"] = d["delta"], *d["ci"]
+            tags[name] = d["verdict"]
+    tracker.log_metrics({k: v for k, v in flat.items() if v is not None and np.isfinite(v)})
+    v = verdict["validation"]
+    tags["verdict.validation.better"] = {True: "yes", False: "no", None: "unknown"}[v["better"]]
+    tags["verdict.validation.source"] = v["source"]
+    tracker.set_tags(tags)
+
+
+def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) -> None:
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
         flat = {}
         for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
@@ -326,7 +489,6 @@ def run(cfg: Config) -> Path:
                 flat[f"{k}.ci_low"], flat[f"{k}.ci_high"] = lo, hi
         tracker.log_metrics(flat)
         tracker.set_tags({"evaluated": "true"})
-        for f in ("metrics.json", "report.md", "confusion.png"):
+        log_verdict(tracker, payload["verdict"])
+        for f in ("metrics.json", "report.md", "confusion.png", "curve.png"):
             tracker.log_artifact(out / f, "report")
-    log.info("eval: wrote %s", out / "metrics.json")
-    return out

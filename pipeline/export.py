@@ -581,7 +581,29 @@ def _write_adapter(model_dir: Path, info: dict, out: Path) -> None:
                 "and normalisation are the base model's"})
 
 
-def run(cfg: Config, *, overwrite: bool = False) -> Path:
+def check_verdict(run_name: str, metrics_path: Path, train_fingerprint: str, *, force: bool) -> None:
+    """Refuse a run whose eval found it not better than the base model on validation, unless forced.
+
+    A run without an eval of this very model (no metrics.json, one from before verdicts, or one that
+    scored an earlier model) exports as before: there is no verdict to go by.
+    """
+    if not metrics_path.exists():
+        return
+    metrics = read_json(metrics_path)
+    v = (metrics.get("verdict") or {}).get("validation") or {}
+    if v.get("better") is not False or metrics.get("model_fingerprint") != train_fingerprint:
+        return
+    figures = (f"{v.get('metric')} {v.get('adapted'):.4f} vs the base model's {v.get('base'):.4f} on validation, "
+               f"from {v.get('source')}; {metrics_path}")
+    if force:
+        log.warning("export: run '%s' is not better than the base model (%s); exporting anyway (--force)",
+                    run_name, figures)
+        return
+    raise ExportError(f"run '{run_name}' is not better than the base model ({figures}); pass --force to export it "
+                      "anyway")
+
+
+def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -601,7 +623,8 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     fp = fingerprint(cfg, train_manifest, prep, metrics_path)
     if skip_or_refuse(out, fp, overwrite=overwrite, stage="export", refusal=(
             f"export {out} exists from another model, data, eval or export config; pass --overwrite to replace it")):
-        return out
+        return out  # up to date with this very metrics.json: it passed the check below, or was forced
+    check_verdict(run_name, metrics_path, train_manifest["fingerprint"], force=force)
     if cfg.tracking.enabled and cfg.export.mlflow_model:
         from pipeline import tracking
 

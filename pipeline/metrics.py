@@ -177,3 +177,70 @@ def seed_summary(values, cis=None) -> dict[str, float]:
         c = np.asarray(cis, dtype=float).reshape(len(v), 2)
         out["ci_low"], out["ci_high"] = float(c[:, 0].mean()), float(c[:, 1].mean())
     return out
+
+
+# ------------------------------------------------------------------------------------- paired verdicts
+#
+# Two models scored on the same test items share most of their sampling noise (an easy item is easy for
+# both), so comparing their separate CIs understates what the data can tell apart. The paired bootstrap
+# resamples the items once per replicate and recomputes the metric for both models on the same indices;
+# the 95% interval of the difference decides the verdict.
+
+BETTER, SAME, WORSE = "better", "no measurable difference", "worse"
+NOT_MEASURED = "not measured (eval.bootstrap=0)"
+
+
+def verdict_of(ci: tuple[float, float]) -> str:
+    """``better`` when the whole 95% CI of (model - reference) is above 0, ``worse`` when below, else
+    ``no measurable difference``; ``not measured`` when there is no interval (no bootstrap)."""
+    lo, hi = ci
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return NOT_MEASURED
+    if lo > 0:
+        return BETTER
+    if hi < 0:
+        return WORSE
+    return SAME
+
+
+def _paired_result(delta: float, replicates: np.ndarray, alpha: float) -> dict:
+    if len(replicates) == 0:
+        ci = (float("nan"), float("nan"))
+    else:
+        ci = (float(np.quantile(replicates, alpha / 2)), float(np.quantile(replicates, 1 - alpha / 2)))
+    return {"delta": float(delta), "ci": [ci[0], ci[1]], "verdict": verdict_of(ci)}
+
+
+def paired_bootstrap_mean(a, b, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """mean(a) - mean(b) of per-item scores of two models on the same items, with a paired bootstrap CI.
+
+    a, b: (n_items,) per-item values (e.g. per-query recall@1) in the same item order. Returns
+    ``{"delta", "ci": [lo, hi], "verdict"}``.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired scores need two non-empty 1-d arrays of one length, got {a.shape} and {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    reps = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n)])
+    return _paired_result(diff.mean(), reps, alpha)
+
+
+def paired_bootstrap_macro_f1(y_true, pred_a, pred_b, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """macro-F1(pred_a) - macro-F1(pred_b) against the same labels, with a paired bootstrap CI: every
+    replicate recomputes both macro-F1s on one resampled set of items. Returns as
+    :func:`paired_bootstrap_mean`."""
+    y_true, pred_a, pred_b = (np.asarray(x).astype(str) for x in (y_true, pred_a, pred_b))
+    if not (len(y_true) == len(pred_a) == len(pred_b)) or len(y_true) == 0:
+        raise ValueError(f"paired macro-F1 needs labels and two predictions of one non-zero length, got "
+                         f"{len(y_true)}, {len(pred_a)}, {len(pred_b)}")
+    classes, coded = np.unique(np.concatenate([y_true, pred_a, pred_b]), return_inverse=True)
+    m = len(y_true)
+    t, pa, pb = coded[:m], coded[m:2 * m], coded[2 * m:]
+    k = len(classes)
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, m, m)
+        reps[i] = macro_f1_from_codes(t[idx], pa[idx], k) - macro_f1_from_codes(t[idx], pb[idx], k)
+    return _paired_result(macro_f1_from_codes(t, pa, k) - macro_f1_from_codes(t, pb, k), reps, alpha)

@@ -335,8 +335,8 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-def load_queries(folder: Path) -> pd.DataFrame:
-    return pd.read_json(Path(folder) / "queries.jsonl", lines=True, dtype={"id": str, "text": str})
+def load_queries(folder: Path, name: str = "queries.jsonl") -> pd.DataFrame:
+    return pd.read_json(Path(folder) / name, lines=True, dtype={"id": str, "text": str})
 
 
 def load_gallery(folder: Path) -> pd.DataFrame:
@@ -369,12 +369,12 @@ def summarize(per_query: dict[str, np.ndarray], cfg: Config) -> tuple[dict, dict
 
 
 def paired_deltas(adapted: dict[str, np.ndarray], base: dict[str, np.ndarray], cfg: Config) -> dict:
-    """Mean per-query difference adapted - base with a paired bootstrap 95% CI (same queries resampled)."""
+    """Mean per-query difference adapted - base with a paired bootstrap 95% CI (same queries resampled)
+    and its verdict, for every metric."""
     out = {}
     for k in adapted:
-        diff = adapted[k] - base[k]
-        lo, hi = M.bootstrap_mean_ci(diff, cfg.eval.bootstrap, cfg.seed)
-        out[k] = {"delta": round(float(diff.mean()), 5), "ci": [round(lo, 5), round(hi, 5)]}
+        r = M.paired_bootstrap_mean(adapted[k], base[k], cfg.eval.bootstrap, cfg.seed)
+        out[k] = {"delta": round(r["delta"], 5), "ci": [round(x, 5) for x in r["ci"]], "verdict": r["verdict"]}
     return out
 
 
@@ -410,14 +410,41 @@ def score_embeddings(emb_dir: Path, queries, gallery, relevant, cfg: Config) -> 
     return retrieval_scores(q, g, relevant, cfg.eval.retrieval_k)
 
 
+def validation_figures(processed: Path, emb_manifest: dict, gallery: pd.DataFrame, cfg: Config) -> dict:
+    """``{metric: (adapted, base)}`` of retrieval on the validation queries, where prepare wrote
+    ``val_queries.jsonl`` and embed embedded it for both models; else empty (the validation rule then
+    falls back to the training curve)."""
+    path = Path(processed) / "val_queries.jsonl"
+    dirs = [Path(emb_manifest["adapted_dir"]), Path(emb_manifest["base_dir"])]
+    if not path.exists() or not all((d / "val_queries.npy").exists() for d in dirs):
+        return {}
+    queries = load_queries(processed, "val_queries.jsonl")
+    relevant = relevance_rows(queries, gallery)
+    keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
+    if not keep.all():
+        log.warning("eval: %d of %d validation queries have no relevant item in the gallery; scored without them",
+                    int((~keep).sum()), len(keep))
+    if not keep.any():
+        return {}
+    scores = []
+    for d in dirs:
+        q, g = np.load(d / "val_queries.npy"), np.load(d / "gallery.npy")
+        if len(q) != len(queries):
+            raise DataError(f"embeddings in {d} do not match {path}; rerun embed --force")
+        per_query = retrieval_scores(q[keep], g, [r for r, k in zip(relevant, keep) if k], cfg.eval.retrieval_k)
+        scores.append({k: float(v.mean()) for k, v in per_query.items()})
+    return {k: (scores[0][k], scores[1][k]) for k in scores[0]}
+
+
 def delta_table(deltas: dict) -> list[str]:
-    lines = ["| metric | adapted - base | 95% CI (paired bootstrap) |", "|---|---|---|"]
+    lines = ["| metric | adapted - base | 95% CI (paired bootstrap) | verdict |", "|---|---|---|---|"]
     for k, d in deltas.items():
-        lines.append(f"| {k} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+        lines.append(f"| {k} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d.get('verdict', '–')} |")
     return lines
 
 
 def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Path:
+    from pipeline import eval as E
     from pipeline import report
 
     queries, gallery = load_queries(layout.processed), load_gallery(layout.processed)
@@ -429,10 +456,16 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
     base = score_embeddings(Path(emb_manifest["base_dir"]), queries, gallery, relevant, cfg)
     ret, ci = summarize(adapted, cfg)
     base_ret, base_ci = summarize(base, cfg)
-    lexical = None
+    lexical, lex_items = None, None
     if cfg.eval.lexical:
-        lex_ret, lex_ci = summarize(lexical_retrieval(queries, gallery, relevant, cfg), cfg)
+        lex_per_query = lexical_retrieval(queries, gallery, relevant, cfg)
+        lex_ret, lex_ci = summarize(lex_per_query, cfg)
         lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
+        lex_items = {"retrieval": lex_per_query}
+    curve = E.train_curve(train_manifest)
+    val_figures = validation_figures(layout.processed, emb_manifest, gallery, cfg)
+    verdict = E.verdict_block(cfg, info["method"], {"retrieval": adapted}, {"retrieval": base}, lex_items, None,
+                              val_figures, curve)
     train_stats = train_manifest.get("train", {})
     lora = info.get("lora")
     payload = {
@@ -454,6 +487,10 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
                   "precision": train_stats.get("precision")},
         "ci": {"retrieval": ci},
         "delta_vs_base": {"retrieval": paired_deltas(adapted, base, cfg)},
+        "verdict": verdict,
+        **({"validation": {"adapted": {"retrieval": {k: round(a, 5) for k, (a, _) in val_figures.items()}},
+                           "base": {"retrieval": {k: round(b, 5) for k, (_, b) in val_figures.items()}}}}
+           if val_figures else {}),
         "notes": {"classification": CLASSIFICATION_NOTE, "retrieval": prep.get("retrieval_protocol", "")},
         "embed": emb_manifest.get("timing", {}),
         "test_items": int(len(queries)),
@@ -466,8 +503,9 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
     out = layout.report()
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", payload)
+        has_curve = E.write_curve(curve, tmp, f"{cfg.resolved_run_name}: validation during training")
         others = report.other_runs(Path(cfg.paths.reports), payload)
-        md = report.markdown(payload, None, others)
+        md = report.markdown(payload, None, others, curve=has_curve)
         md += "\n".join([
             f"Gallery: {len(gallery):,} records. {prep.get('retrieval_protocol', '')}.", "",
             "## Change vs the base model (same queries)", "", *delta_table(payload["delta_vs_base"]["retrieval"]),
@@ -479,17 +517,24 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         for f in out.iterdir():
             shutil.copy2(f, tmp / f.name)
 
+    _log_to_mlflow(cfg, train_manifest, payload, out)
+    log.info("eval: wrote %s (recall@1 %.3f vs base %.3f)", out / "metrics.json", ret["recall@1"],
+             base_ret["recall@1"])
+    return out
+
+
+def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) -> None:
+    from pipeline import eval as E
+
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
         flat = {}
         for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
             flat.update({f"{prefix}{k}": v for k, v in block.get("retrieval", {}).items()})
-        for k, (lo, hi) in ci.items():
+        for k, (lo, hi) in payload["ci"]["retrieval"].items():
             flat[f"{k}.ci_low"], flat[f"{k}.ci_high"] = lo, hi
         flat.update({f"delta.{k}": d["delta"] for k, d in payload["delta_vs_base"]["retrieval"].items()})
         tracker.log_metrics(flat)
         tracker.set_tags({"evaluated": "true", "classification": "absent (pair dataset)"})
-        for f in ("metrics.json", "report.md"):
+        E.log_verdict(tracker, payload["verdict"])
+        for f in ("metrics.json", "report.md", "curve.png"):
             tracker.log_artifact(out / f, "report")
-    log.info("eval: wrote %s (recall@1 %.3f vs base %.3f)", out / "metrics.json", ret["recall@1"],
-             base_ret["recall@1"])
-    return out
