@@ -306,7 +306,9 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     pairs = pairs.iloc[np.random.default_rng(cfg.seed + 1).permutation(len(pairs))].reset_index(drop=True)
     summary = {
         "kind": "pairs",
-        "text_files": TEXT_FILES,
+        # embed encodes the val queries too, so eval can judge both models on validation (the rule of
+        # eval.validation_verdict) against the whole gallery
+        "text_files": TEXT_FILES + ([VAL_QUERIES] if len(parts["val_queries"]) else []),
         "counts": {**counts, "query_records": int(len(corpus.queries)), "gallery_records": int(len(corpus.gallery))},
         "sizes": {"queries": int(len(parts["queries"])), "gallery": int(len(corpus.gallery)),
                   "pairs": int(len(pairs))},
@@ -324,7 +326,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         parts["val_queries"].to_json(tmp / VAL_QUERIES, orient="records", lines=True, force_ascii=False)
         corpus.gallery.to_json(tmp / "gallery.jsonl", orient="records", lines=True, force_ascii=False)
         pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
-        summary["texts_fingerprint"] = texts_fingerprint(tmp, TEXT_FILES)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, summary["text_files"])
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
                                                         extra=summary))
     log.info("prepare: wrote %s (%d test queries, %d gallery records, %d training pairs; %d dropped for leakage)",

@@ -60,7 +60,7 @@ def wa_project(tmp_path, monkeypatch, tiny_model_dir):
     cfg = yaml.safe_load((REPO / "configs" / "walmart_amazon.yaml").read_text())
     cfg["model"] = {"base": str(tiny_model_dir)}
     cfg["paths"] = {"mirror": str(mirror)}
-    cfg["train"].update({"batch_size": 8, "epochs": 6, "lr": 5e-3, "max_seq_length": 32,
+    cfg.setdefault("train", {}).update({"batch_size": 8, "epochs": 6, "lr": 5e-3, "max_seq_length": 32,
                          "lora": {"r": 4, "alpha": 8}})
     cfg["eval"] = {"bootstrap": 50, "batch_size": 32}
     cfg["tracking"] = {"experiment": "tests"}
@@ -123,7 +123,7 @@ def test_pair_dataset_trains_and_evaluates_without_classification(wa_project):
     selection = json.loads((Path("runs") / run / "model" / "manifest.json").read_text())["train"]["validation"]
     assert selection["metric"] == "recall@1" and selection["curve"][0]["step"] == 0
     emb = Path("runs") / run / "embeddings"
-    assert {p.name for p in emb.iterdir()} == {"queries.npy", "gallery.npy", "manifest.json"}
+    assert {p.name for p in emb.iterdir()} == {"queries.npy", "val_queries.npy", "gallery.npy", "manifest.json"}
     assert len(np.load(emb / "gallery.npy")) == len(pd.read_csv(Path(load_config(wa_project).paths.mirror)
                                                                 / "walmart_amazon" / "tableB.csv"))
     m = json.loads((Path("reports") / run / "metrics.json").read_text())

@@ -48,7 +48,7 @@ def test_all_stages_write_exactly_their_artefacts(project):
 
     assert cli("eval", *cfg) == 0
     report = Path("reports") / RUN
-    assert _files(report) == {"metrics.json", "report.md", "confusion.png"}
+    assert _files(report) == {"metrics.json", "report.md", "confusion.png", "curve.png"}
     head = json.loads((report / "metrics.json").read_text())["classifier"]["head"]
     assert f"## Per class (test split; adapted: {head}, base: " in (report / "report.md").read_text()
     assert _files(Path("reports/latest")) == _files(report)

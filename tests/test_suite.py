@@ -75,7 +75,9 @@ def test_suite_table_mlflow_structure_and_resume(project, monkeypatch):
         assert (got["value"], got["ci"]) == (m["retrieval"]["recall@1"], m["ci"]["retrieval"]["recall@1"])
         base = row["models"]["base"]["retrieval.ndcg@10"]
         assert (base["value"], base["ci"]) == (m["baseline"]["retrieval"]["ndcg@10"], m["baseline"]["ci"]["retrieval"]["ndcg@10"])
-        assert row["vs_base"] == m["verdict"]["test"]["vs_base"] and row["objective"] == "-"
+        assert row["vs_base"] == m["verdict"]["test"]["vs_base"]
+        prep = json.loads((Path("data/processed") / row["dataset"] / "manifest.json").read_text())
+        assert row["objective"] == prep["objective"]["name"] == {"products": "group", "pairsynth": "pairs"}[name]
         assert row["train_seconds"] == m["train"]["seconds"]
     assert "classification.macro_f1" in rows["products"]["models"]["lexical"]
     assert "classification.macro_f1" not in rows["pairsynth"]["models"]["adapted"]
@@ -97,7 +99,7 @@ def test_suite_table_mlflow_structure_and_resume(project, monkeypatch):
     assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows.values()}
     assert {"summary.md", "summary.json"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
 
-    # the prepare stage names its objective (a key the lead's prepare adds): the table shows it
+    # the table shows the objective the prepare manifest names, read again on a rerun
     manifest = Path("data/processed/pairsynth/manifest.json")
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "objective": "query-positive"}))
     # rerun: finished corpora are skipped, same parent, no new MLflow runs
@@ -110,5 +112,5 @@ def test_suite_table_mlflow_structure_and_resume(project, monkeypatch):
     assert len(client.search_runs([exp.experiment_id])) == 3
     again = json.loads((out / "summary.json").read_text())
     assert again["parent_run_id"] == summary["parent_run_id"]
-    assert {r["corpus"]: r["objective"] for r in again["corpora"]} == {"products": "-", "pairsynth": "query-positive"}
+    assert {r["corpus"]: r["objective"] for r in again["corpora"]} == {"products": "group", "pairsynth": "query-positive"}
     assert "| query-positive |" in (out / "summary.md").read_text()
