@@ -138,6 +138,19 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None  # new MLflow runs nest under this run (set by the sweep per child)
 
 
+class TargetOptions(Section):
+    """Where ``export.targets`` load the exported index (pipeline/targets.py)."""
+
+    name: str | None = None  # Qdrant collection / LanceDB table / OpenSearch index; default: the run name
+    # A Qdrant server (API key from the QDRANT_API_KEY variable, never the config); None: Qdrant's local
+    # mode in exports/<run>/targets/qdrant.
+    qdrant_url: str | None = None
+    lancedb_uri: str | None = None  # a LanceDB database folder or URI; None: exports/<run>/targets/lancedb
+    batch_size: int = Field(512, ge=1)  # vectors per upsert
+    bulk_docs_per_file: int = Field(5000, ge=1)  # OpenSearch/Elasticsearch _bulk files stay well under 100 MB
+    min_overlap: float = Field(0.99, ge=0, le=1)  # top-k agreement each engine must reach against FAISS flat
+
+
 class ExportConfig(Section):
     onnx: bool = True
     quantize_int8: bool = True
@@ -157,6 +170,12 @@ class ExportConfig(Section):
     register_name: str | None = None  # also register it in the MLflow model registry under this name
     serve_form: Literal["onnx", "onnx_int8", "merged"] = "onnx"
     serve_port: int = Field(8000, ge=1, le=65535)
+    # Search engines the exported index is loaded into after the export (pipeline/targets.py).
+    targets: list[Literal["qdrant", "lancedb", "opensearch", "elasticsearch"]] = Field(default_factory=list)
+    target_options: TargetOptions = Field(default_factory=TargetOptions)
+    # Adapter exports (folders, or run names under exports/) that `serve` puts on one base model;
+    # empty: every adapter export of the served run's base (pipeline/adapters_serve.py).
+    serve_adapters: list[str] = Field(default_factory=list)
 
 
 class SweepConfig(Section):
