@@ -173,9 +173,10 @@ class ExportConfig(Section):
     # Search engines the exported index is loaded into after the export (pipeline/targets.py).
     targets: list[Literal["qdrant", "lancedb", "opensearch", "elasticsearch"]] = Field(default_factory=list)
     target_options: TargetOptions = Field(default_factory=TargetOptions)
-    # Adapter exports (folders, or run names under exports/) that `serve` puts on one base model;
-    # empty: every adapter export of the served run's base (pipeline/adapters_serve.py).
+    # Adapter exports (run names under exports/, or folders) that `serve` puts on one base model; [all]:
+    # every adapter export of the served run's base; empty: serve one export (pipeline/adapters_serve.py).
     serve_adapters: list[str] = Field(default_factory=list)
+    serve_batch_ms: float = Field(5.0, ge=0, le=1000)  # requests this close together are grouped per adapter
 
 
 class SweepConfig(Section):

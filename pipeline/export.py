@@ -554,7 +554,8 @@ def log_to_mlflow(cfg: Config, run_id: str | None, merged_st, folder: Path, summ
 def fingerprint(cfg: Config, train_manifest: dict, prep: dict, metrics_path: Path) -> str:
     ecfg = cfg.export.model_dump(mode="json")
     # Serving and loading into search engines read a finished export; they do not change it.
-    for k in ("serve_form", "serve_port", "targets", "target_options", "serve_adapters"):
+    for k in ("serve_form", "serve_port", "targets", "target_options", "serve_adapters",
+              "serve_batch_ms"):
         ecfg.pop(k, None)
     metrics_hash = sha256_file(metrics_path) if metrics_path.exists() else None
     payload = [EXPORT_VERSION, train_manifest["fingerprint"], prep["fingerprint"], ecfg, metrics_hash,
