@@ -723,6 +723,11 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
                     gate=gate, forms=forms, index_meta=index_meta, neighbours=neighbours)
         (tmp / "README.md").write_text(model_card(**card, mlflow_info=None), encoding="utf-8")
         mlflow_info = log_to_mlflow(cfg, train_manifest.get("mlflow_run_id"), merged_st, tmp, summary)
+        if mlflow_info and info["method"] == "lora":  # the adapter as a model of its own, beside the merged one
+            from pipeline import mlflow_adapter
+
+            mlflow_info["adapter"] = mlflow_adapter.log_adapter_model(
+                cfg, mlflow_info["run_id"], tmp / "adapter", read_json(tmp / "adapter" / BASE_META))
         if mlflow_info:
             (tmp / "README.md").write_text(model_card(**card, mlflow_info=mlflow_info), encoding="utf-8")
         t = lap("mlflow_seconds", t)
