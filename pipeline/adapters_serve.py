@@ -65,7 +65,7 @@ class Adapter:
     peft_name: str  # PEFT module keys cannot hold every character a run name may, so adapters get a1, a2, ...
     meta: dict
     max_seq_length: int
-    index: object
+    index: object | None  # the export's SearchIndex; None for a bare adapter folder (no /search)
     gate: dict
     metrics: dict | None
     load_seconds: float
@@ -74,7 +74,7 @@ class Adapter:
     def describe(self) -> dict:
         return {"name": self.name, "export": str(self.export_dir), "base": self.meta["base"],
                 "base_fingerprint": self.meta["base_fingerprint"], "max_seq_length": self.max_seq_length,
-                "index_items": int(self.index.meta["n"]), "gate": self.gate, "metrics": self.metrics,
+                "index_items": int(self.index.meta["n"]) if self.index is not None else None, "gate": self.gate, "metrics": self.metrics,
                 "load_seconds": self.load_seconds, "added_at": self.added_at}
 
 
@@ -117,42 +117,53 @@ class AdapterSet:
         self._count = 0
 
     def add(self, export_dir: Path, name: str | None = None) -> Adapter:
-        from peft import PeftModel
-
+        """An exported adapter (``export_dir/adapter``) with the export's index, gate and eval metrics."""
         from pipeline.export import SearchIndex
-        from pipeline.model import inner_model, set_inner_model
 
-        started = time.perf_counter()
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir) or {}
         name = name or manifest.get("run_name") or export_dir.name
-        meta = read_json(export_dir / "adapter" / "base_model.json")
+        self._check(export_dir / "adapter", name)
+        index = SearchIndex(export_dir / "index")
+        gate = {k: manifest.get("gate", {}).get(k) for k in
+                ("merged_vs_reference_min_cos", "merged_vs_base_mean_cos", "onnx_vs_torch_min_cos")}
+        return self.add_folder(export_dir / "adapter", name, index=index, gate=gate,
+                               metrics=self._metrics(manifest.get("run_name")), export_dir=export_dir)
+
+    def _check(self, adapter_dir: Path, name: str) -> dict:
+        meta = read_json(Path(adapter_dir) / "base_model.json")
         if meta["base_fingerprint"] != self.fingerprint:
             raise ForeignBaseError(
-                f"adapter '{name}' ({export_dir}) was trained on base '{meta['base']}' with weights "
+                f"adapter '{name}' ({adapter_dir}) was trained on base '{meta['base']}' with weights "
                 f"{meta['base_fingerprint']}, but this service holds base '{self.base}' with weights "
                 f"{self.fingerprint}: serve it from a service started on its own base")
         if name in self.adapters:
             raise ArtifactError(f"an adapter named '{name}' is already served (from {self.adapters[name].export_dir})")
-        index = SearchIndex(export_dir / "index")
+        return meta
+
+    def add_folder(self, adapter_dir: Path, name: str, *, index=None, gate: dict | None = None,
+                   metrics: dict | None = None, export_dir: Path | None = None) -> Adapter:
+        """A PEFT adapter folder with ``base_model.json`` (as export writes it) put beside the others."""
+        from peft import PeftModel
+
+        from pipeline.model import inner_model, set_inner_model
+
+        started = time.perf_counter()
+        meta = self._check(adapter_dir, name)
         with self.lock:
             self._count += 1
             peft_name = f"a{self._count}"
             if self.peft is None:
-                self.peft = PeftModel.from_pretrained(inner_model(self.st), str(export_dir / "adapter"),
-                                                      adapter_name=peft_name)
+                self.peft = PeftModel.from_pretrained(inner_model(self.st), str(adapter_dir), adapter_name=peft_name)
                 set_inner_model(self.st, self.peft)
             else:
-                self.peft.load_adapter(str(export_dir / "adapter"), adapter_name=peft_name)
+                self.peft.load_adapter(str(adapter_dir), adapter_name=peft_name)
             self.st.eval()
-        adapter = Adapter(name=name, export_dir=export_dir, peft_name=peft_name, meta=meta,
-                          max_seq_length=int(meta["max_seq_length"]), index=index,
-                          gate={k: manifest.get("gate", {}).get(k) for k in
-                                ("merged_vs_reference_min_cos", "merged_vs_base_mean_cos", "onnx_vs_torch_min_cos")},
-                          metrics=self._metrics(manifest.get("run_name")),
+        adapter = Adapter(name=name, export_dir=Path(export_dir or adapter_dir), peft_name=peft_name, meta=meta,
+                          max_seq_length=int(meta["max_seq_length"]), index=index, gate=gate or {}, metrics=metrics,
                           load_seconds=round(time.perf_counter() - started, 3))
         self.adapters[name] = adapter
-        log.info("serve: adapter %s from %s (%.2fs)", name, export_dir, adapter.load_seconds)
+        log.info("serve: adapter %s from %s (%.2fs)", name, adapter_dir, adapter.load_seconds)
         return adapter
 
     def _metrics(self, run_name: str | None) -> dict | None:
@@ -266,14 +277,19 @@ def discover(cfg: Config) -> list[Path]:
 def create_app(export_dirs: Sequence[Path], *, reports_dir: Path | None = None, exports_root: Path = Path("exports"),
                window_ms: float = 5.0):
     """A FastAPI app serving the adapters of ``export_dirs`` on their one base (the first one's)."""
-    from fastapi import FastAPI, HTTPException, Query
-
     if not export_dirs:
         raise ConfigError("serve: no adapter exports to serve (export.serve_adapters)")
     first = read_json(Path(export_dirs[0]) / "adapter" / "base_model.json")
     adapters = AdapterSet(first, reports_dir)
     for path in export_dirs:
         adapters.add(Path(path))
+    return build_app(adapters, exports_root=exports_root, window_ms=window_ms)
+
+
+def build_app(adapters: AdapterSet, *, exports_root: Path = Path("exports"), window_ms: float = 5.0):
+    """The HTTP service over an ``AdapterSet`` that holds at least one adapter."""
+    from fastapi import FastAPI, HTTPException, Query
+
     default = next(iter(adapters.adapters))
     batcher = Batcher(adapters.encode, window_ms / 1000)
 
@@ -327,6 +343,8 @@ def create_app(export_dirs: Sequence[Path], *, reports_dir: Path | None = None, 
                adapter: str | None = None) -> dict:
         started = time.perf_counter()
         chosen = pick(adapter)
+        if chosen.index is None:
+            raise HTTPException(404, f"adapter '{chosen.name}' was added without an index; only /embed serves it")
         hits = chosen.index.search(embed(chosen, [q]), k)[0]
         return {"query": q, "k": k, "adapter": chosen.name, "results": hits,
                 "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
