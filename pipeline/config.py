@@ -235,6 +235,13 @@ class BenchConfig(Section):
     hnsw_m: int = Field(32, ge=2)
     hnsw_max_n: int | None = Field(1_000_000, ge=1)  # larger HNSW builds are extrapolated, not run
     matmul_size: int = Field(2048, ge=64)
+    # Part "serve" (pipeline/bench_serve.py), run when this list is non-empty: resident memory of one base
+    # with N adapters against N merged models, and HTTP throughput against one process per merged model.
+    serve_adapter_counts: list[int] = Field(default_factory=lambda: [1, 5, 20])
+    serve_spread: int = Field(5, ge=1)  # adapters (and merged-model processes) the spread load goes over
+    serve_requests: int = Field(300, ge=1)  # timed requests per scenario, one text each, after a warm-up
+    serve_concurrency: int = Field(4, ge=1)  # client threads of the load generator
+    serve_timeout_s: float = Field(300.0, gt=0)  # a load run stops here even with requests left
     gpu_matmul_size: int = Field(8192, ge=64)
 
 
