@@ -179,3 +179,19 @@ def test_serve_adapters_all_discovers_same_base_exports_and_names_are_checked(tw
     assert discover(cfg) == [out_b]
     with pytest.raises(ArtifactError, match="no finished export"):
         discover(load_config(project, [*QUIET, "export.serve_adapters=[missing-run]"]))
+
+
+def test_cli_serve_with_serve_adapters_starts_the_multi_adapter_service_on_loopback(two_exports, project, monkeypatch,
+                                                                                    capsys):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    assert cli("serve", "--config", str(project), *QUIET, "export.serve_adapters=[all]", "export.serve_port=8123") == 0
+    assert started["host"] == "127.0.0.1" and started["port"] == 8123
+    with TestClient(started["app"]) as client:
+        assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == [RUN, RUN_B]
+    capsys.readouterr()
+    assert cli("serve", "--config", str(project), *QUIET, "export.serve_adapters=[missing-run]") == 2
+    assert "no finished export at exports/missing-run" in capsys.readouterr().err
