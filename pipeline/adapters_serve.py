@@ -149,8 +149,8 @@ class AdapterSet:
         from pipeline.model import inner_model, set_inner_model
 
         started = time.perf_counter()
-        meta = self._check(adapter_dir, name)
-        with self.lock:
+        with self.lock:  # the check and the insert together: two requests adding one name cannot both pass
+            meta = self._check(adapter_dir, name)
             self._count += 1
             peft_name = f"a{self._count}"
             if self.peft is None:
@@ -159,10 +159,10 @@ class AdapterSet:
             else:
                 self.peft.load_adapter(str(adapter_dir), adapter_name=peft_name)
             self.st.eval()
-        adapter = Adapter(name=name, export_dir=Path(export_dir or adapter_dir), peft_name=peft_name, meta=meta,
-                          max_seq_length=int(meta["max_seq_length"]), index=index, gate=gate or {}, metrics=metrics,
-                          load_seconds=round(time.perf_counter() - started, 3))
-        self.adapters[name] = adapter
+            adapter = Adapter(name=name, export_dir=Path(export_dir or adapter_dir), peft_name=peft_name, meta=meta,
+                              max_seq_length=int(meta["max_seq_length"]), index=index, gate=gate or {},
+                              metrics=metrics, load_seconds=round(time.perf_counter() - started, 3))
+            self.adapters[name] = adapter
         log.info("serve: adapter %s from %s (%.2fs)", name, adapter_dir, adapter.load_seconds)
         return adapter
 

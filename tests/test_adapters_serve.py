@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import cli
-from tests.test_export import QUIET, RUN, _texts, trained, trained_cache  # noqa: F401  (shared fixture)
+from tests.test_export import QUIET, RUN, trained, trained_cache  # noqa: F401  (shared fixture)
 
 RUN_B = "synthetic-lora-r4-a8-s1"
 
