@@ -143,3 +143,16 @@ def test_a_collection_of_another_dimension_is_refused_with_a_clear_message(loade
     assert "Qdrant collection 'other' holds 8-dim" in err and "this export 32-dim" in err
     assert cli("targets", *cfg) == 2
     assert "export.targets is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_vectors_are_read_back_from_every_index_type(index_type):
+    from pipeline.config import ExportConfig
+    from pipeline.export import build_index
+    from pipeline.targets import index_vectors
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index, _ = build_index(x, ExportConfig(index_type=index_type, hnsw_m=8))
+    assert np.allclose(index_vectors(index), x, atol=1e-6)
