@@ -6,7 +6,8 @@
   encoded once.
 - Throughput: requests/s and p50/p99 latency over HTTP on 127.0.0.1 for one adapter, and for requests spread
   round-robin over ``bench.serve_spread`` adapters, against one process per merged model (the CPU threads
-  split between those processes, so both sides use the same cores).
+  split between those processes, so both sides use the same cores). Both kinds of server group the
+  requests of one ``export.serve_batch_ms`` window into one batch per model, so batching is not the difference.
 - Adding an adapter at run time: the seconds ``AdapterSet.add_folder`` takes in a serving process.
 
 The adapters are random LoRA weights of the ``train.lora`` shape on ``model.base`` (memory and speed do not
@@ -136,23 +137,37 @@ def _memory() -> dict:
     return {"rss_mb": round(full.rss / 2**20, 1), "uss_mb": round(full.uss / 2**20, 1)}
 
 
-def merged_app(models: list, max_seq_length: int):
-    """``POST /embed`` over merged models (the request's ``adapter`` picks one: a0, a1, ...)."""
+def merged_app(models: list, max_seq_length: int, window_ms: float = 5.0):
+    """``POST /embed`` over merged models (the request's ``adapter`` picks one: a0, a1, ...). Requests go
+    through the same ``Batcher`` as the adapter service, so both sides batch concurrent requests alike."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, HTTPException
 
     from pipeline import encoding
+    from pipeline.adapters_serve import Batcher
 
-    app, lock = FastAPI(), threading.Lock()
+    def encode(name: str, texts: list[str]):
+        return encoding.encode_texts(models[int(name[1:])], texts, max_seq_length=max_seq_length, batch_size=64,
+                                     device="cpu", dtype=None)
+
+    batcher = Batcher(encode, window_ms / 1000)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        batcher.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.batcher = batcher
 
     @app.post("/embed")
     def embed(req: EmbedRequest) -> dict:
-        i = int((req.adapter or "a0")[1:]) if (req.adapter or "a0")[1:].isdigit() else -1
-        if not 0 <= i < len(models):
+        name = req.adapter or "a0"
+        if not (name[:1] == "a" and name[1:].isdigit() and int(name[1:]) < len(models)):
             raise HTTPException(404, f"no model {req.adapter}")
-        with lock:
-            vectors = encoding.encode_texts(models[i], req.texts, max_seq_length=max_seq_length, batch_size=64,
-                                            device="cpu", dtype=None)
-        return {"adapter": req.adapter, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+        vectors = batcher.submit(name, req.texts)
+        return {"adapter": name, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
 
     return app
 
@@ -189,7 +204,7 @@ def serve_main(spec: dict) -> None:
         for m in models:
             encoding.encode_texts(m, WARM_TEXTS, max_seq_length=spec["max_seq_length"], device="cpu", dtype=None)
         info = {"load_seconds": round(time.perf_counter() - started, 2), **_memory()}
-        app = merged_app(models, spec["max_seq_length"])
+        app = merged_app(models, spec["max_seq_length"], spec["window_ms"])
     app.add_api_route("/bench/info", lambda: info, methods=["GET"])
     uvicorn.run(app, host=HOST, port=spec["port"], log_level="warning")
 
