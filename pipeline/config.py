@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -141,7 +141,9 @@ class TrackingConfig(Section):
 class TargetOptions(Section):
     """Where ``export.targets`` load the exported index (pipeline/targets.py)."""
 
-    name: str | None = None  # Qdrant collection / LanceDB table / OpenSearch index; default: the run name
+    # Qdrant collection / LanceDB table / OpenSearch index; default: the run name. It mirrors one export:
+    # a load deletes the rows of any other export found in it.
+    name: str | None = None
     # A Qdrant server (API key from the QDRANT_API_KEY variable, never the config); None: Qdrant's local
     # mode in exports/<run>/targets/qdrant.
     qdrant_url: str | None = None
@@ -237,7 +239,7 @@ class BenchConfig(Section):
     matmul_size: int = Field(2048, ge=64)
     # Part "serve" (pipeline/bench_serve.py), run when this list is non-empty: resident memory of one base
     # with N adapters against N merged models, and HTTP throughput against one process per merged model.
-    serve_adapter_counts: list[int] = Field(default_factory=lambda: [1, 5, 20])
+    serve_adapter_counts: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 20])
     serve_spread: int = Field(5, ge=1)  # adapters (and merged-model processes) the spread load goes over
     serve_requests: int = Field(300, ge=1)  # timed requests per scenario, one text each, after a warm-up
     serve_concurrency: int = Field(4, ge=1)  # client threads of the load generator
