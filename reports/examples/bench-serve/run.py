@@ -14,4 +14,6 @@ serve["seconds"] = round(time.time() - t, 1)
 Path("reports/bench").mkdir(parents=True, exist_ok=True)
 Path("reports/bench/serve.json").write_text(json.dumps(serve, indent=1))
 Path("reports/bench/serve.md").write_text(bench_serve.markdown(serve))
+import shutil
+shutil.rmtree("cache/bench-serve", ignore_errors=True)  # 23 merged MiniLM copies
 print("done")
