@@ -10,7 +10,7 @@ MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow data train embed eval sweep suite export serve ui bench clean probe
+.PHONY: help install test test-slow data train embed eval sweep suite export serve serve-adapters targets ui bench clean probe
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ export: ## merged model, adapter, ONNX and FAISS index under exports/<run>/, ver
 
 serve: ## HTTP /embed and /search over an export, on 127.0.0.1:$(SERVE_PORT)
 	$(RUN) serve $(CFG) export.serve_port=$(SERVE_PORT) $(ARGS)
+
+serve-adapters: ## one base + every adapter export of it: /embed and /search take "adapter", GET/POST /adapters
+	$(RUN) serve $(CFG) export.serve_port=$(SERVE_PORT) export.serve_adapters=[all] $(ARGS)
+
+targets: ## load an export into search engines (ARGS="export.targets=[qdrant,lancedb,opensearch]"), checked against FAISS
+	$(RUN) targets $(CFG) $(ARGS)
 
 ui: ## MLflow UI on 127.0.0.1:$(MLFLOW_PORT) over the project's tracking store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)

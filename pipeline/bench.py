@@ -816,6 +816,10 @@ def run(cfg: Config) -> Path:
             report["parity"] = bench_parity(cfg, work, layout)
         if "faiss" in b.parts and b.faiss_sizes:
             report["faiss"] = bench_faiss(cfg, work)
+        if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench_serve.py)
+            from pipeline import bench_serve
+
+            report["serve"] = bench_serve.run(cfg, work, texts)
         if "gpu" not in b.parts:
             report["gpu"] = {"skipped": "bench.parts does not include gpu"}
         elif not torch.cuda.is_available():
@@ -834,7 +838,9 @@ def run(cfg: Config) -> Path:
         write_json_atomic(out_dir / f"{date}.json", report)
         md = out_dir / f"{date}.md"
         tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-        tmp.write_text(markdown(report), encoding="utf-8")
+        from pipeline.bench_serve import markdown as serve_markdown
+
+        tmp.write_text(markdown(report) + serve_markdown(report.get("serve")), encoding="utf-8")
         os.replace(tmp, md)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe")
+STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe", "targets")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,7 +133,11 @@ def _dispatch(args, cfg) -> int | None:
     elif stage == "export":
         from pipeline import export
 
-        export.run(cfg, overwrite=args.overwrite, force=args.force)
+        out = export.run(cfg, overwrite=args.overwrite, force=args.force)
+        if cfg.export.targets:
+            from pipeline import targets
+
+            targets.run(cfg, out)
     elif stage == "sweep":
         from pipeline import sweep
 
@@ -150,6 +154,14 @@ def _dispatch(args, cfg) -> int | None:
         from pipeline import bench
 
         bench.run(cfg)
+    elif stage == "targets":  # load an existing export into export.targets without exporting again
+        from pipeline import targets
+        from pipeline.artifacts import Layout
+        from pipeline.errors import ConfigError
+
+        if not cfg.export.targets:
+            raise ConfigError("targets: export.targets is empty; e.g. export.targets=[qdrant,lancedb,opensearch]")
+        targets.run(cfg, Layout(cfg).export())
     elif stage == "probe":
         from pipeline import probe
 

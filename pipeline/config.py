@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -168,6 +168,21 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None  # new MLflow runs nest under this run (set by the sweep per child)
 
 
+class TargetOptions(Section):
+    """Where ``export.targets`` load the exported index (pipeline/targets.py)."""
+
+    # Qdrant collection / LanceDB table / OpenSearch index; default: the run name. It mirrors one export:
+    # a load deletes the rows of any other export found in it.
+    name: str | None = None
+    # A Qdrant server (API key from the QDRANT_API_KEY variable, never the config); None: Qdrant's local
+    # mode in exports/<run>/targets/qdrant.
+    qdrant_url: str | None = None
+    lancedb_uri: str | None = None  # a LanceDB database folder or URI; None: exports/<run>/targets/lancedb
+    batch_size: int = Field(512, ge=1)  # vectors per upsert
+    bulk_docs_per_file: int = Field(5000, ge=1)  # OpenSearch/Elasticsearch _bulk files stay well under 100 MB
+    min_overlap: float = Field(0.99, ge=0, le=1)  # top-k agreement each engine must reach against FAISS flat
+
+
 class ExportConfig(Section):
     onnx: bool = True
     quantize_int8: bool = True
@@ -187,6 +202,13 @@ class ExportConfig(Section):
     register_name: str | None = None  # also register it in the MLflow model registry under this name
     serve_form: Literal["onnx", "onnx_int8", "merged"] = "onnx"
     serve_port: int = Field(8000, ge=1, le=65535)
+    # Search engines the exported index is loaded into after the export (pipeline/targets.py).
+    targets: list[Literal["qdrant", "lancedb", "opensearch", "elasticsearch"]] = Field(default_factory=list)
+    target_options: TargetOptions = Field(default_factory=TargetOptions)
+    # Adapter exports (run names under exports/, or folders) that `serve` puts on one base model; [all]:
+    # every adapter export of the served run's base; empty: serve one export (pipeline/adapters_serve.py).
+    serve_adapters: list[str] = Field(default_factory=list)
+    serve_batch_ms: float = Field(5.0, ge=0, le=1000)  # requests this close together are grouped per adapter
 
 
 class SweepConfig(Section):
@@ -255,6 +277,13 @@ class BenchConfig(Section):
     hnsw_m: int = Field(32, ge=2)
     hnsw_max_n: int | None = Field(1_000_000, ge=1)  # larger HNSW builds are extrapolated, not run
     matmul_size: int = Field(2048, ge=64)
+    # Part "serve" (pipeline/bench_serve.py), run when this list is non-empty: resident memory of one base
+    # with N adapters against N merged models, and HTTP throughput against one process per merged model.
+    serve_adapter_counts: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 20])
+    serve_spread: int = Field(5, ge=1)  # adapters (and merged-model processes) the spread load goes over
+    serve_requests: int = Field(300, ge=1)  # timed requests per scenario, one text each, after a warm-up
+    serve_concurrency: int = Field(4, ge=1)  # client threads of the load generator
+    serve_timeout_s: float = Field(300.0, gt=0)  # a load run stops here even with requests left
     gpu_matmul_size: int = Field(8192, ge=64)
 
 

@@ -553,7 +553,9 @@ def log_to_mlflow(cfg: Config, run_id: str | None, merged_st, folder: Path, summ
 
 def fingerprint(cfg: Config, train_manifest: dict, prep: dict, metrics_path: Path) -> str:
     ecfg = cfg.export.model_dump(mode="json")
-    for k in ("serve_form", "serve_port"):
+    # Serving and loading into search engines read a finished export; they do not change it.
+    for k in ("serve_form", "serve_port", "targets", "target_options", "serve_adapters",
+              "serve_batch_ms"):
         ecfg.pop(k, None)
     metrics_hash = sha256_file(metrics_path) if metrics_path.exists() else None
     payload = [EXPORT_VERSION, train_manifest["fingerprint"], prep["fingerprint"], ecfg, metrics_hash,
@@ -744,6 +746,11 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
                     gate=gate, forms=forms, index_meta=index_meta, neighbours=neighbours)
         (tmp / "README.md").write_text(model_card(**card, mlflow_info=None), encoding="utf-8")
         mlflow_info = log_to_mlflow(cfg, train_manifest.get("mlflow_run_id"), merged_st, tmp, summary)
+        if mlflow_info and info["method"] == "lora":  # the adapter as a model of its own, beside the merged one
+            from pipeline import mlflow_adapter
+
+            mlflow_info["adapter"] = mlflow_adapter.log_adapter_model(
+                cfg, mlflow_info["run_id"], tmp / "adapter", read_json(tmp / "adapter" / BASE_META))
         if mlflow_info:
             (tmp / "README.md").write_text(model_card(**card, mlflow_info=mlflow_info), encoding="utf-8")
         t = lap("mlflow_seconds", t)

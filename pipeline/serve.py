@@ -88,6 +88,11 @@ def create_app(export_dir: Path, form: str = "onnx"):
 def run(cfg: Config) -> None:
     import uvicorn
 
+    if cfg.export.serve_adapters:  # one base, many adapters
+        from pipeline import adapters_serve
+
+        return adapters_serve.run(cfg)
+
     export_dir = Layout(cfg).export()
     require_manifest(export_dir, f"export of run '{cfg.resolved_run_name}'",
                      "run `make export` (or pass --run NAME of an exported run)")

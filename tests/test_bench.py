@@ -17,7 +17,8 @@ QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench
          "bench.parity_pairs=48", "bench.parity_classifier_texts=60", "bench.parity_seeds=[0,1]",
          "bench.memory_shapes=[bert-tiny]", "bench.memory_steps=1", "bench.faiss_sizes=[2000,4000]",
          "bench.hnsw_max_n=3000",
-         "bench.faiss_queries=50", "bench.matmul_size=128", "eval.bootstrap=50"]
+         "bench.faiss_queries=50", "bench.matmul_size=128", "eval.bootstrap=50",
+         "bench.serve_adapter_counts=[]"]  # the serve part has its own quick test (tests/test_bench_serve.py)
 
 
 def test_flop_model_matches_hand_count():
