@@ -24,9 +24,9 @@ def _from_template(tiny_model_dir: Path, data: dict, **sections) -> dict:
     cfg = yaml.safe_load((REPO / "configs" / "template.yaml").read_text())
     cfg["model"]["base"] = str(tiny_model_dir)
     cfg["data"].update(data)
-    cfg["train"].update({"batch_size": 8, "epochs": 1, "lr": 1e-3, "max_seq_length": 32, "lora": {"r": 4, "alpha": 8},
+    cfg.setdefault("train", {}).update({"batch_size": 8, "epochs": 1, "lr": 1e-3, "max_seq_length": 32, "lora": {"r": 4, "alpha": 8},
                          "checkpoint_every": 50})
-    cfg["eval"].update({"bootstrap": 50})
+    cfg.setdefault("eval", {}).update({"bootstrap": 50})
     cfg["tracking"] = {"experiment": "tests"}
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v)
