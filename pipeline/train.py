@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import distributed, encoding, recovery, speed, tracking
+from pipeline import distributed, encoding, families, prompts, recovery, speed, tracking
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest,
                                 require_manifest, skip_or_refuse, write_json_atomic)
 from pipeline.batching import epoch_batches
@@ -32,8 +32,9 @@ from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
 from pipeline.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 from pipeline.memory import current_rss_mb, peak_rss_mb
-from pipeline.model import (apply_lora, base_fingerprint, count_parameters, inner_model, load_encoder, lora_b_norm,
-                            pick_device, pick_dtype, resolve_base, write_model_info)
+from pipeline.model import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing, inner_model,
+                            load_encoder, lora_b_norm, pick_device, pick_dtype, resolve_base, training_model_kwargs,
+                            write_model_info)
 from pipeline.prepare import load_pairs
 
 log = logging.getLogger(__name__)
@@ -44,25 +45,40 @@ def fingerprint(cfg: Config, data_fingerprint: str) -> str:
     import hashlib
 
     # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
-    # run resumed with another thread count or checkpoint interval continues its checkpoint.
-    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every"})
-    payload = json.dumps({"model": cfg.model.model_dump(mode="json"), "train": train, "seed": cfg.seed,
-                          "data": data_fingerprint}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    # run resumed with another thread count, checkpoint interval or checkpointing setting continues.
+    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every", "gradient_checkpointing"})
+    for key, default in (("weights_dtype", "fp32"), ("quantization", "none")):
+        if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
+            del train[key]
+    base = resolve_base(cfg.model.base)
+    # A preset is identified by the names it resolves to for this base: what is trained.
+    train["lora"]["target_modules"] = families.resolve_for_base(
+        base, cfg.train.lora.target_modules, trust_remote_code=cfg.model.trust_remote_code) or train["lora"]["target_modules"]
+    identity = {"model": cfg.model.model_dump(mode="json", exclude={"prompts"}), "train": train, "seed": cfg.seed,
+                "data": data_fingerprint}
+    used = prompts.for_run(cfg)
+    if used.any:
+        identity["prompts"] = used.record()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PairTensors:
     """Training pairs as token ids and integer codes, tokenised once."""
 
-    def __init__(self, pairs, st_model, max_seq_length: int):
+    def __init__(self, pairs, st_model, max_seq_length: int, used_prompts: prompts.Prompts | None = None):
         # Optional mined hard negatives (pipeline/hard_negatives.py): a third text per pair, -1 where none.
         negatives = pairs["negative"] if "negative" in pairs else pd.Series([None] * len(pairs), dtype=object)
-        texts = list(dict.fromkeys(list(pairs["anchor"]) + list(pairs["positive"]) + list(negatives.dropna())))
+        # Anchors are queries, positives and negatives documents (pipeline/prompts.py); texts are keyed with
+        # their prompt, so one text used on both sides is tokenised once per form (once without prompts).
+        p = used_prompts or prompts.Prompts()
+        anchors, positives = p.apply(list(pairs["anchor"]), "query"), p.apply(list(pairs["positive"]), "document")
+        negs = [p.document + t if isinstance(t, str) else None for t in negatives]
+        texts = list(dict.fromkeys(anchors + positives + [t for t in negs if t is not None]))
         text_id = {t: i for i, t in enumerate(texts)}
         self.ids = encoding.tokenize(st_model, texts, max_seq_length)
-        self.anchor = np.array([text_id[t] for t in pairs["anchor"]])
-        self.positive = np.array([text_id[t] for t in pairs["positive"]])
-        self.negative = np.array([text_id[t] if isinstance(t, str) else -1 for t in negatives], dtype=np.int64)
+        self.anchor = np.array([text_id[t] for t in anchors])
+        self.positive = np.array([text_id[t] for t in positives])
+        self.negative = np.array([text_id[t] if t is not None else -1 for t in negs], dtype=np.int64)
         n = len(pairs)
         # Pair and negative metadata share one code space so that "same group" compares across them.
         none = pd.Series([None] * n, dtype=object)
@@ -263,15 +279,19 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
     dtype = pick_dtype(t.precision, device)
 
     st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length)
+                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length,
+                            model_kwargs=training_model_kwargs(t, device))
+    used_prompts = prompts.for_run(cfg, st_model)
     pairs = load_pairs(layout.processed)
-    data = PairTensors(pairs, st_model, t.max_seq_length)
+    data = PairTensors(pairs, st_model, t.max_seq_length, used_prompts)
     probe_ids = data.ids[:PROBE_TEXTS]
     base_probe = encoding.encode_ids(st_model, probe_ids, device=device)
 
-    if t.method == "lora":
-        apply_lora(st_model, t.lora)
-    st_model.to(device)
+    targets = apply_lora(st_model, t.lora) if t.method == "lora" else None
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(st_model)
+    if t.quantization == "none":  # a quantised model is placed by bitsandbytes and cannot be moved
+        st_model.to(device)
     levers = speed.for_training(st_model, device)  # measured by `make bench`; see pipeline/speed.py
     trainable, total = count_parameters(st_model)
     params = [p for p in st_model.parameters() if p.requires_grad]
@@ -304,7 +324,12 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
             tracker.log_params({"data_fingerprint": prep["fingerprint"], "trainable_params": trainable,
                                 "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
                                 "n_pairs": len(data), "device": device.type,
-                                "precision": "bf16" if dtype is not None else "fp32"})
+                                "precision": "bf16" if dtype is not None else "fp32",
+                                **({"prompt_query": used_prompts.query, "prompt_document": used_prompts.document}
+                                   if used_prompts.any else {}),
+                                **({"resolved_target_modules": ",".join(targets.modules),
+                                    "adapted_modules": targets.adapted_modules, "architecture": targets.architecture}
+                                   if targets else {})})
         st_model.train()
         rss_before = current_rss_mb()
         epoch_cache: dict[int, list[np.ndarray]] = {}
@@ -376,7 +401,9 @@ def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ck
             "revision": cfg.model.revision,
             "trust_remote_code": cfg.model.trust_remote_code,
             "max_seq_length": t.max_seq_length,
-            "lora": t.lora.model_dump() if t.method == "lora" else None,
+            "lora": {**t.lora.model_dump(), "target_modules": targets.modules, "targets": targets.record()}
+            if targets else None,
+            "prompts": used_prompts.record(),
             "trainable_params": trainable,
             "total_params": total,
             "embedding_dim": int(new_probe.shape[1]),
@@ -407,6 +434,7 @@ def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> 
                             trust_remote_code=cfg.model.trust_remote_code)
     _, total = count_parameters(st_model)
     info = {"method": "base", "base": cfg.model.base, "base_resolved": resolved,
+            "prompts": prompts.for_run(cfg, st_model).record(),
             "base_fingerprint": base_fingerprint(resolved), "revision": cfg.model.revision,
             "trust_remote_code": cfg.model.trust_remote_code, "max_seq_length": cfg.train.max_seq_length,
             "lora": None, "trainable_params": 0, "total_params": total,
