@@ -225,8 +225,12 @@ def add_reference_lora(st_model, lora) -> None:
     """LoRA the way a sentence-transformers user adds it: ``model.add_adapter`` with a PEFT config."""
     from peft import LoraConfig
 
+    from pipeline.families import resolve
+    from pipeline.model import inner_model
+
+    modules = resolve(inner_model(st_model), lora.target_modules).modules  # the same names as the project path
     st_model.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                    target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
+                                    target_modules=modules, use_rslora=lora.use_rslora,
                                     use_dora=lora.use_dora, bias="none", task_type="FEATURE_EXTRACTION"))
 
 

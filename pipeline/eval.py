@@ -29,6 +29,7 @@ from pipeline import tracking
 from pipeline.artifacts import (Layout, atomic_dir, clean_stale, read_json, require_manifest,
                                 write_json_atomic)
 from pipeline.config import Config
+from pipeline.families import lora_block
 from pipeline.model import check_base_matches, read_model_info
 from pipeline.prepare import load_split
 
@@ -276,9 +277,7 @@ def run(cfg: Config) -> Path:
         "dataset": cfg.data.name,
         "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
         "model": {"base": info["base"], "method": info["method"],
-                  "lora": {"r": info["lora"]["r"], "alpha": info["lora"]["alpha"],
-                           "target_modules": info["lora"]["target_modules"]} if info.get("lora") else
-                  {"r": 0, "alpha": 0, "target_modules": []},
+                  "lora": lora_block(info.get("lora")),
                   "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
         "classification": _rounded(adapted["classification"]),
         "retrieval": _rounded(adapted["retrieval"]),

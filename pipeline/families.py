@@ -135,6 +135,17 @@ def _fused(model, modules: list[str]) -> bool:
     return any(m.rsplit(".", 1)[-1].lower() == "wqkv" for m in modules)
 
 
+def lora_block(lora: dict | None) -> dict:
+    """metrics.json's ``model.lora``: the contract's r, alpha and (resolved) target_modules, plus the preset,
+    the number of adapted modules and the architecture, so a sweep over presets compares like with like."""
+    if not lora:
+        return {"r": 0, "alpha": 0, "target_modules": []}
+    out = {"r": lora["r"], "alpha": lora["alpha"], "target_modules": lora["target_modules"]}
+    targets = lora.get("targets") or {}
+    out.update({k: targets[k] for k in ("preset", "adapted_modules", "architecture", "fused_qkv") if k in targets})
+    return out
+
+
 def resolve_for_base(resolved_base: str, target_modules: str | list[str], *,
                      trust_remote_code: bool = False) -> list[str] | None:
     """The module names a preset resolves to for a base model, without loading its weights (the model is

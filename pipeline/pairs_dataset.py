@@ -414,6 +414,8 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
     if cfg.eval.lexical:
         lex_ret, lex_ci = summarize(lexical_retrieval(queries, gallery, relevant, cfg), cfg)
         lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
+    from pipeline.families import lora_block
+
     train_stats = train_manifest.get("train", {})
     lora = info.get("lora")
     payload = {
@@ -421,8 +423,7 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         "dataset": cfg.data.name,
         "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
         "model": {"base": info["base"], "method": info["method"],
-                  "lora": ({"r": lora["r"], "alpha": lora["alpha"], "target_modules": lora["target_modules"]}
-                           if lora else {"r": 0, "alpha": 0, "target_modules": []}),
+                  "lora": lora_block(lora),
                   "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
         "classification": {},
         "retrieval": ret,
