@@ -147,7 +147,13 @@ def enable_gradient_checkpointing(st_model) -> None:
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.gradient_checkpointing: {type(inner).__name__} does not support gradient "
                           "checkpointing; set it to false")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    # transformers 5 names it activation_checkpointing_enable (the old name warns); it also turns on input
+    # grads itself, which is called again here so the guarantee does not rest on that version's behaviour.
+    if hasattr(inner, "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     inner.enable_input_require_grads()
     if hasattr(inner, "config"):
         inner.config.use_cache = False
