@@ -53,7 +53,8 @@ def _fit_logreg(x_train, y_train, x_val, y_val, grid, seed):
 
 
 def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_emb, cfg: Config,
-                         label_names: list[str], query_emb: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict]:
+                         label_names: list[str],
+                         query_emb: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict]:
     """Returns (metrics, ci, details) for one set of embeddings.
 
     The reported ``macro_f1``/``accuracy`` come from the head with the best validation macro-F1 among

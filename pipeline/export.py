@@ -49,7 +49,7 @@ from pipeline.model import (base_fingerprint, check_base_matches, inner_model, l
 log = logging.getLogger(__name__)
 
 # Bump when the export layout or the gate changes, so an old export is not taken as up to date.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: prompts in the merged folder and onnx_config.json, the gate checks both roles
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model_qint8.onnx"
 ONNX_META = "onnx_config.json"
@@ -282,7 +282,7 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
             "truncation_side": getattr(tok, "truncation_side", "right") or "right",
             "pad_token_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),
             "pooling": "in graph (the sentence-transformers modules after the transformer)",
-            "pooling_mode": next((getattr(m, "pooling_mode", None) for m in st_model if hasattr(m, "pooling_mode")), None),
+            "pooling_mode": next((m.pooling_mode for m in st_model if hasattr(m, "pooling_mode")), None),
             "prompts": (used or prompts.Prompts()).record(),
             "normalized_in_graph": any(type(m).__name__ == "Normalize" for m in st_model), "opset": ONNX_OPSET}
     write_json_atomic(folder / ONNX_META, meta)

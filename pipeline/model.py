@@ -178,7 +178,8 @@ def training_model_kwargs(t, device: torch.device) -> dict:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError(f"{what} needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU") from None
+            raise ConfigError(f"{what} needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU"
+                              ) from None
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (

@@ -52,8 +52,9 @@ def fingerprint(cfg: Config, data_fingerprint: str) -> str:
             del train[key]
     base = resolve_base(cfg.model.base)
     # A preset is identified by the names it resolves to for this base: what is trained.
-    train["lora"]["target_modules"] = families.resolve_for_base(
-        base, cfg.train.lora.target_modules, trust_remote_code=cfg.model.trust_remote_code) or train["lora"]["target_modules"]
+    resolved = families.resolve_for_base(base, cfg.train.lora.target_modules,
+                                         trust_remote_code=cfg.model.trust_remote_code)
+    train["lora"]["target_modules"] = resolved or train["lora"]["target_modules"]
     identity = {"model": cfg.model.model_dump(mode="json", exclude={"prompts"}), "train": train, "seed": cfg.seed,
                 "data": data_fingerprint}
     used = prompts.for_run(cfg)

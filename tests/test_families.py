@@ -132,9 +132,10 @@ def test_an_unmapped_architecture_is_mapped_by_names_or_stops_with_a_clear_error
     assert resolve(Odd(), ["mix"]).adapted_modules == 1  # explicit names still work
 
 
-def _run_stages(config: Path, *extra: str, stages=("prepare", "train", "embed", "eval", "export")) -> None:
+def _run_stages(config: Path, *extra: str, stages=("prepare", "train", "embed", "eval", "export"),
+                tracked: bool = False) -> None:
     for stage in stages:
-        assert cli(stage, "--config", str(config), *QUIET, *extra) == 0, stage
+        assert cli(stage, "--config", str(config), *([] if tracked else QUIET), *extra) == 0, stage
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -145,9 +146,19 @@ def test_each_family_trains_evaluates_and_exports_through_the_gate(family, famil
 
     base = build(family, family_root)
     monkeypatch.chdir(tmp_path)
-    _run_stages(family_project(tmp_path, base))
+    tracked = family == "distilbert"  # one family also checks the MLflow params (the store costs seconds)
+    if tracked:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _run_stages(family_project(tmp_path, base), tracked=tracked)
     info = json.loads(Path("runs/fam/model/model_info.json").read_text())
     assert info["lora"]["target_modules"] == EXPECTED_QKV[family]
+    if tracked:
+        import mlflow
+
+        run_id = json.loads(Path("runs/fam/model/manifest.json").read_text())["mlflow_run_id"]
+        params = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.params
+        assert params["resolved_target_modules"] == "q_lin,k_lin,v_lin" and params["adapted_modules"] == "6"
+        assert params["train.lora.target_modules"] == "qkv" and params["architecture"] == "distilbert"
     lora = json.loads(Path("reports/fam/metrics.json").read_text())["model"]["lora"]
     assert lora["target_modules"] == EXPECTED_QKV[family] and lora["preset"] == "qkv"
     assert lora["adapted_modules"] == (2 if family == "modernbert" else 6)
@@ -321,3 +332,50 @@ def test_qlora_and_bf16_weights_stop_with_what_they_need_without_cuda(setting, n
     assert cli("train", "--config", str(project), *QUIET, setting, "train.device=cpu") == 2
     err = capsys.readouterr().err
     assert f"{setting.split('=')[0]}" in err and "needs a CUDA GPU" in err and needs in err
+
+
+def test_within_split_retrieval_asks_with_the_query_form():
+    from pipeline.metrics import group_retrieval
+
+    # items 0,1 share a group; as documents 0 is nearest to 2, as a query 0 is nearest to 1
+    docs = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
+    queries = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
+    groups = np.array(["a", "a", "b", "c"])
+    assert group_retrieval(docs, groups, k=1)["recall@1"][0] == 0.0
+    assert group_retrieval(docs, groups, k=1, query_embeddings=queries)["recall@1"][0] == 1.0
+
+
+def test_mining_embeds_anchors_as_queries(family_root, tmp_path):
+    from pipeline import encoding, hard_negatives
+    from pipeline.config import Config
+    from pipeline.model import load_encoder
+
+    base = build("bert", family_root, prompts=PROMPTS)
+    cfg = Config.model_validate({"model": {"base": str(base)}, "train": {"max_seq_length": 32, "device": "cpu",
+                                                                          "precision": "fp32"}})
+    docs, anchors = hard_negatives._embed(cfg, ["lg oled tv"], ["apple iphone"])
+    st = load_encoder(str(base), max_seq_length=32)
+    np.testing.assert_allclose(anchors, encoding.encode_texts(st, [PROMPTS["query"] + "apple iphone"],
+                                                              max_seq_length=32), atol=1e-5)
+    np.testing.assert_allclose(docs, encoding.encode_texts(st, [PROMPTS["passage"] + "lg oled tv"],
+                                                           max_seq_length=32), atol=1e-5)
+    plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prompts": type(cfg.model.prompts)(
+        query="", document="")})})
+    assert hard_negatives._embed(plain, ["lg oled tv"], ["apple iphone"])[1] is None  # one form: embedded once
+
+
+def test_a_sweep_entry_naming_a_preset_resolves_per_model():
+    from pipeline import sweep
+    from pipeline.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "sweep.yaml", ["sweep.target_presets={qv: [qv], names: [query, value]}",
+                                                         "sweep.ranks=[4]", "sweep.alpha_multipliers=[2]"])
+    children = {p.preset: sweep.child_config(cfg, p) for p in sweep.grid(cfg) if p.method == "lora"}
+    assert children["qv"].train.lora.target_modules == "qv"
+    assert children["names"].train.lora.target_modules == ["query", "value"]
+    # on MiniLM both train the same modules, so both are the same run identity
+    from pipeline.train import fingerprint
+
+    assert fingerprint(children["qv"], "d") == fingerprint(
+        children["names"].model_copy(update={"run_name": children["qv"].run_name}), "d")
