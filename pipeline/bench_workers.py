@@ -259,12 +259,14 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
     levers: dict = {}
 
     if spec["path"] == "project":
-        from pipeline.model import apply_lora
+        from pipeline.model import apply_lora, enable_gradient_checkpointing
         from pipeline.train import PairTensors
 
         data = PairTensors(pairs, st_model, t.max_seq_length)
         if t.method == "lora":
             apply_lora(st_model, t.lora)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(st_model)
         st_model.to(device)
         if spec.get("levers", True):
             levers = speed.for_training(st_model, device)

@@ -212,7 +212,9 @@ class BenchConfig(Section):
     lever_ablation: bool = True  # also time the project path with pipeline/speed.py's levers off
     # Part "memory": LoRA vs full fine-tuning peak memory on larger encoder shapes built with random weights
     # (memory does not depend on the weights' values), where the optimiser state outweighs the activations.
-    memory_shapes: list[Literal["bert-tiny", "bert-base", "bert-large"]] = Field(default_factory=lambda: ["bert-base"])
+    # qwen3-*: a decoder embedder's shape, LoRA with and without gradient checkpointing (pipeline/bench.py)
+    memory_shapes: list[Literal["bert-tiny", "bert-base", "bert-large", "qwen3-tiny", "qwen3-0.6b"]] = Field(
+        default_factory=lambda: ["bert-base"])
     memory_steps: int = Field(3, ge=1)  # timed steps per shape and method, after one warm-up step
     encode_texts: int = Field(1500, ge=1)
     reference_encode_batch_size: int = Field(32, ge=1)  # SentenceTransformer.encode's default

@@ -379,3 +379,23 @@ def test_a_sweep_entry_naming_a_preset_resolves_per_model():
 
     assert fingerprint(children["qv"], "d") == fingerprint(
         children["names"].model_copy(update={"run_name": children["qv"].run_name}), "d")
+
+
+def test_bench_memory_part_runs_a_decoder_shape_with_and_without_checkpointing(tmp_path):
+    import pandas as pd
+
+    from pipeline import bench
+    from pipeline.config import Config
+
+    pairs = pd.DataFrame({"anchor": [f"apple iphone {i}" for i in range(8)], "positive": [f"iphone {i} black"
+                                                                                       for i in range(8)],
+                          "kind": "group", "group": [str(i) for i in range(8)], "label": None})
+    pairs.to_json(tmp_path / "pairs.jsonl", orient="records", lines=True)
+    cfg = Config.model_validate({"train": {"batch_size": 4, "max_seq_length": 16, "num_threads": 1},
+                                 "bench": {"memory_shapes": ["qwen3-tiny"], "memory_steps": 1}})
+    rows = bench.bench_memory(cfg, tmp_path / "work", tmp_path / "pairs.jsonl", {}, "cpu")
+    assert [r["name"] for r in rows] == ["qwen3-tiny lora checkpointing", "qwen3-tiny lora"]
+    assert [r["gradient_checkpointing"] for r in rows] == [True, False]
+    assert all(0 < r["trainable_params"] < r["total_params"] / 10 for r in rows)
+    key = "memory at qwen3-tiny: LoRA / LoRA with gradient checkpointing RSS added by training"
+    assert (key in bench.memory_ratios(rows)) == all(r.get("train_added_rss_mb") for r in rows)
