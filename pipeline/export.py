@@ -273,10 +273,10 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
 
     # The tracer drops an input the model never reads (token_type_ids of a BERT tokenizer on DistilBERT,
     # MPNet or T5): the graph's own inputs are what a caller must feed.
-    names = [i.name for i in onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph.input]
+    graph_inputs = [i.name for i in onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph.input]
     tok.save_pretrained(str(folder))
     inner_model(st_model).config.save_pretrained(str(folder))
-    meta = {"inputs": names, "outputs": ["last_hidden_state", "sentence_embedding"],
+    meta = {"inputs": graph_inputs, "outputs": ["last_hidden_state", "sentence_embedding"],
             "max_seq_length": max_seq_length, "embedding_dim": int(st_model.get_embedding_dimension()),
             "padding_side": getattr(tok, "padding_side", "right") or "right",
             "truncation_side": getattr(tok, "truncation_side", "right") or "right",
