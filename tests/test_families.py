@@ -399,3 +399,25 @@ def test_bench_memory_part_runs_a_decoder_shape_with_and_without_checkpointing(t
     assert all(0 < r["trainable_params"] < r["total_params"] / 10 for r in rows)
     key = "memory at qwen3-tiny: LoRA / LoRA with gradient checkpointing RSS added by training"
     assert (key in bench.memory_ratios(rows)) == all(r.get("train_added_rss_mb") for r in rows)
+
+
+def test_probe_embeds_with_the_models_prompts(family_root, tmp_path, monkeypatch):
+    from pipeline import encoding
+    from pipeline.model import load_encoder
+    from pipeline.prepare import load_split
+    from tests.test_probe import _walmart_config
+
+    base = build("bert", family_root, prompts=PROMPTS)
+    monkeypatch.chdir(tmp_path)
+    labelled = family_project(tmp_path, base, **{"train.method": "base"})
+    pairs = ["--config", str(_walmart_config(tmp_path)), f"model.base={base}", "train.method=base",
+             "train.precision=fp32", *QUIET]  # fp32: compared with fp32 encodings below
+    assert cli("prepare", *pairs) == 0 and cli("train", *pairs) == 0
+    assert cli("probe", *pairs, f"eval.probe_config={labelled}") == 0
+    found = sorted(Path("cache").rglob("test.query.npy"))
+    assert len(found) == 1  # the base model's probe embeddings, with the query copy of the test split
+    texts = load_split(Path("data/processed/synthetic"), "test")["text"].tolist()
+    st = load_encoder(str(base), max_seq_length=32)
+    for name, prefix in (("test.query.npy", PROMPTS["query"]), ("test.npy", PROMPTS["passage"])):
+        expected = encoding.encode_texts(st, [prefix + t for t in texts], max_seq_length=32)
+        np.testing.assert_allclose(np.load(found[0].parent / name), expected, atol=1e-4)
