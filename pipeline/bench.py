@@ -226,22 +226,40 @@ ENCODER_SHAPES = {
 }
 
 
+# Decoders used as embedders (Qwen3-Embedding-0.6B's layer shapes; last-token pooling, left padding). Their
+# memory part compares LoRA with and without gradient checkpointing: full fine-tuning of 0.6B weights needs
+# about 10 GB for weights, gradients and AdamW moments alone, beyond what this bench is for.
+DECODER_SHAPES = {
+    "qwen3-tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "head_dim": 32, "intermediate_size": 128},
+    "qwen3-0.6b": {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "head_dim": 128, "intermediate_size": 3072},
+}
+
+
 def random_encoder(shape: str, tokenizer_from: str, folder: Path) -> Path:
-    """A sentence-transformers folder (BERT of ``shape`` with random weights, mean pooling, normalised) that
-    uses the tokenizer of ``tokenizer_from``; returns the folder."""
+    """A sentence-transformers folder (BERT of ``shape`` with random weights, mean pooling, normalised; or a
+    Qwen3 decoder with last-token pooling and left padding) that uses the tokenizer of ``tokenizer_from``."""
     import torch
     from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel, Qwen3Config, Qwen3Model
 
     from pipeline.model import resolve_base
 
     tok = AutoTokenizer.from_pretrained(resolve_base(tokenizer_from))
     torch.manual_seed(0)
     hf_dir, st_dir = folder / "hf", folder / "st"
-    BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=512, **ENCODER_SHAPES[shape])).save_pretrained(hf_dir)
+    decoder = shape in DECODER_SHAPES
+    if decoder:
+        tok.padding_side = "left"
+        Qwen3Model(Qwen3Config(vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                               **DECODER_SHAPES[shape])).save_pretrained(hf_dir)
+    else:
+        BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=512,
+                             **ENCODER_SHAPES[shape])).save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
     transformer = models.Transformer(str(hf_dir))
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="lasttoken" if decoder else "mean")
     SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(st_dir))
     return st_dir
 
@@ -258,17 +276,20 @@ def bench_memory(cfg: Config, work: Path, pairs_file: Path, peaks: dict, device:
     for shape in b.memory_shapes:
         log.info("bench: memory, building a %s-shaped encoder with random weights ...", shape)
         model_dir = random_encoder(shape, cfg.model.base, work / f"random-{shape}")
-        for method in ("lora", "full"):
-            name = f"{shape} {method}"
+        plans = [("lora", True), ("lora", False)] if shape in DECODER_SHAPES else [("lora", False), ("full", False)]
+        for method, checkpointing in plans:
+            name = f"{shape} {method}" + (" checkpointing" if checkpointing else "")
             config = _task_config(cfg, method=method, precision="auto", device=device)
             config["model"]["base"] = str(model_dir)
+            config["train"]["gradient_checkpointing"] = checkpointing
             spec = {"task": "train", "pairs_file": str(pairs_file), "warmup": 1, "steps": b.memory_steps,
                     "repeats": 1, "device": device, "path": "project", "method": method, "precision": "auto",
                     "config": config}
             log.info("bench: memory, training %s for %d steps ...", name, b.memory_steps + 1)
             result = run_worker(spec, work / f"{device}-memory-{name.replace(' ', '-')}")
             row = summarise(name, result, "pairs", peaks, {"path": "project", "method": method, "shape": shape,
-                                                           "batch_size": cfg.train.batch_size})
+                                                           "batch_size": cfg.train.batch_size,
+                                                           "gradient_checkpointing": checkpointing})
             log.info("bench:   peak RSS %.0f MB, %.0f MB added by training", row["peak_rss_mb"],
                      row.get("train_added_rss_mb") or float("nan"))
             rows.append(row)
@@ -595,8 +616,12 @@ def memory_ratios(memory: list[dict]) -> dict:
     for r in memory:
         groups.setdefault(r["shape"], []).append(r)
     for shape, rows in groups.items():
-        lora = next((r for r in rows if r["method"] == "lora"), None)
+        lora = next((r for r in rows if r["method"] == "lora" and not r.get("gradient_checkpointing")), None)
         full = next((r for r in rows if r["method"] == "full"), None)
+        ckpt = next((r for r in rows if r.get("gradient_checkpointing")), None)
+        if lora and ckpt and lora.get("train_added_rss_mb") and ckpt.get("train_added_rss_mb"):
+            out[f"memory at {shape}: LoRA / LoRA with gradient checkpointing RSS added by training"] = round(
+                lora["train_added_rss_mb"] / ckpt["train_added_rss_mb"], 2)
         if not (lora and full):
             continue
         out[f"memory at {shape}: full fine-tuning / LoRA peak RSS"] = round(full["peak_rss_mb"] / lora["peak_rss_mb"], 2)

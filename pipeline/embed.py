@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import encoding
+from pipeline import encoding, prompts
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest,
                                 read_json, require_manifest, write_json_atomic)
 from pipeline.config import Config
@@ -44,19 +44,28 @@ def label_texts(cfg: Config, processed: Path) -> list[str]:
 
 
 def _embed_all(st_model, cfg: Config, processed: Path, files: list[str], out: Path, device, dtype,
-               max_seq_length: int, who: str) -> dict:
+               max_seq_length: int, who: str, used: prompts.Prompts) -> dict:
+    """Each file in its role (pipeline/prompts.py); val/test also as queries when the two forms differ."""
     timings = {}
     n_total, started = 0, time.perf_counter()
+
+    def encode(texts, role, what):
+        return encoding.encode_texts(st_model, used.apply(texts, role), max_seq_length=max_seq_length,
+                                     batch_size=cfg.eval.batch_size, device=device, dtype=dtype,
+                                     progress=f"embed {who} {what}")
+
     for name in files:
         texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
-        emb = encoding.encode_texts(st_model, texts, max_seq_length=max_seq_length, batch_size=cfg.eval.batch_size,
-                                    device=device, dtype=dtype, progress=f"embed {who} {name}")
-        np.save(out / f"{Path(name).stem}.npy", emb)
+        np.save(out / f"{Path(name).stem}.npy", encode(texts, prompts.role_of_file(name), name))
         n_total += len(texts)
+        copy = prompts.query_copy_name(name)
+        if copy and used.differ:
+            np.save(out / copy, encode(texts, "query", f"{name} as queries"))
+            n_total += len(texts)
     labels = label_texts(cfg, processed)
     if labels:
-        np.save(out / "labels.npy", encoding.encode_texts(st_model, labels, max_seq_length=max_seq_length,
-                                                          device=device, dtype=dtype))
+        np.save(out / "labels.npy", encoding.encode_texts(st_model, used.apply(labels, "document"),
+                                                          max_seq_length=max_seq_length, device=device, dtype=dtype))
     seconds = time.perf_counter() - started
     timings.update({"texts": n_total, "seconds": round(seconds, 2),
                     "texts_per_second": round(n_total / seconds, 1) if seconds else None})
@@ -78,7 +87,11 @@ def merge_checked(st_model, probe_ids, device) -> float:
 
 def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
     fp = base_fingerprint(resolve_base(cfg.model.base))
-    tail = hashlib.sha256(f"{fp}-{prep_fp}-{max_seq_length}-{cfg.pairs.label_template}".encode()).hexdigest()[:8]
+    key = f"{fp}-{prep_fp}-{max_seq_length}-{cfg.pairs.label_template}"
+    used = prompts.for_run(cfg)
+    if used.any:  # without prompts the key is what it was before they existed, so old caches stay valid
+        key += json.dumps(used.record(), sort_keys=True)
+    tail = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{fp}-{prep_fp}-{max_seq_length}-{tail}"
 
 
@@ -94,7 +107,7 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtyp
                             trust_remote_code=cfg.model.trust_remote_code, max_seq_length=max_seq_length)
     with atomic_dir(out) as tmp:
         timing = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
-                            max_seq_length, "base")
+                            max_seq_length, "base", prompts.for_run(cfg, st_model))
         write_json_atomic(tmp / MANIFEST, make_manifest("embed-base", cfg, fingerprint=key,
                                                         inputs={"prepared_splits": prep.get(
                                                             "splits_fingerprint", prep["fingerprint"])},
@@ -136,7 +149,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                 extra["merge_min_cosine"] = merge_checked(st_model, probe, device)
             extra["adapted_dir"] = str(out)
             extra["timing"] = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
-                                         max_len, info["method"])
+                                         max_len, info["method"], prompts.of_record(info.get("prompts")))
         write_json_atomic(tmp / MANIFEST, make_manifest(
             "embed", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"],
                                                   "model": train_manifest["fingerprint"]}, extra=extra))

@@ -9,7 +9,8 @@ Protocol. Classification: logistic regression on standardised train embeddings, 
 validation macro-F1, scored once on test; kNN: similarity-weighted vote of the 10 nearest train
 items (FAISS inner product); zero-shot: nearest label-name embedding. Retrieval: every test item
 whose group has >= 2 test items is a query, the other members are relevant, the gallery is every other
-test item (FAISS exact inner product on normalised embeddings).
+test item (FAISS exact inner product on normalised embeddings). Which texts carry the query prompt and
+which the document prompt of models that have them is stated once, in pipeline/prompts.py.
 
 Verdict (``verdict`` in metrics.json, the opening of report.md). On each headline metric (macro-F1,
 recall@1, nDCG@10, where the dataset has them) the adapted model is compared with the base model and with
@@ -35,6 +36,7 @@ from pipeline import tracking
 from pipeline.artifacts import (Layout, atomic_dir, clean_stale, read_json, require_manifest,
                                 write_json_atomic)
 from pipeline.config import Config
+from pipeline.families import lora_block
 from pipeline.model import check_base_matches, read_model_info
 from pipeline.prepare import load_split
 
@@ -58,14 +60,17 @@ def _fit_logreg(x_train, y_train, x_val, y_val, grid, seed):
 
 
 def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_emb, cfg: Config,
-                         label_names: list[str]) -> tuple[dict, dict, dict]:
+                         label_names: list[str],
+                         query_emb: dict[str, np.ndarray] | None = None) -> tuple[dict, dict, dict]:
     """Returns (metrics, ci, details) for one set of embeddings.
 
     The reported ``macro_f1``/``accuracy`` come from the head with the best validation macro-F1 among
     logistic regression (C grid), kNN (k grid) and nearest label name; the test split only scores the
     chosen head. ``logreg_macro_f1``, ``knn_macro_f1`` (k = eval.knn_k) and ``zero_shot_macro_f1`` are
-    reported beside it so heads can be compared.
+    reported beside it so heads can be compared. Zero-shot reads the texts' query form (``query_emb``, when
+    the model has query prompts; pipeline/prompts.py), the other heads their document form.
     """
+    query_emb = query_emb or emb
     y = {s: splits[s]["label"].to_numpy() for s in splits}
     candidates: dict[str, tuple[float, np.ndarray]] = {}  # head -> (val macro-F1, test predictions)
     val_f1, c, clf = _fit_logreg(emb["train"], y["train"], emb["val"], y["val"], cfg.eval.classifier_c, cfg.seed)
@@ -80,8 +85,8 @@ def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFr
     zero_test = None
     if label_emb is not None and len(label_emb) == len(label_names):
         names = np.asarray(label_names)
-        zero_val = names[np.argmax(emb["val"] @ label_emb.T, axis=1)]
-        zero_test = names[np.argmax(emb["test"] @ label_emb.T, axis=1)]
+        zero_val = names[np.argmax(query_emb["val"] @ label_emb.T, axis=1)]
+        zero_test = names[np.argmax(query_emb["test"] @ label_emb.T, axis=1)]
         candidates["zero_shot"] = (M.classification_scores(y["val"], zero_val)["macro_f1"], zero_test)
     allowed = {h: v for h, v in candidates.items() if h.split("(")[0] in cfg.eval.heads}
     head = max(allowed, key=lambda h: allowed[h][0])
@@ -102,10 +107,11 @@ def classification_block(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFr
     return out, ci, details
 
 
-def retrieval_block(test_emb: np.ndarray, groups: np.ndarray, cfg: Config,
-                    search_fn=None) -> tuple[dict, dict, dict[str, np.ndarray]]:
+def retrieval_block(test_emb: np.ndarray, groups: np.ndarray, cfg: Config, search_fn=None,
+                    query_emb: np.ndarray | None = None) -> tuple[dict, dict, dict[str, np.ndarray]]:
     """(means, CIs, per-query arrays) of same-group retrieval; the arrays feed the paired verdicts."""
-    per_query = M.group_retrieval(test_emb, groups, k=cfg.eval.retrieval_k, search_fn=search_fn)
+    per_query = M.group_retrieval(test_emb, groups, k=cfg.eval.retrieval_k, search_fn=search_fn,
+                                  query_embeddings=query_emb)
     if not per_query:
         return {}, {}, {}
     out = {k: float(v.mean()) for k, v in per_query.items()}
@@ -124,20 +130,24 @@ def has_labels(test: pd.DataFrame) -> bool:
 def evaluate_embeddings(emb_dir: Path, splits: dict[str, pd.DataFrame], cfg: Config,
                         label_names: list[str]) -> dict:
     emb = {s: np.load(Path(emb_dir) / f"{s}.npy") for s in splits}
+    # The query form of a split, where the embed stage wrote one (a model with query prompts).
+    query_emb = {s: np.load(Path(emb_dir) / f"{s}.query.npy") if (Path(emb_dir) / f"{s}.query.npy").exists()
+                 else emb[s] for s in splits}
     label_path = Path(emb_dir) / "labels.npy"
     label_emb = np.load(label_path) if label_path.exists() else None
     result: dict = {"classification": {}, "retrieval": {}, "ci": {"classification": {}, "retrieval": {}}}
     if has_labels(splits["test"]):
-        cls, ci, details = classification_block(emb, splits, label_emb, cfg, label_names)
+        cls, ci, details = classification_block(emb, splits, label_emb, cfg, label_names, query_emb)
         result["classification"], result["ci"]["classification"] = cls, ci
         result["_details"] = details
     if has_groups(splits["test"]):
-        ret, ci, per_query = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg)
+        ret, ci, per_query = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg,
+                                             query_emb=query_emb["test"])
         result["retrieval"], result["ci"]["retrieval"] = ret, ci
         result["retrieval_queries"] = len(next(iter(per_query.values()), []))
         result["_items"] = {"retrieval": per_query}
         val_ret, _, _ = retrieval_block(emb["val"], splits["val"]["group"].to_numpy(), cfg.model_copy(
-            update={"eval": cfg.eval.model_copy(update={"bootstrap": 0})}))
+            update={"eval": cfg.eval.model_copy(update={"bootstrap": 0})}), query_emb=query_emb["val"])
         result["validation"] = {"retrieval": val_ret}
     if "_details" in result:
         result.setdefault("validation", {})["classification"] = result["_details"]["validation_macro_f1"]
@@ -239,6 +249,7 @@ def cached_base_scores(cfg: Config, emb_dir: Path, splits: dict[str, pd.DataFram
     rebuilt base cache can never be scored from stale results.
     """
     names = [f"{s}.npy" for s in splits] + ["labels.npy"]
+    names += [f"{s}.query.npy" for s in splits if (Path(emb_dir) / f"{s}.query.npy").exists()]
     splits_digest = hashlib.sha256(json.dumps({s: [df["text"].tolist(), df["label"].astype(str).tolist(),
                                                    df["group"].astype(str).tolist()] for s, df in splits.items()})
                                    .encode()).hexdigest()
@@ -405,9 +416,7 @@ def run(cfg: Config) -> Path:
         "dataset": cfg.data.name,
         "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
         "model": {"base": info["base"], "method": info["method"],
-                  "lora": {"r": info["lora"]["r"], "alpha": info["lora"]["alpha"],
-                           "target_modules": info["lora"]["target_modules"]} if info.get("lora") else
-                  {"r": 0, "alpha": 0, "target_modules": []},
+                  "lora": lora_block(info.get("lora")),
                   "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
         "classification": _rounded(adapted["classification"]),
         "retrieval": _rounded(adapted["retrieval"]),

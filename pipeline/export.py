@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
+from pipeline import prompts
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json,
                                 require_manifest, sha256_file, skip_or_refuse, write_json_atomic)
 from pipeline.config import Config
@@ -48,7 +49,7 @@ from pipeline.model import (base_fingerprint, check_base_matches, inner_model, l
 log = logging.getLogger(__name__)
 
 # Bump when the export layout or the gate changes, so an old export is not taken as up to date.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: prompts in the merged folder and onnx_config.json, the gate checks both roles
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model_qint8.onnx"
 ONNX_META = "onnx_config.json"
@@ -100,29 +101,32 @@ def fixed_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- encoders
 
 class TorchEncoder:
-    """A sentence-transformers model run through the project's encoder (tokenise once, pad per batch)."""
+    """A sentence-transformers model run through the project's encoder (tokenise once, pad per batch),
+    with the run's prompts (pipeline/prompts.py)."""
 
-    def __init__(self, st_model, max_seq_length: int, batch_size: int = 64):
+    def __init__(self, st_model, max_seq_length: int, batch_size: int = 64, used: prompts.Prompts | None = None):
         self.model, self.max_seq_length, self.batch_size = st_model, max_seq_length, batch_size
+        self.prompts = used or prompts.Prompts()
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
         """L2-normalised float32 embeddings, shape (len(texts), dim)."""
         from pipeline import encoding
 
-        return encoding.encode_texts(self.model, list(texts), max_seq_length=self.max_seq_length,
+        return encoding.encode_texts(self.model, self.prompts.apply(texts, role), max_seq_length=self.max_seq_length,
                                      batch_size=self.batch_size, device="cpu", dtype=None)
 
 
 class STEncoder:
-    """A plain ``SentenceTransformer``, called the way a user calls it (``encode``)."""
+    """A plain ``SentenceTransformer``, called the way a user calls it: ``encode`` with the folder's own
+    ``query`` / ``document`` prompt, as ``encode_query`` / ``encode_document`` apply them."""
 
     def __init__(self, st_model, batch_size: int = 64):
         self.model, self.batch_size = st_model, batch_size
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
         """L2-normalised float32 embeddings, shape (len(texts), dim)."""
         out = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                convert_to_numpy=True, show_progress_bar=False)
+                                convert_to_numpy=True, show_progress_bar=False, prompt_name=role)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -169,9 +173,10 @@ class OnnxEncoder:
             arrays["token_type_ids"][i, cols] = e.type_ids
         return {k: arrays[k] for k in self.inputs}
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised float32 embeddings, shape (len(texts), dim); longest texts batched first."""
-        encs = self.tokenizer.encode_batch(list(texts))
+    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
+        """L2-normalised float32 embeddings, shape (len(texts), dim); longest texts batched first. The
+        prompts recorded in ``onnx_config.json`` are prepended as the PyTorch forms do."""
+        encs = self.tokenizer.encode_batch(prompts.of_record(self.meta.get("prompts")).apply(texts, role))
         out = np.zeros((len(encs), self.dim), dtype=np.float32)
         order = np.argsort([-len(e.ids) for e in encs], kind="stable")
         for start in range(0, len(order), self.batch_size):
@@ -201,6 +206,10 @@ def load_adapter_form(folder: Path, device: str = "cpu"):
     return st_model
 
 
+def adapter_prompts(folder: Path) -> prompts.Prompts:
+    return prompts.of_record(read_json(Path(folder) / BASE_META).get("prompts"))
+
+
 def load_form(export_dir: Path, form: str, *, batch_size: int = 64):
     """An encoder (``.encode(texts) -> (n, dim)`` normalised float32) for one exported form."""
     export_dir = Path(export_dir)
@@ -212,7 +221,8 @@ def load_form(export_dir: Path, form: str, *, batch_size: int = 64):
         if not (export_dir / "adapter" / BASE_META).exists():
             raise ArtifactError(f"{export_dir} has no adapter form (only LoRA runs export one)")
         meta = read_json(export_dir / "adapter" / BASE_META)
-        return TorchEncoder(load_adapter_form(export_dir / "adapter"), meta["max_seq_length"], batch_size)
+        return TorchEncoder(load_adapter_form(export_dir / "adapter"), meta["max_seq_length"], batch_size,
+                            adapter_prompts(export_dir / "adapter"))
     if form in ("onnx", "onnx_int8"):
         file = ONNX_FILE if form == "onnx" else ONNX_INT8_FILE
         if not (export_dir / "onnx" / file).exists():
@@ -223,7 +233,8 @@ def load_form(export_dir: Path, form: str, *, batch_size: int = 64):
 
 # -------------------------------------------------------------------------------------------------- ONNX
 
-def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[str]) -> dict:
+def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[str],
+                used: prompts.Prompts | None = None) -> dict:
     """Trace the whole sentence-transformers pipeline into ``folder/model.onnx`` and save the tokenizer.
 
     Why not Optimum (the sentence-transformers ONNX backend): its only release (optimum-onnx 0.1.0)
@@ -258,14 +269,21 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
         torch.onnx.export(graph, tuple(dummy[n] for n in names), str(folder / ONNX_FILE), dynamo=False,
                           input_names=names, output_names=["last_hidden_state", "sentence_embedding"],
                           dynamic_axes=axes, opset_version=ONNX_OPSET, do_constant_folding=True)
+    import onnx
+
+    # The tracer drops an input the model never reads (token_type_ids of a BERT tokenizer on DistilBERT,
+    # MPNet or T5): the graph's own inputs are what a caller must feed.
+    graph_inputs = [i.name for i in onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph.input]
     tok.save_pretrained(str(folder))
     inner_model(st_model).config.save_pretrained(str(folder))
-    meta = {"inputs": names, "outputs": ["last_hidden_state", "sentence_embedding"],
+    meta = {"inputs": graph_inputs, "outputs": ["last_hidden_state", "sentence_embedding"],
             "max_seq_length": max_seq_length, "embedding_dim": int(st_model.get_embedding_dimension()),
             "padding_side": getattr(tok, "padding_side", "right") or "right",
             "truncation_side": getattr(tok, "truncation_side", "right") or "right",
             "pad_token_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),
             "pooling": "in graph (the sentence-transformers modules after the transformer)",
+            "pooling_mode": next((m.pooling_mode for m in st_model if hasattr(m, "pooling_mode")), None),
+            "prompts": (used or prompts.Prompts()).record(),
             "normalized_in_graph": any(type(m).__name__ == "Normalize" for m in st_model), "opset": ONNX_OPSET}
     write_json_atomic(folder / ONNX_META, meta)
     return meta
@@ -415,7 +433,7 @@ def _raise_on_failures(failures: list[str], run_name: str, out: Path) -> None:
 
 def neighbour_agreement(encoders: dict[str, object], index: SearchIndex, queries: Sequence[str], k: int) -> dict:
     """Top-k rows per form for ``queries`` and their agreement with the merged form."""
-    rows = {form: index.search_ids(enc.encode(queries), k)[1] for form, enc in encoders.items()}
+    rows = {form: index.search_ids(enc.encode(queries, "query"), k)[1] for form, enc in encoders.items()}
     ref = rows["merged"]
     out = {}
     for form, r in rows.items():
@@ -579,6 +597,7 @@ def _write_adapter(model_dir: Path, info: dict, out: Path) -> None:
         "base": info["base"], "base_resolved": info["base_resolved"], "base_fingerprint": info["base_fingerprint"],
         "revision": info.get("revision"), "trust_remote_code": info.get("trust_remote_code", False),
         "max_seq_length": info["max_seq_length"], "embedding_dim": info.get("embedding_dim"),
+        "prompts": prompts.of_record(info.get("prompts")).record(),
         "note": "the adapter wraps the transformer inside the base sentence-transformers model; its pooling "
                 "and normalisation are the base model's"})
 
@@ -646,35 +665,45 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
     sample = fixed_sample([r["text"] for r in records], ecfg.sample_texts, cfg.seed)
     queries = sample[:min(ecfg.neighbour_queries, max(1, len(sample) - len(EDGE_TEXTS) - 4))]
     log.info("export: %s (%s) -> %s", run_name, info["method"], out)
+    used = prompts.of_record(info.get("prompts"))
+    roles: tuple[prompts.Role, ...] = ("document", "query") if used.differ else ("document",)
+
+    def gate_vectors(encoder) -> np.ndarray:
+        """The sample in every role whose prompt differs (document rows first), so the gate checks queries too."""
+        return np.vstack([encoder.encode(sample, role) for role in roles])
+
     with atomic_dir(out) as tmp:
         t = time.perf_counter()
         # The reference the merged model must reproduce: the exported adapter on its base (LoRA), or
         # the trained full model as the train stage wrote it.
         if info["method"] == "lora":
             _write_adapter(model_dir, info, tmp / "adapter")
-            reference = TorchEncoder(load_adapter_form(tmp / "adapter"), max_len)
+            reference = TorchEncoder(load_adapter_form(tmp / "adapter"), max_len, used=used)
             reference_name = "unmerged adapter"
         else:
-            reference = TorchEncoder(load_trained(model_dir), max_len)
+            reference = TorchEncoder(load_trained(model_dir), max_len, used=used)
             reference_name = "trained full model"
-        ref_emb = reference.encode(sample)
+        ref_emb = gate_vectors(reference)
         t = lap("reference_seconds", t)
 
         merged = load_trained(model_dir, merge=True)
         merged.max_seq_length = max_len
+        # the run's prompts under the names encode_query / encode_document look for
+        merged.prompts = prompts.for_sentence_transformers(used, merged.prompts)
         merged.save(str(tmp / "merged"), safe_serialization=True)
         del merged
         # Everything below uses the folder as written, so a bad save fails the gate like a bad merge.
         merged_st = SentenceTransformer(str(tmp / "merged"), device="cpu")
         merged_enc = STEncoder(merged_st)
-        merged_emb = merged_enc.encode(sample)
+        merged_emb = gate_vectors(merged_enc)
         base = load_encoder(info["base"], revision=info.get("revision"),
                             trust_remote_code=info.get("trust_remote_code", False), max_seq_length=max_len)
-        base_emb = TorchEncoder(base, max_len).encode(sample)
+        base_emb = gate_vectors(TorchEncoder(base, max_len, used=used))
         changed, compared = changed_tensors(inner_model(merged_st), inner_model(base))
         del base
         t = lap("merge_seconds", t)
-        gate = {"reference": reference_name, "sample_size": len(sample),
+        gate = {"reference": reference_name, "sample_size": len(sample), "roles": list(roles),
+                "prompts": used.record(),
                 "merged_vs_reference_min_cos": float(row_cosines(merged_emb, ref_emb).min()),
                 "merged_vs_reference_mean_cos": float(row_cosines(merged_emb, ref_emb).mean()),
                 "merged_vs_base_mean_cos": float(row_cosines(merged_emb, base_emb).mean()),
@@ -690,11 +719,11 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
         if info["method"] == "lora":
             encoders["adapter"] = reference
         if ecfg.onnx:
-            onnx_meta = export_onnx(merged_st, tmp / "onnx", max_len, sample)
+            onnx_meta = export_onnx(merged_st, tmp / "onnx", max_len, sample, used)
             onnx_enc = OnnxEncoder(tmp / "onnx", ONNX_FILE)
             # Batched (padded) and one text at a time (no padding): both paths of the traced mask.
             single = np.vstack([onnx_enc.encode([s]) for s in sample[:8]])
-            cos = np.concatenate([row_cosines(onnx_enc.encode(sample), merged_emb),
+            cos = np.concatenate([row_cosines(gate_vectors(onnx_enc), merged_emb),
                                   row_cosines(single, merged_emb[:8])])
             gate["onnx_vs_torch_min_cos"] = float(cos.min())
             forms["onnx"] = {"path": f"onnx/{ONNX_FILE}", "inputs": onnx_meta["inputs"],
@@ -705,7 +734,7 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
             if ecfg.quantize_int8:
                 quantize_int8(tmp / "onnx")
                 int8 = OnnxEncoder(tmp / "onnx", ONNX_INT8_FILE)
-                cos8 = row_cosines(int8.encode(sample), merged_emb)
+                cos8 = row_cosines(gate_vectors(int8), merged_emb)
                 gate["onnx_int8_vs_torch_min_cos"] = float(cos8.min())
                 gate["onnx_int8_vs_torch_mean_cos"] = float(cos8.mean())
                 forms["onnx_int8"] = {"path": f"onnx/{ONNX_INT8_FILE}",
@@ -775,7 +804,7 @@ def neighbours_report(export_dir: Path, forms: Sequence[str], queries: Sequence[
     out = {}
     for form in forms:
         enc = load_form(export_dir, form)
-        scores, rows = index.search_ids(enc.encode(queries), k)
+        scores, rows = index.search_ids(enc.encode(queries, "query"), k)
         out[form] = {"ids": [[index.records[i]["id"] for i in r] for r in rows], "scores": scores.tolist()}
     return out
 

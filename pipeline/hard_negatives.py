@@ -30,7 +30,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from pipeline import encoding
+from pipeline import encoding, prompts
 from pipeline.config import Config
 from pipeline.metrics import search
 
@@ -38,16 +38,22 @@ log = logging.getLogger(__name__)
 NEGATIVE_COLUMNS = ["negative", "negative_group", "negative_label", "negative_kind"]
 
 
-def _embed(cfg: Config, texts: list[str]) -> np.ndarray:
-    """float32 (len(texts), dim), L2-normalised, with the config's base model."""
+def _embed(cfg: Config, texts: list[str], anchors: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(``texts`` as documents, ``anchors`` as queries or None when the two forms are equal), float32
+    L2-normalised, with the config's base model and its prompts (anchors are queries as in training)."""
     from pipeline.model import load_encoder, pick_device, pick_dtype
 
     device = pick_device(cfg.train.device)
     st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
                             trust_remote_code=cfg.model.trust_remote_code, max_seq_length=cfg.train.max_seq_length)
-    return encoding.encode_texts(st_model, texts, max_seq_length=cfg.train.max_seq_length,
-                                 batch_size=cfg.eval.batch_size, device=device,
-                                 dtype=pick_dtype(cfg.train.precision, device), progress="mine: embed")
+    used = prompts.for_run(cfg, st_model)
+
+    def encode(items, role):
+        return encoding.encode_texts(st_model, used.apply(items, role), max_seq_length=cfg.train.max_seq_length,
+                                     batch_size=cfg.eval.batch_size, device=device,
+                                     dtype=pick_dtype(cfg.train.precision, device), progress=f"mine: embed {role}s")
+
+    return encode(texts, "document"), (encode(anchors, "query") if used.differ else None)
 
 
 def choose(scores: np.ndarray, ok: np.ndarray, positive_score: float, *, range_min: int, range_max: int | None,
@@ -83,10 +89,14 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
     label_texts = [cfg.pairs.label_template.format(label=n) for n in label_names]
     texts = list(dict.fromkeys(list(pairs["anchor"]) + list(pairs["positive"]) + list(pool["text"]) + label_texts))
     row = {t: i for i, t in enumerate(texts)}
-    emb = _embed(cfg, texts)
+    anchors = list(dict.fromkeys(pairs["anchor"]))
+    emb, anchor_form = _embed(cfg, texts, anchors)
     a_rows = np.array([row[t] for t in pairs["anchor"]])
     p_rows = np.array([row[t] for t in pairs["positive"]])
-    pos_score = np.sum(emb[a_rows] * emb[p_rows], axis=1)
+    # one row per pair: the anchor embedded as a query (its document form when the model has no prompts)
+    anchor_row = {t: i for i, t in enumerate(anchors)}
+    a_emb = emb[a_rows] if anchor_form is None else anchor_form[[anchor_row[t] for t in pairs["anchor"]]]
+    pos_score = np.sum(a_emb * emb[p_rows], axis=1)
 
     out = {c: [None] * len(pairs) for c in NEGATIVE_COLUMNS}
     neg_scores = np.full(len(pairs), np.nan)
@@ -102,7 +112,7 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
         pool_label = pool["label"].to_numpy()
         largest_group = int(pool.groupby("group").size().max())
         depth = min(len(pool), hn.range_max + largest_group + 16)
-        scores, ids = search(emb[pool_rows], emb[a_rows[text_pairs]], depth)
+        scores, ids = search(emb[pool_rows], a_emb[text_pairs], depth)
         label_guard = cfg.train.mask_same_label if mask_same_label is None else mask_same_label
         for qi, i in enumerate(text_pairs):
             hit = ids[qi]
@@ -123,7 +133,7 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
     label_pairs = np.flatnonzero(kinds == "label")
     if len(label_pairs) and len(label_names) > 1:
         lab_emb = emb[[row[t] for t in label_texts]]
-        sims = emb[a_rows[label_pairs]] @ lab_emb.T  # (n_label_pairs, n_labels)
+        sims = a_emb[label_pairs] @ lab_emb.T  # (n_label_pairs, n_labels)
         names = np.asarray(label_names)
         for qi, i in enumerate(label_pairs):
             order = np.argsort(-sims[qi], kind="stable")

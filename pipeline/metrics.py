@@ -69,11 +69,12 @@ def sparse_search(index_vectors, query_vectors, k: int) -> tuple[np.ndarray, np.
 
 
 def group_retrieval(embeddings: np.ndarray, groups: np.ndarray, k: int = 10,
-                    search_fn: Callable | None = None) -> dict[str, np.ndarray]:
+                    search_fn: Callable | None = None, query_embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Same-group retrieval inside one split: every item whose group has >= 2 members is a query,
     its relevant items are the other members, the gallery is every other item of the split.
 
-    embeddings: (n, dim) L2-normalised; groups: (n,) group ids. Returns per-query metric arrays.
+    embeddings: (n, dim) L2-normalised; groups: (n,) group ids; query_embeddings: the same n items
+    embedded as queries (a model with query prompts), default ``embeddings``. Returns per-query metric arrays.
     """
     groups = np.asarray(groups)
     _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
@@ -81,7 +82,8 @@ def group_retrieval(embeddings: np.ndarray, groups: np.ndarray, k: int = 10,
     if len(queries) == 0:
         return {}
     search_fn = search_fn or search
-    _, ids = search_fn(embeddings, embeddings[queries], k + 1)
+    asked = embeddings if query_embeddings is None else query_embeddings
+    _, ids = search_fn(embeddings, asked[queries], k + 1)
     ranked = np.full((len(queries), k), -1, dtype=np.int64)
     for row, (q, hits) in enumerate(zip(queries, ids)):
         hits = hits[hits != q][:k]  # the query itself is not in its own gallery

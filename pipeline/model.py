@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from pipeline.artifacts import read_json, sha256_file
@@ -84,14 +82,15 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def load_encoder(base: str, *, device: torch.device | str = "cpu", revision: str | None = None,
-                 trust_remote_code: bool = False, max_seq_length: int | None = None):
+                 trust_remote_code: bool = False, max_seq_length: int | None = None,
+                 model_kwargs: dict | None = None):
     """Load a sentence-transformers model (a plain transformers checkpoint gets mean pooling)."""
     from sentence_transformers import SentenceTransformer
 
     resolved = resolve_base(base)
     try:
         model = SentenceTransformer(resolved, device=str(device), revision=revision,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, model_kwargs=model_kwargs or None)
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ConfigError(
@@ -112,25 +111,82 @@ def set_inner_model(st_model, module: torch.nn.Module) -> None:
     st_model[0].model = module
 
 
-def apply_lora(st_model, lora) -> Any:
-    """Wrap the transformer in a PEFT LoRA model; only LoRA weights stay trainable."""
+def apply_lora(st_model, lora):
+    """Wrap the transformer in a PEFT LoRA model; only LoRA weights stay trainable.
+
+    ``lora.target_modules`` (a preset or names) is resolved for the architecture (pipeline/families.py);
+    returns the resolved ``Targets`` so the run records what was adapted.
+    """
     from peft import LoraConfig, get_peft_model
 
+    from pipeline import families
+
     inner = inner_model(st_model)
-    # PEFT's rule for a list: a module is targeted when its full name equals an entry or ends with
-    # "." + entry, so dotted entries such as "attention.output.dense" are valid too.
-    names = [n for n, _ in inner.named_modules()]
-    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in inner.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"train.lora.target_modules: {missing} not found in the base model; "
-                          f"its linear modules are named {linear}")
+    targets = families.resolve(inner, lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), use_rslora=lora.use_rslora,
+                        target_modules=list(targets.modules), use_rslora=lora.use_rslora,
                         use_dora=lora.use_dora, bias="none")
+    if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        # casts norms to fp32 and freezes the quantised weights; checkpointing is set up by the caller
+        inner = prepare_model_for_kbit_training(inner, use_gradient_checkpointing=False)
     peft_model = get_peft_model(inner, config)
     set_inner_model(st_model, peft_model)
-    return peft_model
+    return targets
+
+
+def enable_gradient_checkpointing(st_model) -> None:
+    """Recompute activations in the backward pass, in a way LoRA weights still get gradients.
+
+    With the reentrant implementation and frozen input embeddings no tensor entering a checkpointed block
+    requires grad, so the LoRA weights inside get none (field note 4); non-reentrant checkpointing has no
+    such condition, and input embeddings that require grad cover a model that forces reentrant mode.
+    """
+    inner = inner_model(st_model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(inner).__name__} does not support gradient "
+                          "checkpointing; set it to false")
+    kwargs = {"use_reentrant": False}
+    # transformers 5 names it activation_checkpointing_enable (the old name warns); it also turns on input
+    # grads itself, which is called again here so the guarantee does not rest on that version's behaviour.
+    if hasattr(inner, "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inner.enable_input_require_grads()
+    if hasattr(inner, "config"):
+        inner.config.use_cache = False
+
+
+def training_model_kwargs(t, device: torch.device) -> dict:
+    """``model_kwargs`` for loading the base to train: bf16 weights or a bitsandbytes quantisation (QLoRA).
+
+    Both need CUDA: bitsandbytes' 4/8-bit kernels are CUDA kernels, and bf16 weights on the CPU would
+    train with bf16 master weights (autocast already gives bf16 matmuls there).
+    """
+    if t.quantization == "none" and t.weights_dtype == "fp32":
+        return {}
+    what = f"train.quantization={t.quantization}" if t.quantization != "none" else "train.weights_dtype=bf16"
+    if device.type != "cuda":
+        raise ConfigError(f"{what} needs a CUDA GPU (this run's device is {device.type})"
+                          + ("; QLoRA also needs the bitsandbytes package" if t.quantization != "none" else ""))
+    kwargs: dict = {"dtype": torch.bfloat16}
+    if t.quantization != "none":
+        if t.method != "lora":
+            raise ConfigError(f"{what} trains LoRA adapters on frozen quantised weights; set train.method=lora")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{what} needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU"
+                              ) from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+            if t.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    return kwargs
 
 
 def count_parameters(st_model) -> tuple[int, int]:

@@ -463,6 +463,8 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         lex_per_query = lexical_retrieval(queries, gallery, relevant, cfg)
         lex_ret, lex_ci = summarize(lex_per_query, cfg)
         lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
+    from pipeline.families import lora_block
+
         lex_items = {"retrieval": lex_per_query}
     curve = E.train_curve(train_manifest)
     val_figures = validation_figures(layout.processed, emb_manifest, gallery, cfg)
@@ -475,8 +477,7 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         "dataset": cfg.data.name,
         "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
         "model": {"base": info["base"], "method": info["method"],
-                  "lora": ({"r": lora["r"], "alpha": lora["alpha"], "target_modules": lora["target_modules"]}
-                           if lora else {"r": 0, "alpha": 0, "target_modules": []}),
+                  "lora": lora_block(lora),
                   "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
         "classification": {},
         "retrieval": ret,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import encoding, tracking
+from pipeline import encoding, prompts, tracking
 from pipeline import metrics as M
 from pipeline import pairs_dataset
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, read_json, read_manifest,
@@ -56,24 +56,30 @@ def _needed(prep: dict, processed: Path, pcfg: Config) -> tuple[list[str], list[
 
 
 def _embed(st_model, processed: Path, files: list[str], label_texts: list[str], out: Path, cfg: Config,
-           max_len: int, device, dtype) -> None:
+           max_len: int, device, dtype, used: prompts.Prompts) -> None:
+    """Texts in their roles as the embed stage writes them (pipeline/prompts.py)."""
+    def encode(texts, role, what):
+        return encoding.encode_texts(st_model, used.apply(texts, role), max_seq_length=max_len,
+                                     batch_size=cfg.eval.batch_size, device=device, dtype=dtype,
+                                     progress=f"probe embed {what}")
+
     for name in files:
         texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
-        np.save(out / f"{Path(name).stem}.npy", encoding.encode_texts(
-            st_model, texts, max_seq_length=max_len, batch_size=cfg.eval.batch_size, device=device, dtype=dtype,
-            progress=f"probe embed {name}"))
+        np.save(out / f"{Path(name).stem}.npy", encode(texts, prompts.role_of_file(name), name))
+        copy = prompts.query_copy_name(name)
+        if copy and used.differ:
+            np.save(out / copy, encode(texts, "query", f"{name} as queries"))
     if label_texts:
-        np.save(out / "labels.npy", encoding.encode_texts(st_model, label_texts, max_seq_length=max_len,
-                                                          device=device, dtype=dtype))
+        np.save(out / "labels.npy", encode(label_texts, "document", "labels"))
 
 
 def _cached_embeddings(folder: Path, key: str, pcfg: Config, make_model, processed: Path, files, label_texts,
-                       max_len: int, device, dtype, stage: str) -> Path:
+                       max_len: int, device, dtype, stage: str, prompts_of) -> Path:
     if is_up_to_date(folder, key):
         return folder
     st_model = make_model()
     with atomic_dir(folder) as tmp:
-        _embed(st_model, processed, files, label_texts, tmp, pcfg, max_len, device, dtype)
+        _embed(st_model, processed, files, label_texts, tmp, pcfg, max_len, device, dtype, prompts_of(st_model))
         write_json_atomic(tmp / MANIFEST, make_manifest(stage, pcfg, fingerprint=key, inputs={"files": files}))
     return folder
 
@@ -109,14 +115,17 @@ def score(prep: dict, processed: Path, pcfg: Config, adapted_dir: Path, base_dir
 
         test = load_split(processed, "test")
         ea, eb = np.load(adapted_dir / "test.npy"), np.load(base_dir / "test.npy")
-        per_a = M.group_retrieval(ea, test["group"].to_numpy(), k=pcfg.eval.retrieval_k)
-        per_b = M.group_retrieval(eb, test["group"].to_numpy(), k=pcfg.eval.retrieval_k)
+        # the query form of the test texts where the model has query prompts (pipeline/prompts.py)
+        qa, qb = (np.load(d / "test.query.npy") if (d / "test.query.npy").exists() else e
+                  for d, e in ((adapted_dir, ea), (base_dir, eb)))
+        per_a = M.group_retrieval(ea, test["group"].to_numpy(), k=pcfg.eval.retrieval_k, query_embeddings=qa)
+        per_b = M.group_retrieval(eb, test["group"].to_numpy(), k=pcfg.eval.retrieval_k, query_embeddings=qb)
         result["queries"] = int(len(next(iter(per_a.values())))) if per_a else 0
         if label_names and (adapted_dir / "labels.npy").exists():
             y = test["label"].to_numpy()
             names = np.asarray(label_names)
-            za = names[np.argmax(ea @ np.load(adapted_dir / "labels.npy").T, axis=1)]
-            zb = names[np.argmax(eb @ np.load(base_dir / "labels.npy").T, axis=1)]
+            za = names[np.argmax(qa @ np.load(adapted_dir / "labels.npy").T, axis=1)]
+            zb = names[np.argmax(qb @ np.load(base_dir / "labels.npy").T, axis=1)]
             for key, pred in (("adapted", za), ("base", zb)):
                 result[key]["zero_shot_macro_f1"] = round(M.classification_scores(y, pred)["macro_f1"], 5)
                 ci = M.bootstrap_macro_f1_ci(y, pred, pcfg.eval.bootstrap, pcfg.seed)
@@ -167,7 +176,8 @@ def run(cfg: Config) -> Path:
             Path(cfg.paths.cache) / "probe-embeddings" / f"{key}-{fkey}", fkey, pcfg,
             lambda: load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
                                  trust_remote_code=cfg.model.trust_remote_code, max_seq_length=max_len),
-            processed, files, label_texts, max_len, device, dtype, "probe-embed-base")
+            processed, files, label_texts, max_len, device, dtype, "probe-embed-base",
+            lambda st: prompts.for_run(cfg, st))
 
     def trained():
         st_model = load_trained(model_dir, device=device, expected_base=cfg.model.base)
@@ -182,7 +192,8 @@ def run(cfg: Config) -> Path:
         akey = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"], files,
                                           label_texts]).encode()).hexdigest()[:16]
         adapted_dir = _cached_embeddings(layout.run() / f"probe-{pcfg.data.name}", akey, pcfg, trained, processed,
-                                         files, label_texts, max_len, device, dtype, "probe-embed")
+                                         files, label_texts, max_len, device, dtype, "probe-embed",
+                                         lambda st: prompts.of_record(info.get("prompts")))
 
     result = score(prep, processed, pcfg, adapted_dir, base_dir, label_names)
     payload = {"run_name": cfg.resolved_run_name, "trained_on": cfg.data.name, "probe_dataset": pcfg.data.name,

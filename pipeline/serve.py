@@ -4,7 +4,8 @@
 ``GET /search?q=...&k=...`` (the k nearest corpus records with cosine scores). Queries are embedded with
 the ONNX form by default (onnxruntime + tokenizers, no torch on the request path) or the form named by
 ``export.serve_form``; every form was proven equal to the merged model by the export gate, so queries
-and index vectors agree whichever form embeds them. Run it with ``make serve`` (port ``SERVE_PORT``) or ``python -m pipeline serve --run NAME``.
+and index vectors agree whichever form embeds them. ``/search`` embeds ``q`` with the model's query prompt,
+``/embed`` with its document prompt unless the request says ``"role": "query"`` (pipeline/prompts.py). Run it with ``make serve`` (port ``SERVE_PORT``) or ``python -m pipeline serve --run NAME``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +31,8 @@ MAX_K = 100
 # At module level: FastAPI resolves the (postponed) annotation of a request body by name from here.
 class EmbedRequest(BaseModel):
     texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+    # which prompt the export's model gets (pipeline/prompts.py): search queries are "query"
+    role: Literal["query", "document"] = "document"
 
 
 def pick_form(export_dir: Path, wanted: str) -> str:
@@ -58,11 +62,11 @@ def create_app(export_dir: Path, form: str = "onnx"):
     app = FastAPI(title=f"embedding search: {manifest['run_name']}",
                   description="Embeddings and nearest-neighbour search over an exported, gate-checked encoder.")
 
-    def embed(texts: list[str]):
+    def embed(texts: list[str], role: str):
         if any(len(t) > MAX_CHARS for t in texts):
             raise HTTPException(413, f"each text must have at most {MAX_CHARS} characters")
         with lock:
-            return encoder.encode(texts)
+            return encoder.encode(texts, role)
 
     @app.get("/health")
     def health() -> dict:
@@ -72,13 +76,13 @@ def create_app(export_dir: Path, form: str = "onnx"):
 
     @app.post("/embed")
     def embed_endpoint(req: EmbedRequest) -> dict:
-        vectors = embed(req.texts)
-        return {"form": form, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+        vectors = embed(req.texts, req.role)
+        return {"form": form, "role": req.role, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
 
     @app.get("/search")
     def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
         started = time.perf_counter()
-        hits = index.search(embed([q]), k)[0]
+        hits = index.search(embed([q], "query"), k)[0]  # the index holds documents
         return {"query": q, "k": k, "form": form, "results": hits,
                 "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 

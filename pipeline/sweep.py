@@ -49,6 +49,7 @@ from pipeline import tracking
 from pipeline.artifacts import Layout, read_json, read_manifest, require_manifest, write_json_atomic
 from pipeline.config import Config, config_to_yaml, load_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.families import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def presets(cfg: Config) -> dict[str, list[str]]:
         if bad:
             raise ConfigError(f"sweep.target_presets names {bad} must be letters, digits, '.', '_' or '-'")
         return {k: list(v) for k, v in cfg.sweep.target_presets.items()}
+    if isinstance(cfg.train.lora.target_modules, str):  # a preset (pipeline/families.py), resolved per base
+        return {cfg.train.lora.target_modules.replace("+", "_"): [cfg.train.lora.target_modules]}
     modules = list(cfg.train.lora.target_modules)
     if all(m in SHORT for m in modules):
         return {"".join(SHORT[m] for m in modules): modules}
@@ -143,7 +146,9 @@ def child_config(cfg: Config, point: Point, *, parent_run_id: str | None = None,
     tree["seed"] = point.seed
     tree["train"]["method"] = point.method
     if point.method == "lora":
-        tree["train"]["lora"].update(r=point.r, alpha=point.alpha, target_modules=list(point.modules))
+        # a one-entry list naming a preset is that preset
+        targets = point.modules[0] if len(point.modules) == 1 and point.modules[0] in PRESETS else list(point.modules)
+        tree["train"]["lora"].update(r=point.r, alpha=point.alpha, target_modules=targets)
     elif point.method == "full" and cfg.sweep.full_lr is not None:
         tree["train"]["lr"] = cfg.sweep.full_lr
     tree["tracking"]["parent_run_id"] = parent_run_id

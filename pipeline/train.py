@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import distributed, encoding, objectives, recovery, speed, tracking, validation
+from pipeline import distributed, encoding, families, objectives, prompts, recovery, speed, tracking, validation
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest,
                                 require_manifest, skip_or_refuse, write_json_atomic)
 from pipeline.batching import epoch_batches
@@ -32,8 +32,9 @@ from pipeline.config import Config
 from pipeline.errors import ArtifactError, TrainingError
 from pipeline.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 from pipeline.memory import current_rss_mb, peak_rss_mb
-from pipeline.model import (apply_lora, base_fingerprint, count_parameters, inner_model, load_encoder, lora_b_norm,
-                            pick_device, pick_dtype, resolve_base, write_model_info)
+from pipeline.model import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing, inner_model,
+                            load_encoder, lora_b_norm, pick_device, pick_dtype, resolve_base, training_model_kwargs,
+                            write_model_info)
 from pipeline.prepare import load_pairs
 
 log = logging.getLogger(__name__)
@@ -44,25 +45,41 @@ def fingerprint(cfg: Config, data_fingerprint: str) -> str:
     import hashlib
 
     # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
-    # run resumed with another thread count or checkpoint interval continues its checkpoint.
-    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every"})
-    payload = json.dumps({"model": cfg.model.model_dump(mode="json"), "train": train, "seed": cfg.seed,
-                          "data": data_fingerprint}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    # run resumed with another thread count, checkpoint interval or checkpointing setting continues.
+    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every", "gradient_checkpointing"})
+    for key, default in (("weights_dtype", "fp32"), ("quantization", "none")):
+        if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
+            del train[key]
+    base = resolve_base(cfg.model.base)
+    # A preset is identified by the names it resolves to for this base: what is trained.
+    resolved = families.resolve_for_base(base, cfg.train.lora.target_modules,
+                                         trust_remote_code=cfg.model.trust_remote_code)
+    train["lora"]["target_modules"] = resolved or train["lora"]["target_modules"]
+    identity = {"model": cfg.model.model_dump(mode="json", exclude={"prompts"}), "train": train, "seed": cfg.seed,
+                "data": data_fingerprint}
+    used = prompts.for_run(cfg)
+    if used.any:
+        identity["prompts"] = used.record()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PairTensors:
     """Training pairs as token ids and integer codes, tokenised once."""
 
-    def __init__(self, pairs, st_model, max_seq_length: int):
+    def __init__(self, pairs, st_model, max_seq_length: int, used_prompts: prompts.Prompts | None = None):
         # Optional mined hard negatives (pipeline/hard_negatives.py): a third text per pair, -1 where none.
         negatives = pairs["negative"] if "negative" in pairs else pd.Series([None] * len(pairs), dtype=object)
-        texts = list(dict.fromkeys(list(pairs["anchor"]) + list(pairs["positive"]) + list(negatives.dropna())))
+        # Anchors are queries, positives and negatives documents (pipeline/prompts.py); texts are keyed with
+        # their prompt, so one text used on both sides is tokenised once per form (once without prompts).
+        p = used_prompts or prompts.Prompts()
+        anchors, positives = p.apply(list(pairs["anchor"]), "query"), p.apply(list(pairs["positive"]), "document")
+        negs = [p.document + t if isinstance(t, str) else None for t in negatives]
+        texts = list(dict.fromkeys(anchors + positives + [t for t in negs if t is not None]))
         text_id = {t: i for i, t in enumerate(texts)}
         self.ids = encoding.tokenize(st_model, texts, max_seq_length)
-        self.anchor = np.array([text_id[t] for t in pairs["anchor"]])
-        self.positive = np.array([text_id[t] for t in pairs["positive"]])
-        self.negative = np.array([text_id[t] if isinstance(t, str) else -1 for t in negatives], dtype=np.int64)
+        self.anchor = np.array([text_id[t] for t in anchors])
+        self.positive = np.array([text_id[t] for t in positives])
+        self.negative = np.array([text_id[t] if t is not None else -1 for t in negs], dtype=np.int64)
         n = len(pairs)
         # Pair and negative metadata share one code space so that "same group" compares across them.
         none = pd.Series([None] * n, dtype=object)
@@ -342,19 +359,20 @@ class _Setup:
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.precision, self.device)
         self.model = load_encoder(cfg.model.base, device=self.device, revision=cfg.model.revision,
-                                  trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length)
-        self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length)
+                                  trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length,
+                                  model_kwargs=training_model_kwargs(t, self.device))
+        self.prompts = prompts.for_run(cfg, self.model)
+        self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length, self.prompts)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
         self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
-        vset = (validation.load(layout.processed, prep, max_texts=t.validation.max_texts, seed=cfg.seed)
-                if t.validation.enabled else None)
-        self.val_ids = ((encoding.tokenize(self.model, vset.queries, t.max_seq_length),
-                         encoding.tokenize(self.model, vset.documents, t.max_seq_length) if vset.documents else None)
-                        if vset else None)
-        self.vset = vset
-        if t.method == "lora":
-            apply_lora(self.model, t.lora)
-        self.model.to(self.device)
+        self.vset = (validation.load(layout.processed, prep, max_texts=t.validation.max_texts, seed=cfg.seed)
+                     if t.validation.enabled else None)
+        self.val_ids = self._validation_ids(t.max_seq_length)
+        self.targets = apply_lora(self.model, t.lora) if t.method == "lora" else None
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        if t.quantization == "none":  # a quantised model is placed by bitsandbytes and cannot be moved
+            self.model.to(self.device)
         self.levers = speed.for_training(self.model, self.device)  # measured by `make bench`; see speed.py
         self.trainable, self.total = count_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -367,6 +385,16 @@ class _Setup:
                                                          self.total_steps)
         self.mask_same_label = objectives.mask_same_label(cfg, prep)
         self.t = t.model_copy(update={"mask_same_label": self.mask_same_label})
+
+    def _validation_ids(self, max_seq_length: int) -> tuple | None:
+        """Validation texts tokenised once, with the query prompt on the query side and the document prompt
+        on the gallery side (pipeline/prompts.py); a set that is its own gallery is embedded as queries."""
+        if self.vset is None:
+            return None
+        queries = encoding.tokenize(self.model, self.prompts.apply(self.vset.queries, "query"), max_seq_length)
+        docs = self.vset.documents
+        return queries, (encoding.tokenize(self.model, self.prompts.apply(docs, "document"), max_seq_length)
+                         if docs else None)
 
 
 def _train(cfg: Config, layout: Layout, prep: dict, fp: str, model_dir: Path, ckpt_dir: Path,
@@ -420,7 +448,12 @@ def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
                         "precision": "bf16" if su.dtype is not None else "fp32",
                         "objective": (prep.get("objective") or {}).get("name", "unknown"),
                         "mask_same_label": su.mask_same_label,
-                        "validation_metric": su.vset.metric if su.vset else "none"})
+                        "validation_metric": su.vset.metric if su.vset else "none",
+                        **({"prompt_query": su.prompts.query, "prompt_document": su.prompts.document}
+                           if su.prompts.any else {}),
+                        **({"resolved_target_modules": ",".join(su.targets.modules),
+                            "adapted_modules": su.targets.adapted_modules, "architecture": su.targets.architecture}
+                           if su.targets else {})})
 
 
 def _evaluate_at(step: int, su: _Setup, sel: Selection, tracker, best_dir: Path, main: bool) -> None:
@@ -538,7 +571,9 @@ def _model_info(cfg: Config, su: _Setup, stats: dict) -> dict:
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
         "max_seq_length": t.max_seq_length,
-        "lora": t.lora.model_dump() if t.method == "lora" else None,
+        "lora": {**t.lora.model_dump(), "target_modules": su.targets.modules, "targets": su.targets.record()}
+        if su.targets else None,
+        "prompts": su.prompts.record(),
         "trainable_params": su.trainable,
         "total_params": su.total,
         "embedding_dim": stats.pop("embedding_dim"),
@@ -571,6 +606,7 @@ def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> 
                             trust_remote_code=cfg.model.trust_remote_code)
     _, total = count_parameters(st_model)
     info = {"method": "base", "base": cfg.model.base, "base_resolved": resolved,
+            "prompts": prompts.for_run(cfg, st_model).record(),
             "base_fingerprint": base_fingerprint(resolved), "revision": cfg.model.revision,
             "trust_remote_code": cfg.model.trust_remote_code, "max_seq_length": cfg.train.max_seq_length,
             "lora": None, "trainable_params": 0, "total_params": total,

@@ -18,7 +18,8 @@ def test_every_shipped_config_loads(path):
 def test_default_config_is_lora_on_qkv():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg.train.method == "lora"
-    assert cfg.train.lora.target_modules == ["query", "key", "value"]
+    # the qkv preset, which resolves to query,key,value on MiniLM (tests/test_families.py)
+    assert cfg.train.lora.target_modules == "qkv"
     # the validation-chosen default (configs/experiments/README.md): r16, rsLoRA, no dropout
     assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.dropout, cfg.train.lora.use_rslora) == (16, 32, 0.0, True)
     assert cfg.train.epochs == 3
@@ -42,6 +43,13 @@ def test_dotted_overrides_are_typed():
     assert cfg.train.lora.r == 8 and cfg.train.epochs == 2.0 and cfg.seed == 3
     assert cfg.train.lora.target_modules == ["query", "value"]
     assert cfg.resolved_run_name == "pricerunner-lora-r8-a32-s3"
+
+
+def test_target_modules_take_a_preset_or_a_list():
+    cfg = load_config(REPO / "configs" / "default.yaml", ["train.lora.target_modules=qkv+ffn"])
+    assert cfg.train.lora.target_modules == "qkv+ffn"
+    with pytest.raises(ConfigError, match=r"'query' is not a preset .*as a list"):
+        load_config(REPO / "configs" / "default.yaml", ["train.lora.target_modules=query"])
 
 
 def test_unknown_key_is_named():

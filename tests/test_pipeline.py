@@ -58,8 +58,11 @@ def test_all_stages_write_exactly_their_artefacts(project):
     assert {"run_name", "dataset", "mlflow_run_id", "model", "classification", "retrieval", "baseline", "lexical",
             "train"} <= set(m)
     assert m["run_name"] == RUN and m["mlflow_run_id"] == tm["mlflow_run_id"]
-    assert m["model"]["method"] == "lora" and m["model"]["lora"] == {"r": 4, "alpha": 8.0,
-                                                                       "target_modules": ["query", "key", "value"]}
+    lora = m["model"]["lora"]
+    assert m["model"]["method"] == "lora" and {k: lora[k] for k in ("r", "alpha", "target_modules")} == {
+        "r": 4, "alpha": 8.0, "target_modules": ["query", "key", "value"]}
+    # added beside the contract's keys: what the qkv preset resolved to on this architecture
+    assert (lora["preset"], lora["adapted_modules"], lora["architecture"]) == ("qkv", 6, "bert")
     for block in (m, m["baseline"], m["lexical"]):
         assert {"macro_f1", "accuracy"} <= set(block["classification"])
         assert {"recall@1", "recall@10", "ndcg@10", "mrr@10"} <= set(block["retrieval"])

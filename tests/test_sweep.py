@@ -79,8 +79,11 @@ def test_grid_and_child_configs(project):
     # every child trains something different, so every train fingerprint differs
     fps = {sweep.child_fingerprint(sweep.child_config(cfg, p), "data")[1] for p in points}
     assert len(fps) == len(points)
-    # without presets the config's own target modules form the one preset, named by initials
-    assert sweep.presets(load_config(project)) == {"qkv": ["query", "key", "value"]}
+    # without presets the config's own target modules form the one preset: a preset name (the default) as
+    # itself, resolved per model by the child; attention projections named by their initials
+    assert sweep.presets(load_config(project)) == {"qkv": ["qkv"]}
+    assert sweep.presets(load_config(project, ["train.lora.target_modules=[query,key,value]"])) == {
+        "qkv": ["query", "key", "value"]}
     with pytest.raises(ConfigError, match="duplicate"):
         sweep.grid(load_config(project, ["sweep.ranks=[2,2]"]))
 
