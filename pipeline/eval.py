@@ -443,6 +443,7 @@ def run(cfg: Config) -> Path:
         "verdict": verdict_block(cfg, info["method"], items_of(adapted), items_of(base), items_of(lexical),
                                  splits["test"]["label"].to_numpy() if "_details" in adapted else None,
                                  eval_validation_figures(adapted, base), train_curve(train_manifest)),
+        "objective": prep.get("objective"),  # the objective the training pairs were built for
         "seed": cfg.seed,
         "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
         "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score

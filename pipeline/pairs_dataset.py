@@ -448,6 +448,7 @@ def delta_table(deltas: dict) -> list[str]:
 def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Path:
     from pipeline import eval as E
     from pipeline import report
+    from pipeline.families import lora_block
 
     queries, gallery = load_queries(layout.processed), load_gallery(layout.processed)
     relevant = relevance_rows(queries, gallery)
@@ -463,8 +464,6 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         lex_per_query = lexical_retrieval(queries, gallery, relevant, cfg)
         lex_ret, lex_ci = summarize(lex_per_query, cfg)
         lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
-    from pipeline.families import lora_block
-
         lex_items = {"retrieval": lex_per_query}
     curve = E.train_curve(train_manifest)
     val_figures = validation_figures(layout.processed, emb_manifest, gallery, cfg)
@@ -499,6 +498,7 @@ def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_
         "test_items": int(len(queries)),
         "gallery_items": int(len(gallery)),
         "retrieval_queries": int(len(queries)),
+        "objective": prep.get("objective"),  # the objective the training pairs were built for
         "seed": cfg.seed,
         "data_fingerprint": prep["fingerprint"],
         "model_fingerprint": train_manifest["fingerprint"],

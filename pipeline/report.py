@@ -147,6 +147,14 @@ def curve_png(curve: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _objective_sentence(objective: dict | None) -> str:
+    """The training objective prepare chose (pipeline/objectives.py), as one sentence of the report."""
+    if not objective:
+        return ""
+    mask = ", same-label mask on" if objective.get("mask_same_label") else ""
+    return f" Training objective **{objective['name']}** ({objective.get('reason', '')}{mask})."
+
+
 def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve: bool = False) -> str:
     cls_keys = [k for k in ("macro_f1", "accuracy", "logreg_macro_f1", "knn_macro_f1", "zero_shot_macro_f1") if k in m["classification"]]
     ret_keys = [k for k in ("recall@1", "recall@10", "ndcg@10", "mrr@10", "recall_all@10") if k in m["retrieval"]]
@@ -156,7 +164,8 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
              + (f" (r={m['model']['lora']['r']}, alpha={m['model']['lora']['alpha']}, "
                 f"targets {', '.join(m['model']['lora']['target_modules'])})" if m["model"]["method"] == "lora" else "")
              + f"; trainable {m['model']['trainable_params']:,} of {m['model']['total_params']:,} parameters"
-             f" ({100 * m['model']['trainable_params'] / max(m['model']['total_params'], 1):.2f}%).", "",
+             f" ({100 * m['model']['trainable_params'] / max(m['model']['total_params'], 1):.2f}%)."
+             + _objective_sentence(m.get("objective")), "",
              f"Test split: {m['test_items']:,} items, {m['retrieval_queries']:,} retrieval queries; seed {m['seed']}. "
              "Brackets: bootstrap 95% confidence interval over test items / queries. "
              f"`macro_f1`/`accuracy` use the classifier head chosen on validation: "

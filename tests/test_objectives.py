@@ -80,3 +80,37 @@ def test_group_objective_keeps_same_label_texts_of_other_groups_as_negatives():
     o = resolve(_cfg(), has_groups=True, has_labels=True)
     pairs = build_pairs(train, _cfg(), 0, o)
     assert set(pairs["kind"]) <= {"group", "label"} and (pairs["kind"] == "group").sum() == 2
+
+
+def test_a_labels_only_train_test_corpus_trains_with_no_extra_setting(tmp_path, monkeypatch, tiny_model_dir):
+    """The issue's corpus shape: text, category and a train/test split column, no entity ids and no val
+    split. With a config holding only its data section (plus the tiny model and test-speed knobs) it
+    prepares, picks the label objective, chooses its step on validation macro-F1 and is evaluated."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import cli
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"how do i {verb} my {thing} please {i}", "category": verb, "split": "test" if i < 3 else "train"}
+            for verb in ("reset", "cancel", "upgrade", "transfer") for thing in ("card", "plan") for i in range(12)]
+    pd.DataFrame(rows).to_csv("intents.csv", index=False)
+    cfg = {"data": {"name": "intents", "format": "table", "path": "intents.csv", "text_column": "text",
+                    "label_column": "category", "group_column": None, "split_column": "split"},
+           "model": {"base": str(tiny_model_dir)},
+           "train": {"batch_size": 8, "max_seq_length": 32, "num_threads": 1, "epochs": 2},
+           "eval": {"bootstrap": 20}, "tracking": {"experiment": "tests"}}
+    Path("c.yaml").write_text(yaml.safe_dump(cfg))
+    for stage in ("prepare", "train", "embed", "eval"):
+        assert cli(stage, "--config", "c.yaml") == 0, stage
+    prep = json.loads(Path("data/processed/intents/manifest.json").read_text())
+    assert prep["objective"]["name"] == "label" and prep["objective"]["mask_same_label"] is True
+    assert prep["split_plan"]["carved"] == ["val"] and prep["pairs"]["same_label"] > 0
+    run = "intents-lora-r16-a32-s0"
+    trained = json.loads(Path(f"runs/{run}/model/manifest.json").read_text())["train"]
+    assert trained["mask_same_label"] is True and trained["validation"]["metric"] == "macro_f1"
+    m = json.loads(Path(f"reports/{run}/metrics.json").read_text())
+    assert m["objective"]["name"] == "label" and "macro_f1" in m["classification"] and m["retrieval"] == {}
+    assert "objective **label**" in Path(f"reports/{run}/report.md").read_text()
