@@ -66,7 +66,8 @@ def make_models(cfg: Config, folder: Path, n: int) -> tuple[list[Path], list[Pat
     adapters, merged = [], []
     for i in range(n):
         st = copy.deepcopy(base)
-        peft = apply_lora(st, cfg.train.lora)
+        apply_lora(st, cfg.train.lora)
+        peft = inner_model(st)
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():  # lora_B starts at zero; a trained adapter's is not, and merging must change weights
             for name, p in peft.named_parameters():

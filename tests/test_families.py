@@ -135,7 +135,10 @@ def test_an_unmapped_architecture_is_mapped_by_names_or_stops_with_a_clear_error
 def _run_stages(config: Path, *extra: str, stages=("prepare", "train", "embed", "eval", "export"),
                 tracked: bool = False) -> None:
     for stage in stages:
-        assert cli(stage, "--config", str(config), *([] if tracked else QUIET), *extra) == 0, stage
+        # a few steps of a random tiny model rarely beat it on validation, and export refuses such a run;
+        # that refusal has its own test (tests/test_export.py), here the gate is what is checked
+        force = ("--force",) if stage == "export" else ()
+        assert cli(stage, "--config", str(config), *([] if tracked else QUIET), *extra, *force) == 0, stage
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

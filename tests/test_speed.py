@@ -33,7 +33,7 @@ def test_swapped_model_is_identical_in_eval_and_trains(tiny_model_dir):
     from pipeline.model import apply_lora, load_encoder
 
     st = load_encoder(str(tiny_model_dir))
-    apply_lora(st, LoraSettings(r=4, alpha=8))
+    apply_lora(st, LoraSettings(r=4, alpha=8, dropout=0.05))  # LoRA dropout on: its modules are swapped too
     feats = {"input_ids": torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
     st.eval()
