@@ -16,7 +16,6 @@ Each evaluation embeds at most ``train.validation.max_texts`` texts (seeded samp
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -146,7 +145,3 @@ def load(processed: Path, prep_manifest: dict, *, max_texts: int, seed: int) -> 
         if found is not None:
             return found
     return _label_set(_read_jsonl(processed / "train.jsonl"), val, max_texts, rng)
-
-
-def describe(vs: ValidationSet | None) -> str:
-    return json.dumps({"metric": vs.metric, "what": vs.description}) if vs else "none"

@@ -100,3 +100,25 @@ def _no_inherited_mlflow_uri(monkeypatch):
     """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so the store of one test would receive the
     runs of every later test in the process (and of their subprocesses); each test starts without it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def serve_in_thread(app):
+    """Start an ASGI app on a free loopback port in a daemon thread; returns (server, thread, base URL).
+    Waits at most 30 s for it to start."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start within 30 s"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, serve_in_thread
 from tests.test_export import QUIET, RUN, trained, trained_cache  # noqa: F401  (shared fixture)
 
 RUN_B = "synthetic-lora-r4-a8-s1"
@@ -49,22 +49,6 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(a * b, axis=1).min())
 
 
-def _serve(app):
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start within 30 s"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 def test_served_adapters_equal_their_merged_exports_under_interleaved_requests(two_exports):
@@ -80,7 +64,7 @@ def test_served_adapters_equal_their_merged_exports_under_interleaved_requests(t
 
     # a wide window so the concurrent requests below fall into one or two windows
     app = create_app([out_a, out_b], window_ms=300)
-    server, thread, url = _serve(app)
+    server, thread, url = serve_in_thread(app)
     got: dict[tuple[str, int], np.ndarray] = {}
     errors: list[str] = []
 

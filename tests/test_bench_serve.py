@@ -11,28 +11,14 @@ import numpy as np
 import psutil
 import pytest
 
+from tests.conftest import serve_in_thread
+
 from pipeline.bench_serve import load, make_models, markdown, merged_app, run, verdict
 from pipeline.config import load_config
 
 TEXTS = ["samsung galaxy a123", "lg oled tv", "intel core i7 cpu b456 black", "bosch fridge"]
 
 
-def _serve(app):
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 def test_random_adapters_equal_their_merged_twins_and_the_load_generator_counts_every_request(project, tmp_path):
@@ -52,7 +38,7 @@ def test_random_adapters_equal_their_merged_twins_and_the_load_generator_counts_
         assert row_cosines(served[i], twin.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999
     assert row_cosines(served[0], served[1]).min() < 0.9999  # and the adapters differ
 
-    servers = [_serve(build_app(aset, window_ms=20)), _serve(merged_app(twins, meta["max_seq_length"]))]
+    servers = [serve_in_thread(build_app(aset, window_ms=20)), serve_in_thread(merged_app(twins, meta["max_seq_length"]))]
     try:
         (_, _, a_url), (_, _, m_url) = servers
         spread = load([(a_url, f"a{i}") for i in range(3)], TEXTS, 15, 3, 60)
