@@ -115,13 +115,27 @@ def make_optimizer(st_model, t) -> torch.optim.Optimizer:
                              weight_decay=t.weight_decay)
 
 
-def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, state: dict) -> None:
-    """Trainable weights as safetensors; optimizer/scheduler/RNG as tensors loaded with weights_only."""
+def save_trainable(path: Path, st_model) -> None:
+    """The trainable weights (LoRA, or all of them) as one safetensors file."""
     from safetensors.torch import save_file
 
+    save_file({n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad}, path)
+
+
+def load_trainable(path: Path, st_model) -> None:
+    """Copy weights written by :func:`save_trainable` back into the model, in place."""
+    from safetensors.torch import load_file
+
+    params = dict(st_model.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(path).items():
+            params[n].copy_(t.to(params[n].device))
+
+
+def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, state: dict) -> None:
+    """Trainable weights as safetensors; optimizer/scheduler/RNG as tensors loaded with weights_only."""
     with atomic_dir(folder) as tmp:
-        weights = {n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad}
-        save_file(weights, tmp / "trainable.safetensors")
+        save_trainable(tmp / "trainable.safetensors", st_model)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -131,14 +145,8 @@ def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, 
 
 def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG (dropout draws continue exactly where they were)."""
-    from safetensors.torch import load_file
-
     try:
-        weights = load_file(folder / "trainable.safetensors")
-        params = dict(st_model.named_parameters())
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t.to(params[n].device))
+        load_trainable(folder / "trainable.safetensors", st_model)
         blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
@@ -330,25 +338,17 @@ def _validate(st_model, vset: validation.ValidationSet, ids: tuple, device) -> f
 
 
 def _save_best(folder: Path, st_model, step: int, value: float) -> None:
-    from safetensors.torch import save_file
-
     with atomic_dir(folder) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad},
-                  tmp / "trainable.safetensors")
+        save_trainable(tmp / "trainable.safetensors", st_model)
         write_json_atomic(tmp / "state.json", {"step": step, "value": value})
 
 
 def _restore_best(folder: Path, st_model, step: int) -> None:
-    from safetensors.torch import load_file
-
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
     if state.get("step") != step:
         raise ArtifactError(f"the best checkpoint in {folder} is from step {state.get('step')}, but validation chose "
                             f"step {step}; pass --overwrite to train again")
-    params = dict(st_model.named_parameters())
-    with torch.no_grad():
-        for n, t in load_file(folder / "trainable.safetensors").items():
-            params[n].copy_(t.to(params[n].device))
+    load_trainable(folder / "trainable.safetensors", st_model)
 
 
 class _Setup:
