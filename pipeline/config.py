@@ -287,7 +287,7 @@ class BenchConfig(Section):
     parity_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     parity_classifier_texts: int = Field(3000, ge=10)  # train (and val) texts the parity classifier uses
     faiss_sizes: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])
-    # clustered: items around topic centres, queries near items (pipeline/bench_workers.synthetic_vectors);
+    # clustered: items around topic centres, queries near items (pipeline/bench/workers.synthetic_vectors);
     # uniform: isotropic Gaussian, the no-structure worst case for IVF/HNSW.
     faiss_data: Literal["clustered", "uniform"] = "clustered"
     faiss_cluster_size: int = Field(100, ge=1)
@@ -299,7 +299,7 @@ class BenchConfig(Section):
     hnsw_m: int = Field(32, ge=2)
     hnsw_max_n: int | None = Field(1_000_000, ge=1)  # larger HNSW builds are extrapolated, not run
     matmul_size: int = Field(2048, ge=64)
-    # Part "serve" (pipeline/bench_serve.py), run when this list is non-empty: resident memory of one base
+    # Part "serve" (pipeline/bench/serve.py), run when this list is non-empty: resident memory of one base
     # with N adapters against N merged models, and HTTP throughput against one process per merged model.
     serve_adapter_counts: list[PositiveInt] = Field(default_factory=lambda: [1, 5, 20])
     serve_spread: int = Field(5, ge=1)  # adapters (and merged-model processes) the spread load goes over

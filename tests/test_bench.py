@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench import _parity_blocks, recommend_indexes, seed_item_bootstrap_ci
-from pipeline.bench_workers import TokenCounter, encoder_shape, flops, window_stats
+from pipeline.bench.harness import _parity_blocks, recommend_indexes, seed_item_bootstrap_ci
+from pipeline.bench.workers import TokenCounter, encoder_shape, flops, window_stats
 from tests.conftest import cli
 
 QUICK = ["bench.train_pairs=48", "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=2", "bench.profile_steps=2",
@@ -78,7 +78,7 @@ def test_index_recommendation_prefers_exact_search_while_it_is_fast():
 
 
 def test_synthetic_vectors_have_the_structure_they_claim():
-    from pipeline.bench_workers import synthetic_vectors
+    from pipeline.bench.workers import synthetic_vectors
 
     rng = np.random.default_rng(0)
     xb, xq = synthetic_vectors(rng, 5000, 200, 384, "clustered", cluster_size=100, chunk=1500)
@@ -224,7 +224,7 @@ def test_parity_blocks_average_seeds_and_score_macro_f1_like_scikit_learn():
 def test_reference_trainer_uses_the_same_loraplus_groups_as_the_project(tiny_model_dir, tmp_path):
     import pandas as pd
 
-    from pipeline.bench_workers import add_reference_lora, reference_trainer
+    from pipeline.bench.workers import add_reference_lora, reference_trainer
     from pipeline.config import Config
     from pipeline.model import load_encoder
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import serve_in_thread
 
-from pipeline.bench_serve import load, make_models, markdown, merged_app, run, verdict
+from pipeline.bench.serve import load, make_models, markdown, merged_app, run, verdict
 from pipeline.config import load_config
 
 TEXTS = ["samsung galaxy a123", "lg oled tv", "intel core i7 cpu b456 black", "bosch fridge"]

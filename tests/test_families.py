@@ -387,7 +387,7 @@ def test_a_sweep_entry_naming_a_preset_resolves_per_model():
 def test_bench_memory_part_runs_a_decoder_shape_with_and_without_checkpointing(tmp_path):
     import pandas as pd
 
-    from pipeline import bench
+    from pipeline.bench import harness as bench
     from pipeline.config import Config
 
     pairs = pd.DataFrame({"anchor": [f"apple iphone {i}" for i in range(8)], "positive": [f"iphone {i} black"

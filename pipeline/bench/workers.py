@@ -1,4 +1,4 @@
-"""One benchmark measurement per process: ``python -m pipeline.bench_workers SPEC.json OUT.json``.
+"""One benchmark measurement per process: ``python -m pipeline.bench.workers SPEC.json OUT.json``.
 
 `pipeline.bench` starts one of these per path (project training, the sentence-transformers reference,
 encoding, quality parity, a FAISS size), one after the other, so each peak RSS belongs to one path and

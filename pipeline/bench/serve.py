@@ -13,7 +13,7 @@
 The adapters are random LoRA weights of the ``train.lora`` shape on ``model.base`` (memory and speed do not
 depend on the values); each merged model is the same adapter merged. The load generator sends a bounded
 number of requests (``bench.serve_requests``, one text each) from ``bench.serve_concurrency`` threads and
-stops at ``bench.serve_timeout_s``. Servers run as child processes (``python -m pipeline.bench_serve``) and
+stops at ``bench.serve_timeout_s``. Servers run as child processes (``python -m pipeline.bench.serve``) and
 are stopped before the next scenario starts.
 """
 
@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.adapters_serve import EmbedRequest  # at module level: FastAPI resolves the body annotation here
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import PROJECT_ROOT, write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXTRA_ADAPTERS = 3  # adapters added to a running server to time the run-time add
 WARM_TEXTS = ["warm-up text", "a second, slightly longer warm-up text for the encoder"]
 
@@ -107,7 +106,7 @@ class Server:
         # the child must import this checkout's package whatever the working directory is
         env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         with open(self.log_path, "w", encoding="utf-8") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.bench_serve", str(spec_path)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.bench.serve", str(spec_path)],
                                          stdout=fh, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + start_timeout_s
         while True:

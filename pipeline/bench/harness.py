@@ -14,9 +14,9 @@
   index recommendation per corpus size, and the encode cost of 1M texts from the measured throughput;
 - GPU (when CUDA is visible): the same training and encoding in bf16, against the GPU's matmul peak.
 
-Every measurement runs in its own worker process (:mod:`pipeline.bench_workers`), one after the other,
+Every measurement runs in its own worker process (:mod:`pipeline.bench.workers`), one after the other,
 so peak RSS is per path and nothing shares the CPU with it; each is repeated and the median reported.
-Achieved GFLOP/s use the FLOP model in :mod:`pipeline.bench_workers` and are compared with a matmul
+Achieved GFLOP/s use the FLOP model in :mod:`pipeline.bench.workers` and are compared with a matmul
 peak measured at the start of the same run. On a shared machine run it under a lock
 (``flock /tmp/cpu-heavy.lock make bench``): timings taken while other work runs are meaningless.
 """
@@ -125,7 +125,7 @@ def run_worker(spec: dict, folder: Path) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as fh:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.bench_workers", str(spec_path), str(out_path)],
+        proc = subprocess.run([sys.executable, "-m", "pipeline.bench.workers", str(spec_path), str(out_path)],
                               stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     if proc.returncode != 0 or not out_path.exists():
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
@@ -841,8 +841,8 @@ def run(cfg: Config) -> Path:
             report["parity"] = bench_parity(cfg, work, layout)
         if "faiss" in b.parts and b.faiss_sizes:
             report["faiss"] = bench_faiss(cfg, work)
-        if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench_serve.py)
-            from pipeline import bench_serve
+        if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench/serve.py)
+            from pipeline.bench import serve as bench_serve
 
             report["serve"] = bench_serve.run(cfg, work, texts)
         if "gpu" not in b.parts:
@@ -863,7 +863,7 @@ def run(cfg: Config) -> Path:
         write_json_atomic(out_dir / f"{date}.json", report)
         md = out_dir / f"{date}.md"
         tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-        from pipeline.bench_serve import markdown as serve_markdown
+        from pipeline.bench.serve import markdown as serve_markdown
 
         tmp.write_text(markdown(report) + serve_markdown(report.get("serve")), encoding="utf-8")
         os.replace(tmp, md)
