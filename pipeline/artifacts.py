@@ -118,12 +118,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def digest(payload: Any, length: int = 16) -> str:
+    """Short identity of a JSON-able value: the first ``length`` hex digits of its sha256 (keys sorted,
+    so two dicts with the same items give the same digest). Every fingerprint and cache key uses this."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -220,7 +232,7 @@ def clean_stale_temporaries(parent: Path) -> list[Path]:
     for kind in ("old", "tmp"):  # restore first: a restored folder is never mistaken for a temporary
         for p in sorted(parent.glob(f".*.{kind}-*")):
             stem, _, pid = p.name.rpartition(f".{kind}-")
-            if not pid.isdigit() or _pid_alive(int(pid)) or not stem.startswith("."):
+            if not pid.isdigit() or pid_alive(int(pid)) or not stem.startswith("."):
                 continue
             final = parent / stem[1:]
             if kind == "old" and not final.exists():
@@ -240,7 +252,7 @@ def clean_stale(*parents: Path) -> None:
         clean_stale_temporaries(parent)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

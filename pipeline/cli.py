@@ -18,7 +18,9 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe", "targets")
+from pipeline.stages import MODULES
+
+STAGES = tuple(MODULES)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,57 +115,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, cfg) -> int | None:
+    from pipeline import stages
+
     stage = args.stage
-    if stage == "prepare":
-        from pipeline import prepare
-
-        prepare.run(cfg, force=args.force)
-    elif stage == "train":
-        from pipeline import train
-
-        train.run(cfg, overwrite=args.overwrite)
-    elif stage == "embed":
-        from pipeline import embed
-
-        embed.run(cfg, force=args.force)
-    elif stage == "eval":
-        from pipeline import eval as evaluate
-
-        evaluate.run(cfg)
+    if stage in ("prepare", "embed"):
+        stages.run(stage, cfg, force=args.force)
+    elif stage in ("train", "sweep", "suite"):
+        stages.run(stage, cfg, overwrite=args.overwrite)
     elif stage == "export":
-        from pipeline import export
-
-        out = export.run(cfg, overwrite=args.overwrite, force=args.force)
+        out = stages.run("export", cfg, overwrite=args.overwrite, force=args.force)
         if cfg.export.targets:
-            from pipeline import targets
-
-            targets.run(cfg, out)
-    elif stage == "sweep":
-        from pipeline import sweep
-
-        sweep.run(cfg, overwrite=args.overwrite)
-    elif stage == "suite":
-        from pipeline import suite
-
-        suite.run(cfg, overwrite=args.overwrite)
-    elif stage == "serve":
-        from pipeline import serve
-
-        serve.run(cfg)
-    elif stage == "bench":
-        from pipeline import bench
-
-        bench.run(cfg)
+            stages.run("targets", cfg, export_dir=out)
     elif stage == "targets":  # load an existing export into export.targets without exporting again
-        from pipeline import targets
         from pipeline.artifacts import Layout
         from pipeline.errors import ConfigError
 
         if not cfg.export.targets:
             raise ConfigError("targets: export.targets is empty; e.g. export.targets=[qdrant,lancedb,opensearch]")
-        targets.run(cfg, Layout(cfg).export())
-    elif stage == "probe":
-        from pipeline import probe
-
-        probe.run(cfg)
+        stages.run("targets", cfg, export_dir=Layout(cfg).export())
+    else:
+        stages.run(stage, cfg)
     return 0

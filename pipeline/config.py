@@ -43,7 +43,7 @@ class DataConfig(Section):
 
     name: str = "pricerunner"
     # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
-    # pairs: the same file types holding query -> positive rows (pipeline/pairs_dataset.py).
+    # pairs: the same file types holding query -> positive rows (pipeline/prepare_pairs.py).
     format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
     # table: a file, a folder of split files (train.csv, dev.jsonl, test.parquet ...), "hf:<dataset id or
     # path>", or "mirror:<path under the data mirror>" (copied read-only to data/raw/<name>/ first)

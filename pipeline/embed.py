@@ -11,8 +11,6 @@ model agree on a probe sample; a merge that silently changed nothing, or changed
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,25 +20,19 @@ import pandas as pd
 import torch
 
 from pipeline import encoding, prompts
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest,
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, digest, is_up_to_date, make_manifest,
                                 read_json, require_manifest, write_json_atomic)
 from pipeline.config import Config
-from pipeline.errors import TrainingError
-from pipeline.model import (base_fingerprint, check_base_matches, inner_model, load_encoder, load_trained,
-                            pick_device, pick_dtype, read_model_info, resolve_base, set_inner_model)
+from pipeline.identity import base_embeddings_key
+from pipeline.prepared import load_labels, text_files
+from pipeline.model import (check_base_matches, load_encoder, load_trained, merge_checked, pick_device, pick_dtype,
+                            read_model_info)
 
 log = logging.getLogger(__name__)
-MERGE_MIN_COSINE = 0.9999
-
-
-def text_files(prep_manifest: dict) -> list[str]:
-    return prep_manifest.get("text_files", ["train.jsonl", "val.jsonl", "test.jsonl"])
 
 
 def label_texts(cfg: Config, processed: Path) -> list[str]:
-    path = processed / "labels.json"
-    labels = read_json(path) if path.exists() else []
-    return [cfg.pairs.label_template.format(label=l) for l in labels]
+    return [cfg.pairs.label_template.format(label=l) for l in load_labels(processed)]
 
 
 def _embed_all(st_model, cfg: Config, processed: Path, files: list[str], out: Path, device, dtype,
@@ -72,33 +64,10 @@ def _embed_all(st_model, cfg: Config, processed: Path, files: list[str], out: Pa
     return timings
 
 
-def merge_checked(st_model, probe_ids, device) -> float:
-    """Merge LoRA into the weights in place; returns the min cosine merged-vs-adapter on the probe."""
-    before = encoding.encode_ids(st_model, probe_ids, device=device)
-    merged = inner_model(st_model).merge_and_unload()
-    set_inner_model(st_model, merged)
-    after = encoding.encode_ids(st_model, probe_ids, device=device)
-    cos = float(np.min(np.sum(before * after, axis=1)))
-    if cos < MERGE_MIN_COSINE:
-        raise TrainingError(f"merging the adapter changed the embeddings (min cosine {cos:.6f} < "
-                            f"{MERGE_MIN_COSINE}); refusing to embed with a broken merge")
-    return cos
-
-
-def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
-    fp = base_fingerprint(resolve_base(cfg.model.base))
-    key = f"{fp}-{prep_fp}-{max_seq_length}-{cfg.pairs.label_template}"
-    used = prompts.for_run(cfg)
-    if used.any:  # without prompts the key is what it was before they existed, so old caches stay valid
-        key += json.dumps(used.record(), sort_keys=True)
-    tail = hashlib.sha256(key.encode()).hexdigest()[:8]
-    return f"{fp}-{prep_fp}-{max_seq_length}-{tail}"
-
-
 def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtype, max_seq_length: int) -> Path:
     # Keyed on the texts, not on the whole prepared data: changing only the training pairs (e.g. mined
     # hard negatives) must not re-embed every text with the unchanged base model.
-    key = base_cache_key(cfg, prep.get("texts_fingerprint", prep.get("splits_fingerprint", prep["fingerprint"])),
+    key = base_embeddings_key(cfg, prep.get("texts_fingerprint", prep.get("splits_fingerprint", prep["fingerprint"])),
                          max_seq_length)
     out = layout.base_embeddings(key)
     if is_up_to_date(out, key):
@@ -126,8 +95,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     check_base_matches(model_dir, info, cfg.model.base)
     out = layout.embeddings()
     clean_stale(layout.run(), layout.base_embeddings("-").parent)
-    fp = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"],
-                                    cfg.pairs.label_template]).encode()).hexdigest()[:16]
+    fp = digest([train_manifest["fingerprint"], prep["fingerprint"], cfg.pairs.label_template])
     if not force and is_up_to_date(out, fp):
         log.info("embed: %s is up to date", out)
         return out

@@ -1,13 +1,17 @@
 """eval: classification and retrieval metrics for the trained encoder, the base model and TF-IDF, on
 the same test split, with bootstrap 95% confidence intervals.
 
-Reads the embed stage's outputs and the prepared splits; writes ``reports/<run>/metrics.json`` (the
-contract's schema plus ``ci``, ``per_class`` and ``recall_all@k`` keys), ``report.md`` and
-``confusion.png``, copies them to ``reports/latest/``, and logs all of it to the run's MLflow run.
+Reads the embed stage's outputs and the prepared data (:mod:`pipeline.prepared`); writes
+``reports/<run>/metrics.json`` (the contract's schema plus ``ci``, ``verdict``, ``validation`` and
+``recall_all@k`` keys), ``report.md`` (with the per-class table where there are labels),
+``confusion.png`` and ``curve.png``, copies them to ``reports/latest/``, and logs all of it to the run's
+MLflow run. Labelled and pair corpora share the payload, the report, ``latest/`` and the MLflow code;
+only their scoring differs (pair retrieval: :mod:`pipeline.scoring`).
 
 Protocol. Classification: logistic regression on standardised train embeddings, its C chosen by
-validation macro-F1, scored once on test; kNN: similarity-weighted vote of the 10 nearest train
-items (FAISS inner product); zero-shot: nearest label-name embedding. Retrieval: every test item
+validation macro-F1, scored once on test; kNN: similarity-weighted vote of the k nearest train items
+(FAISS inner product; k from ``eval.knn_candidates`` on validation); zero-shot: nearest label-name
+embedding. The reported head is the one with the best validation macro-F1 among ``eval.heads``. Retrieval: every test item
 whose group has >= 2 test items is a query, the other members are relevant, the gallery is every other
 test item (FAISS exact inner product on normalised embeddings). Which texts carry the query prompt and
 which the document prompt of models that have them is stated once, in pipeline/prompts.py.
@@ -22,8 +26,6 @@ refuses the run without ``--force``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -32,13 +34,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import metrics as M
-from pipeline import tracking
-from pipeline.artifacts import (Layout, atomic_dir, clean_stale, read_json, require_manifest,
+from pipeline import report, scoring, tracking
+from pipeline.artifacts import (Layout, atomic_dir, clean_stale, digest, read_json, require_manifest,
                                 write_json_atomic)
 from pipeline.config import Config
+from pipeline.errors import DataError
 from pipeline.families import lora_block
 from pipeline.model import check_base_matches, read_model_info
-from pipeline.prepare import load_split
+from pipeline.prepared import SPLITS, VAL_QUERIES, is_pairs, load_gallery, load_labels, load_queries, load_split
 
 log = logging.getLogger(__name__)
 
@@ -156,22 +159,10 @@ def evaluate_embeddings(emb_dir: Path, splits: dict[str, pd.DataFrame], cfg: Con
 
 def lexical_baseline(splits: dict[str, pd.DataFrame], cfg: Config) -> dict:
     """TF-IDF word 1-2 grams + char_wb 2-5 grams; linear SVM (C on val); cosine retrieval."""
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.preprocessing import normalize
     from sklearn.svm import LinearSVC
 
-    word = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1,
-                           token_pattern=r"(?u)\b\w[\w.\-/]*\b")
-    char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
-    fit_text = splits["train"]["text"]
-    word.fit(fit_text)
-    char.fit(fit_text)
-
-    def vec(s):
-        return normalize(hstack([word.transform(splits[s]["text"]), char.transform(splits[s]["text"])]).tocsr())
-
-    x = {s: vec(s) for s in splits}
+    vec = scoring.tfidf(splits["train"]["text"])
+    x = {s: vec(splits[s]["text"]) for s in splits}
     result: dict = {"classification": {}, "retrieval": {}, "ci": {"classification": {}, "retrieval": {}}}
     test = splits["test"]
     if has_labels(test):
@@ -221,8 +212,7 @@ def _from_storable(stored: dict) -> dict:
 
 
 def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
-    key = hashlib.sha256(json.dumps([SCORES_VERSION, prep_fp, cfg.eval.model_dump(mode="json"),
-                                     cfg.seed]).encode()).hexdigest()[:16]
+    key = digest([SCORES_VERSION, prep_fp, cfg.eval.model_dump(mode="json"), cfg.seed])
     path = Path(cfg.paths.cache) / "lexical" / f"{key}.json"
     if path.exists():
         return _from_storable(read_json(path))
@@ -232,12 +222,10 @@ def cached_lexical(cfg: Config, layout: Layout, prep_fp: str, splits) -> dict:
 
 
 def _embeddings_digest(emb_dir: Path, names) -> str:
-    h = hashlib.sha256()
-    for name in names:
-        f = Path(emb_dir) / name
-        h.update(name.encode())
-        h.update(f.read_bytes() if f.exists() else b"-")
-    return h.hexdigest()
+    from pipeline.artifacts import sha256_file
+
+    return digest([[name, sha256_file(Path(emb_dir) / name) if (Path(emb_dir) / name).exists() else "-"]
+                   for name in names], 64)
 
 
 def cached_base_scores(cfg: Config, emb_dir: Path, splits: dict[str, pd.DataFrame], label_names: list[str]) -> dict:
@@ -250,11 +238,10 @@ def cached_base_scores(cfg: Config, emb_dir: Path, splits: dict[str, pd.DataFram
     """
     names = [f"{s}.npy" for s in splits] + ["labels.npy"]
     names += [f"{s}.query.npy" for s in splits if (Path(emb_dir) / f"{s}.query.npy").exists()]
-    splits_digest = hashlib.sha256(json.dumps({s: [df["text"].tolist(), df["label"].astype(str).tolist(),
-                                                   df["group"].astype(str).tolist()] for s, df in splits.items()})
-                                   .encode()).hexdigest()
-    key = hashlib.sha256(json.dumps([SCORES_VERSION, _embeddings_digest(emb_dir, names), splits_digest, label_names,
-                                     cfg.eval.model_dump(mode="json"), cfg.seed]).encode()).hexdigest()[:16]
+    splits_digest = digest({s: [df["text"].tolist(), df["label"].astype(str).tolist(),
+                                df["group"].astype(str).tolist()] for s, df in splits.items()}, 64)
+    key = digest([SCORES_VERSION, _embeddings_digest(emb_dir, names), splits_digest, label_names,
+                  cfg.eval.model_dump(mode="json"), cfg.seed])
     path = Path(cfg.paths.cache) / "base-scores" / f"{key}.json"
     if path.exists():
         return _from_storable(read_json(path))
@@ -278,19 +265,13 @@ def _rounded_tree(tree: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- verdicts
 
-def headline_keys(cfg: Config) -> list[str]:
-    """The metrics a verdict is given on: macro-F1 where there are labels, recall@1 and nDCG@k where
-    there is retrieval (k = eval.retrieval_k, 10 by default)."""
-    return ["classification.macro_f1", "retrieval.recall@1", f"retrieval.ndcg@{cfg.eval.retrieval_k}"]
-
-
 def paired_verdicts(mine: dict, ref: dict, y_true, cfg: Config) -> dict:
     """Headline metric differences ``mine - ref`` on the same test items, each with a paired bootstrap 95%
     CI and its verdict. ``mine``/``ref``: ``{"y_pred": test predictions or None, "retrieval": {metric:
     per-query array}}``; a metric is left out unless both sides have it."""
     out = {}
     n, seed = cfg.eval.bootstrap, cfg.seed
-    for key in headline_keys(cfg):
+    for key in M.headline_keys(cfg.eval.retrieval_k):
         kind, metric = key.split(".", 1)
         if kind == "classification":
             if y_true is None or mine.get("y_pred") is None or ref.get("y_pred") is None:
@@ -383,13 +364,12 @@ def write_curve(curve: dict | None, folder: Path, title: str) -> bool:
     """curve.png in ``folder`` from the train manifest's validation curve; False when there is none."""
     if curve is None:
         return False
-    from pipeline import report
-
     report.curve_png(curve, folder / "curve.png", title)
     return True
 
 
 def run(cfg: Config) -> Path:
+    """Score the run's embeddings, the base model's and TF-IDF on the test split; write the report."""
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` first")
     emb_manifest = require_manifest(layout.embeddings(), f"embeddings for run '{cfg.resolved_run_name}'",
@@ -399,25 +379,50 @@ def run(cfg: Config) -> Path:
     check_base_matches(layout.model_dir(), info, cfg.model.base)
     clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical", Path(cfg.paths.cache) / "base-scores")
     cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
-    if prep.get("kind") == "pairs":
-        from pipeline import pairs_dataset
+    score = _score_pairs if is_pairs(prep) else _score_labelled
+    scored = score(cfg, layout, prep, emb_manifest, train_manifest, info)
+    payload = {**_common_payload(cfg, info, prep, emb_manifest, train_manifest), **scored.pop("payload")}
+    out = _write_outputs(cfg, layout, payload, scored, train_manifest)
+    _log_to_mlflow(cfg, train_manifest, payload, out)
+    log.info("eval: wrote %s", out / "metrics.json")
+    return out
 
-        return pairs_dataset.evaluate(cfg, layout, prep, emb_manifest, train_manifest, info)
-    splits = {s: load_split(layout.processed, s) for s in ("train", "val", "test")}
-    label_names = read_json(layout.processed / "labels.json")
-    log.info("eval: scoring %s and the base model on %d test items", cfg.resolved_run_name, len(splits["test"]))
-    adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names)
-    base = cached_base_scores(cfg, Path(emb_manifest["base_dir"]), splits, label_names)
-    lexical = cached_lexical(cfg, layout, prep.get("splits_fingerprint", prep["fingerprint"]), splits) if cfg.eval.lexical else None
 
-    train_stats = train_manifest.get("train", {})
-    payload = {
+def _common_payload(cfg: Config, info: dict, prep: dict, emb_manifest: dict, train_manifest: dict) -> dict:
+    """The part of metrics.json that does not depend on the kind of corpus."""
+    t = train_manifest.get("train", {})
+    return {
         "run_name": cfg.resolved_run_name,
         "dataset": cfg.data.name,
         "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
-        "model": {"base": info["base"], "method": info["method"],
-                  "lora": lora_block(info.get("lora")),
+        "model": {"base": info["base"], "method": info["method"], "lora": lora_block(info.get("lora")),
                   "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
+        "train": {"seconds": t.get("seconds", 0.0), "pairs_per_second": t.get("pairs_per_second"),
+                  "peak_rss_mb": t.get("peak_rss_mb"), "rss_before_train_mb": t.get("rss_before_train_mb"),
+                  "real_tokens_per_second": t.get("real_tokens_per_second"), "steps": t.get("steps"),
+                  "device": t.get("device"), "precision": t.get("precision")},
+        "embed": emb_manifest.get("timing", {}),
+        "objective": prep.get("objective"),  # the objective the training pairs were built for
+        "seed": cfg.seed,
+        # the splits' identity for labelled corpora (pairs settings do not change what is scored)
+        "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
+        "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score
+    }
+
+
+def _score_labelled(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict,
+                    info: dict) -> dict:
+    """Classification and same-group retrieval on the three splits: the payload's scores, plus what the
+    report adds (the per-class table and the confusion matrix)."""
+    splits = {s: load_split(layout.processed, s) for s in SPLITS}
+    label_names = load_labels(layout.processed)
+    log.info("eval: scoring %s and the base model on %d test items", cfg.resolved_run_name, len(splits["test"]))
+    adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names)
+    base = cached_base_scores(cfg, Path(emb_manifest["base_dir"]), splits, label_names)
+    lexical = (cached_lexical(cfg, layout, prep.get("splits_fingerprint", prep["fingerprint"]), splits)
+               if cfg.eval.lexical else None)
+    y_test = splits["test"]["label"].to_numpy()
+    payload = {
         "classification": _rounded(adapted["classification"]),
         "retrieval": _rounded(adapted["retrieval"]),
         "baseline": {"classification": _rounded(base["classification"]), "retrieval": _rounded(base["retrieval"]),
@@ -425,14 +430,7 @@ def run(cfg: Config) -> Path:
         "lexical": ({"classification": _rounded(lexical["classification"]), "retrieval": _rounded(lexical["retrieval"]),
                      "ci": _ci_lists({k: {m: tuple(v) for m, v in d.items()} for k, d in lexical["ci"].items()})}
                     if lexical else {"classification": {}, "retrieval": {}}),
-        "train": {"seconds": train_stats.get("seconds", 0.0), "pairs_per_second": train_stats.get("pairs_per_second"),
-                  "peak_rss_mb": train_stats.get("peak_rss_mb"),
-                  "rss_before_train_mb": train_stats.get("rss_before_train_mb"),
-                  "real_tokens_per_second": train_stats.get("real_tokens_per_second"),
-                  "steps": train_stats.get("steps"), "device": train_stats.get("device"),
-                  "precision": train_stats.get("precision")},
         "ci": _ci_lists(adapted["ci"]),
-        "embed": emb_manifest.get("timing", {}),
         "test_items": int(len(splits["test"])),
         "retrieval_queries": adapted.get("retrieval_queries", 0),
         "classifier": {"head": adapted.get("_details", {}).get("head"),
@@ -441,33 +439,112 @@ def run(cfg: Config) -> Path:
         "validation": {"adapted": _rounded_tree(adapted.get("validation", {})),
                        "base": _rounded_tree(base.get("validation", {}))},
         "verdict": verdict_block(cfg, info["method"], items_of(adapted), items_of(base), items_of(lexical),
-                                 splits["test"]["label"].to_numpy() if "_details" in adapted else None,
+                                 y_test if "_details" in adapted else None,
                                  eval_validation_figures(adapted, base), train_curve(train_manifest)),
-        "objective": prep.get("objective"),  # the objective the training pairs were built for
-        "seed": cfg.seed,
-        "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
-        "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score
     }
-    from pipeline import report
+    scored = {"payload": payload}
+    if "_details" in adapted:
+        scored["confusion"] = (y_test, adapted["_details"]["y_pred"], label_names)
+        scored["per_class"] = report.per_class_table(y_test, adapted["_details"]["y_pred"],
+                                                     base["_details"]["y_pred"], label_names)
+    return scored
 
+
+def _score_pairs(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict,
+                 info: dict) -> dict:
+    """Retrieval of the test queries against the whole gallery; no classification (the manifest's
+    ``notes`` say why). The report adds the paired-change table and the corpus's notes."""
+    queries, gallery = load_queries(layout.processed), load_gallery(layout.processed)
+    relevant = scoring.relevance_rows(queries, gallery)
+    if any(len(r) == 0 for r in relevant):
+        raise DataError("a prepared query has no relevant item in the gallery; rerun prepare --force")
+    log.info("eval: %d queries against %d gallery records", len(queries), len(gallery))
+    adapted = scoring.score_embeddings(Path(emb_manifest["adapted_dir"]), queries, gallery, relevant, cfg)
+    base = scoring.score_embeddings(Path(emb_manifest["base_dir"]), queries, gallery, relevant, cfg)
+    (ret, ci), (base_ret, base_ci) = scoring.summarize(adapted, cfg), scoring.summarize(base, cfg)
+    lexical, lex_items = {"classification": {}, "retrieval": {}}, None
+    if cfg.eval.lexical:
+        lex_items = {"retrieval": scoring.lexical_retrieval(queries, gallery, relevant, cfg)}
+        lex_ret, lex_ci = scoring.summarize(lex_items["retrieval"], cfg)
+        lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
+    val_figures = pair_validation_figures(layout.processed, emb_manifest, gallery, cfg)
+    notes = prep.get("notes", {})
+    payload = {
+        "classification": {}, "retrieval": ret, "ci": {"retrieval": ci},
+        "baseline": {"classification": {}, "retrieval": base_ret, "ci": {"retrieval": base_ci}},
+        "lexical": lexical,
+        "delta_vs_base": {"retrieval": scoring.paired_deltas(adapted, base, cfg)},
+        "verdict": verdict_block(cfg, info["method"], {"retrieval": adapted}, {"retrieval": base}, lex_items, None,
+                                 val_figures, train_curve(train_manifest)),
+        **({"validation": {"adapted": {"retrieval": {k: round(a, 5) for k, (a, _) in val_figures.items()}},
+                           "base": {"retrieval": {k: round(b, 5) for k, (_, b) in val_figures.items()}}}}
+           if val_figures else {}),
+        "notes": {"classification": notes.get("classification", ""), "retrieval": notes.get("retrieval", "")},
+        "test_items": int(len(queries)), "gallery_items": int(len(gallery)), "retrieval_queries": int(len(queries)),
+    }
+    return {"payload": payload, "report_tail": _pairs_report_tail(payload)}
+
+
+def _pairs_report_tail(payload: dict) -> str:
+    note = payload["notes"]["classification"]
+    return "\n".join([
+        f"Gallery: {payload['gallery_items']:,} records. {payload['notes']['retrieval']}.", "",
+        "## Change vs the base model (same queries)", "", *delta_table(payload["delta_vs_base"]["retrieval"]),
+        "", "## Notes", "", f"- {note[:1].upper()}{note[1:]}.",
+        "- recall@k is success@k (a relevant record in the top k); unlabelled true matches count as misses, "
+        "so every figure is a lower bound.", ""])
+
+
+def pair_validation_figures(processed: Path, emb_manifest: dict, gallery: pd.DataFrame, cfg: Config) -> dict:
+    """``{metric: (adapted, base)}`` of retrieval on the validation queries, where prepare wrote
+    ``val_queries.jsonl`` and embed embedded it for both models; else empty (the validation rule then
+    falls back to the training curve)."""
+    path = Path(processed) / VAL_QUERIES
+    dirs = [Path(emb_manifest["adapted_dir"]), Path(emb_manifest["base_dir"])]
+    if not path.exists() or not all((d / "val_queries.npy").exists() for d in dirs):
+        return {}
+    queries = load_queries(processed, VAL_QUERIES)
+    relevant = scoring.relevance_rows(queries, gallery)
+    keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
+    if not keep.all():
+        log.warning("eval: %d of %d validation queries have no relevant item in the gallery; scored without them",
+                    int((~keep).sum()), len(keep))
+    if not keep.any():
+        return {}
+    scores = []
+    for d in dirs:
+        q, g = np.load(d / "val_queries.npy"), np.load(d / "gallery.npy")
+        if len(q) != len(queries):
+            raise DataError(f"embeddings in {d} do not match {path}; rerun embed --force")
+        per_query = scoring.retrieval_scores(q[keep], g, [r for r, k in zip(relevant, keep) if k],
+                                             cfg.eval.retrieval_k)
+        scores.append({k: float(v.mean()) for k, v in per_query.items()})
+    return {k: (scores[0][k], scores[1][k]) for k in scores[0]}
+
+
+def delta_table(deltas: dict) -> list[str]:
+    lines = ["| metric | adapted - base | 95% CI (paired bootstrap) | verdict |", "|---|---|---|---|"]
+    for k, d in deltas.items():
+        lines.append(f"| {k} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d.get('verdict', '–')} |")
+    return lines
+
+
+def _write_outputs(cfg: Config, layout: Layout, payload: dict, scored: dict, train_manifest: dict) -> Path:
+    """metrics.json, report.md and the plots in ``reports/<run>/``, then the same in ``reports/latest/``."""
     out = layout.report()
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "metrics.json", payload)
         curve = write_curve(train_curve(train_manifest), tmp, f"{cfg.resolved_run_name}: validation during training")
-        per_class = None
-        if "_details" in adapted:
-            per_class = report.per_class_table(splits["test"]["label"].to_numpy(), adapted["_details"]["y_pred"],
-                                               base["_details"]["y_pred"], label_names)
-            report.confusion_png(splits["test"]["label"].to_numpy(), adapted["_details"]["y_pred"], label_names,
-                                 tmp / "confusion.png", title=f"{cfg.resolved_run_name} (test)")
+        if "confusion" in scored:
+            y_true, y_pred, label_names = scored["confusion"]
+            report.confusion_png(y_true, y_pred, label_names, tmp / "confusion.png",
+                                 title=f"{cfg.resolved_run_name} (test)")
         others = report.other_runs(Path(cfg.paths.reports), payload)
-        (tmp / "report.md").write_text(report.markdown(payload, per_class, others, curve=curve), encoding="utf-8")
-    latest = layout.latest_report
-    with atomic_dir(latest) as tmp:
+        md = report.markdown(payload, scored.get("per_class"), others, curve=curve) + scored.get("report_tail", "")
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+    with atomic_dir(layout.latest_report) as tmp:
         for f in out.iterdir():
             shutil.copy2(f, tmp / f.name)
-    _log_to_mlflow(cfg, train_manifest, payload, out)
-    log.info("eval: wrote %s", out / "metrics.json")
     return out
 
 
@@ -487,6 +564,8 @@ def log_verdict(tracker, verdict: dict) -> None:
 
 
 def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) -> None:
+    """Every headline figure of the three models, the CIs, the paired changes and the verdict, on the
+    training run's MLflow run; the report files as its artefacts."""
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
         flat = {}
         for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
@@ -497,8 +576,13 @@ def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) 
         for kind, vals in payload["ci"].items():
             for k, (lo, hi) in vals.items():
                 flat[f"{k}.ci_low"], flat[f"{k}.ci_high"] = lo, hi
+        for kind, deltas in payload.get("delta_vs_base", {}).items():
+            flat.update({f"delta.{k}": d["delta"] for k, d in deltas.items()})
         tracker.log_metrics(flat)
-        tracker.set_tags({"evaluated": "true"})
+        tags = {"evaluated": "true"}
+        if not payload["classification"] and payload.get("notes", {}).get("classification"):
+            tags["classification"] = "absent (pair dataset)"
+        tracker.set_tags(tags)
         log_verdict(tracker, payload["verdict"])
         for f in ("metrics.json", "report.md", "confusion.png", "curve.png"):
             tracker.log_artifact(out / f, "report")

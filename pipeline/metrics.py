@@ -121,29 +121,56 @@ def macro_f1_from_codes(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) 
     return float(f1[present].mean())
 
 
+def bootstrap(stat: Callable[[np.ndarray], float], n_items: int, n: int, seed: int) -> np.ndarray:
+    """``n`` replicates of ``stat(idx)``, ``idx`` being ``n_items`` item indices drawn with replacement.
+    The one resampling loop of the project: every item-level CI and paired difference is built on it."""
+    rng = np.random.default_rng(seed)
+    return np.array([stat(rng.integers(0, n_items, n_items)) for _ in range(n)], dtype=float)
+
+
+def bootstrap_two_level(stat: Callable[[int, np.ndarray], float], n_runs: int, n_items: int, n: int,
+                        seed: int) -> np.ndarray:
+    """``n`` replicates of ``mean over resampled runs r of stat(r, idx)``: training runs (seeds) and test
+    items both resampled with replacement, so the spread between seeds is carried into the interval.
+    (Written here: scikit-learn and scipy resample one level only.)"""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n)
+    for i in range(n):
+        runs = rng.integers(0, n_runs, n_runs)
+        idx = rng.integers(0, n_items, n_items)
+        out[i] = np.mean([stat(int(r), idx) for r in runs])
+    return out
+
+
+def percentile_ci(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """The (alpha/2, 1 - alpha/2) percentile interval of bootstrap replicates; NaNs when there are none."""
+    if len(replicates) == 0:
+        return (float("nan"), float("nan"))
+    return float(np.quantile(replicates, alpha / 2)), float(np.quantile(replicates, 1 - alpha / 2))
+
+
 def bootstrap_mean_ci(values: np.ndarray, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean over items."""
     values = np.asarray(values, dtype=float)
     if n == 0 or len(values) == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = np.empty(n)
-    for i in range(n):
-        means[i] = values[rng.integers(0, len(values), len(values))].mean()
-    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
+    return percentile_ci(bootstrap(lambda idx: values[idx].mean(), len(values), n, seed), alpha)
 
 
 def bootstrap_macro_f1_ci(y_true, y_pred, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of macro-F1 over items."""
     if n == 0:
         return (float("nan"), float("nan"))
     classes, coded = np.unique(np.concatenate([np.asarray(y_true), np.asarray(y_pred)]), return_inverse=True)
     t, p = coded[: len(y_true)], coded[len(y_true):]
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n)
-    for i in range(n):
-        idx = rng.integers(0, len(t), len(t))
-        stats[i] = macro_f1_from_codes(t[idx], p[idx], len(classes))
-    return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+    return percentile_ci(bootstrap(lambda idx: macro_f1_from_codes(t[idx], p[idx], len(classes)), len(t), n, seed),
+                         alpha)
+
+
+def headline_keys(retrieval_k: int = 10) -> list[str]:
+    """The metrics a verdict is given on: macro-F1 where there are labels, recall@1 and nDCG@k where
+    there is retrieval (k = eval.retrieval_k)."""
+    return ["classification.macro_f1", "retrieval.recall@1", f"retrieval.ndcg@{retrieval_k}"]
 
 
 def ci_position(value: float, ci: tuple[float, float]) -> str:
@@ -206,10 +233,7 @@ def verdict_of(ci: tuple[float, float]) -> str:
 
 
 def _paired_result(delta: float, replicates: np.ndarray, alpha: float) -> dict:
-    if len(replicates) == 0:
-        ci = (float("nan"), float("nan"))
-    else:
-        ci = (float(np.quantile(replicates, alpha / 2)), float(np.quantile(replicates, 1 - alpha / 2)))
+    ci = percentile_ci(replicates, alpha)
     return {"delta": float(delta), "ci": [ci[0], ci[1]], "verdict": verdict_of(ci)}
 
 
@@ -223,9 +247,7 @@ def paired_bootstrap_mean(a, b, n: int = 1000, seed: int = 0, alpha: float = 0.0
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"paired scores need two non-empty 1-d arrays of one length, got {a.shape} and {b.shape}")
     diff = a - b
-    rng = np.random.default_rng(seed)
-    reps = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n)])
-    return _paired_result(diff.mean(), reps, alpha)
+    return _paired_result(diff.mean(), bootstrap(lambda idx: diff[idx].mean(), len(diff), n, seed), alpha)
 
 
 def paired_bootstrap_macro_f1(y_true, pred_a, pred_b, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
@@ -240,9 +262,6 @@ def paired_bootstrap_macro_f1(y_true, pred_a, pred_b, n: int = 1000, seed: int =
     m = len(y_true)
     t, pa, pb = coded[:m], coded[m:2 * m], coded[2 * m:]
     k = len(classes)
-    rng = np.random.default_rng(seed)
-    reps = np.empty(n)
-    for i in range(n):
-        idx = rng.integers(0, m, m)
-        reps[i] = macro_f1_from_codes(t[idx], pa[idx], k) - macro_f1_from_codes(t[idx], pb[idx], k)
+    reps = bootstrap(lambda idx: macro_f1_from_codes(t[idx], pa[idx], k) - macro_f1_from_codes(t[idx], pb[idx], k),
+                     m, n, seed)
     return _paired_result(macro_f1_from_codes(t, pa, k) - macro_f1_from_codes(t, pb, k), reps, alpha)

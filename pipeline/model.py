@@ -270,3 +270,23 @@ def load_trained(folder: Path, *, device: torch.device | str = "cpu", merge: boo
     set_inner_model(st_model, peft_model.merge_and_unload() if merge else peft_model)
     st_model.to(device)
     return st_model
+
+
+MERGE_MIN_COSINE = 0.9999  # a merge that moves any probe embedding further than this is a broken merge
+
+
+def merge_checked(st_model, probe_ids, device) -> float:
+    """Merge LoRA into the weights in place; returns the min cosine merged-vs-adapter on the probe."""
+    import numpy as np
+
+    from pipeline import encoding
+
+    before = encoding.encode_ids(st_model, probe_ids, device=device)
+    merged = inner_model(st_model).merge_and_unload()
+    set_inner_model(st_model, merged)
+    after = encoding.encode_ids(st_model, probe_ids, device=device)
+    cos = float(np.min(np.sum(before * after, axis=1)))
+    if cos < MERGE_MIN_COSINE:
+        raise ArtifactError(f"merging the adapter changed the embeddings (min cosine {cos:.6f} < "
+                            f"{MERGE_MIN_COSINE}); refusing to embed with a broken merge")
+    return cos

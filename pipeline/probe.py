@@ -25,11 +25,12 @@ import pandas as pd
 
 from pipeline import encoding, prompts, tracking
 from pipeline import metrics as M
-from pipeline import pairs_dataset
+from pipeline import scoring, stages
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, read_json, read_manifest,
                                 require_manifest, write_json_atomic)
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
+from pipeline.prepared import PAIR_TEXT_FILES, is_pairs, load_gallery, load_labels, load_queries, load_split
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,9 @@ def probe_config(cfg: Config) -> Config:
 
 def _needed(prep: dict, processed: Path, pcfg: Config) -> tuple[list[str], list[str]]:
     """(text files, label texts) the probe scores need."""
-    if prep.get("kind") == "pairs":
-        return list(pairs_dataset.TEXT_FILES), []
-    labels_path = processed / "labels.json"
-    labels = read_json(labels_path) if labels_path.exists() else []
+    if is_pairs(prep):
+        return list(PAIR_TEXT_FILES), []
+    labels = load_labels(processed)
     return ["test.jsonl"], [pcfg.pairs.label_template.format(label=l) for l in labels]
 
 
@@ -84,35 +84,17 @@ def _cached_embeddings(folder: Path, key: str, pcfg: Config, make_model, process
     return folder
 
 
-def _paired_macro_f1_delta(y, pred_a, pred_b, n: int, seed: int) -> dict:
-    classes, coded = np.unique(np.concatenate([y, pred_a, pred_b]), return_inverse=True)
-    t, a, b = np.split(coded, 3)
-    k = len(classes)
-    diff = M.macro_f1_from_codes(t, a, k) - M.macro_f1_from_codes(t, b, k)
-    if n == 0:
-        return {"delta": round(diff, 5), "ci": [float("nan"), float("nan")]}
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n)
-    for i in range(n):
-        idx = rng.integers(0, len(t), len(t))
-        stats[i] = M.macro_f1_from_codes(t[idx], a[idx], k) - M.macro_f1_from_codes(t[idx], b[idx], k)
-    return {"delta": round(diff, 5), "ci": [round(float(np.quantile(stats, 0.025)), 5),
-                                            round(float(np.quantile(stats, 0.975)), 5)]}
-
-
 def score(prep: dict, processed: Path, pcfg: Config, adapted_dir: Path, base_dir: Path,
           label_names: list[str]) -> dict:
     """Metrics of both encoders on the probe dataset, with paired changes."""
     result: dict = {"adapted": {}, "base": {}, "ci": {}, "base_ci": {}, "delta_vs_base": {}}
-    if prep.get("kind") == "pairs":
-        queries, gallery = pairs_dataset.load_queries(processed), pairs_dataset.load_gallery(processed)
-        relevant = pairs_dataset.relevance_rows(queries, gallery)
-        per_a = pairs_dataset.score_embeddings(adapted_dir, queries, gallery, relevant, pcfg)
-        per_b = pairs_dataset.score_embeddings(base_dir, queries, gallery, relevant, pcfg)
+    if is_pairs(prep):
+        queries, gallery = load_queries(processed), load_gallery(processed)
+        relevant = scoring.relevance_rows(queries, gallery)
+        per_a = scoring.score_embeddings(adapted_dir, queries, gallery, relevant, pcfg)
+        per_b = scoring.score_embeddings(base_dir, queries, gallery, relevant, pcfg)
         result["queries"] = int(len(queries))
     else:
-        from pipeline.prepare import load_split
-
         test = load_split(processed, "test")
         ea, eb = np.load(adapted_dir / "test.npy"), np.load(base_dir / "test.npy")
         # the query form of the test texts where the model has query prompts (pipeline/prompts.py)
@@ -130,25 +112,25 @@ def score(prep: dict, processed: Path, pcfg: Config, adapted_dir: Path, base_dir
                 result[key]["zero_shot_macro_f1"] = round(M.classification_scores(y, pred)["macro_f1"], 5)
                 ci = M.bootstrap_macro_f1_ci(y, pred, pcfg.eval.bootstrap, pcfg.seed)
                 result["ci" if key == "adapted" else "base_ci"]["zero_shot_macro_f1"] = [round(c, 5) for c in ci]
-            result["delta_vs_base"]["zero_shot_macro_f1"] = _paired_macro_f1_delta(
-                y, za, zb, pcfg.eval.bootstrap, pcfg.seed)
+            r = M.paired_bootstrap_macro_f1(y, za, zb, pcfg.eval.bootstrap, pcfg.seed)
+            result["delta_vs_base"]["zero_shot_macro_f1"] = {"delta": round(r["delta"], 5),
+                                                             "ci": [round(x, 5) for x in r["ci"]]}
     if per_a:
-        ra, ca = pairs_dataset.summarize(per_a, pcfg)
-        rb, cb = pairs_dataset.summarize(per_b, pcfg)
+        ra, ca = scoring.summarize(per_a, pcfg)
+        rb, cb = scoring.summarize(per_b, pcfg)
         result["adapted"].update(ra)
         result["base"].update(rb)
         result["ci"].update(ca)
         result["base_ci"].update(cb)
-        result["delta_vs_base"].update(pairs_dataset.paired_deltas(per_a, per_b, pcfg))
+        result["delta_vs_base"].update(scoring.paired_deltas(per_a, per_b, pcfg))
     return result
 
 
 def run(cfg: Config) -> Path:
     import torch
 
-    from pipeline import prepare
-    from pipeline.embed import base_cache_key, merge_checked
-    from pipeline.model import load_encoder, load_trained, pick_device, pick_dtype, read_model_info
+    from pipeline.identity import base_embeddings_key
+    from pipeline.model import load_encoder, merge_checked, load_trained, pick_device, pick_dtype, read_model_info
 
     layout = Layout(cfg)
     model_dir = layout.model_dir()
@@ -157,7 +139,7 @@ def run(cfg: Config) -> Path:
     info = read_model_info(model_dir)
     pcfg = probe_config(cfg)
     player = Layout(pcfg)
-    processed = prepare.run(pcfg)
+    processed = stages.prepare(pcfg)
     prep = read_manifest(processed)
     files, label_texts = _needed(prep, processed, pcfg)
     label_names = read_json(processed / "labels.json") if label_texts else []
@@ -167,7 +149,7 @@ def run(cfg: Config) -> Path:
     dtype = pick_dtype(cfg.train.precision, device)
 
     # The base model's embeddings: reuse the probe dataset's own eval cache when it holds them.
-    key = base_cache_key(pcfg, prep.get("texts_fingerprint", prep["fingerprint"]), max_len)
+    key = base_embeddings_key(pcfg, prep.get("texts_fingerprint", prep["fingerprint"]), max_len)
     base_dir = player.base_embeddings(key)
     if not (is_up_to_date(base_dir, key) and all((base_dir / f"{Path(f).stem}.npy").exists() for f in files)
             and (not label_texts or (base_dir / "labels.npy").exists())):

@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline.artifacts import _pid_alive, read_json, write_json_atomic
+from pipeline.artifacts import pid_alive, read_json, write_json_atomic
 from pipeline.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def claim(run_dir: Path, run_name: str) -> dict | None:
     previous = _read(run_dir)
     if previous:
         pid, host = previous.get("pid"), previous.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+        if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
             raise ArtifactError(f"run '{run_name}' is being trained right now by process {pid} "
                                 f"(since {previous.get('started')}); wait for it, or stop it and rerun to resume")
     write_json_atomic(Path(run_dir) / ATTEMPT, {

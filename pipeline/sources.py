@@ -120,7 +120,7 @@ def not_utf8_error(path: Path) -> DataError:
     return DataError(f"{path}: not UTF-8 text")
 
 
-def _read_csv(path: Path, **kw) -> pd.DataFrame:
+def read_csv(path: Path, **kw) -> pd.DataFrame:
     try:
         return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], **kw)
     except UnicodeDecodeError:
@@ -145,7 +145,7 @@ def read_table(path: str) -> pd.DataFrame:
         raise DataError(f"{p}: the file is empty")
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _read_csv(p, sep="\t" if suffix == ".tsv" else ",")
+        return read_csv(p, sep="\t" if suffix == ".tsv" else ",")
     if suffix in (".jsonl", ".json"):
         try:
             raw = p.read_bytes().decode("utf-8")
@@ -180,6 +180,29 @@ def _read_hf(name: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def frame_digest(df: pd.DataFrame) -> str:
+    """Hash of a frame's content: the input identity of a source that is not a file (``hf:`` datasets),
+    so a changed dataset makes prepare run again instead of reading as up to date."""
+    import hashlib
+
+    h = hashlib.sha256("\x1f".join(map(str, df.columns)).encode())
+    h.update(pd.util.hash_pandas_object(df.astype(str), index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_source(path: str) -> tuple[pd.DataFrame, dict[str, Path | str]]:
+    """A file or ``hf:`` dataset and its inputs for :func:`hash_inputs` (a path, or a content hash)."""
+    df = read_table(path)
+    return df, ({path: frame_digest(df)} if path.startswith("hf:") else {path: Path(path)})
+
+
+def hash_inputs(files: dict[str, Path | str]) -> dict[str, str]:
+    """name -> sha256 of each input: a file's bytes, or the content hash a reader already computed."""
+    from pipeline.artifacts import sha256_file
+
+    return {name: f if isinstance(f, str) else sha256_file(f) for name, f in files.items()}
+
+
 def _require_columns(df: pd.DataFrame, columns: dict[str, str | None], source: str) -> None:
     for key, col in columns.items():
         if col is not None and col not in df.columns:
@@ -189,7 +212,7 @@ def _require_columns(df: pd.DataFrame, columns: dict[str, str | None], source: s
 
 def load_pricerunner(raw_dir: Path) -> pd.DataFrame:
     path = raw_dir / "pricerunner_aggregate.csv"
-    df = _read_csv(path)
+    df = read_csv(path)
     df.columns = [c.strip() for c in df.columns]  # the header pads columns 3-7 with a space
     _require_columns(df, {"text_column": "Product Title", "label_column": "Category Label",
                           "group_column": "Cluster ID"}, str(path))
@@ -265,7 +288,8 @@ def _table_parts(cfg: Config, raw_dir: Path) -> tuple[list[tuple[str, pd.DataFra
     """The frames to read (with where each came from), the split column among them, and the input files."""
     d = cfg.data
     if d.path.startswith("hf:"):
-        return [(d.path, _read_hf(d.path[3:]))], d.split_column or "__split__", {}
+        df = _read_hf(d.path[3:])
+        return [(d.path, df)], d.split_column or "__split__", {d.path: frame_digest(df)}
     path = mirrored_path(cfg, raw_dir) if d.path.startswith(MIRROR_PREFIX) else Path(d.path)
     if not path.is_dir():
         return [(str(path), read_table(str(path)))], d.split_column, {str(path): path}
@@ -279,7 +303,7 @@ def _table_parts(cfg: Config, raw_dir: Path) -> tuple[list[tuple[str, pd.DataFra
     return parts, "__split__", {where: Path(where) for where, _ in parts}
 
 
-def load_table(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
+def load_table(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Path | str]]:
     d = cfg.data
     if not d.path:
         raise DataError("data.path must name the corpus file (or hf:<dataset>) when data.format is 'table'")
@@ -300,8 +324,8 @@ def load_table(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Path
     return out, files
 
 
-def load_records(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Return the records and the input files they came from (path -> sha256 computed by caller)."""
+def load_records(cfg: Config, raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Path | str]]:
+    """Return the records and their inputs (name -> file, or a content hash; see :func:`hash_inputs`)."""
     if cfg.data.format == "pricerunner":
         files = ensure_raw(cfg, raw_dir)
         return load_pricerunner(raw_dir), {str(f): f for f in files}

@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline import sweep, tracking
+from pipeline import stages, tracking
+from pipeline.runs import METRIC_LABELS, NAME_OK, child_fingerprint, finished_record
 from pipeline.artifacts import Layout, read_json, read_manifest, require_manifest, write_json_atomic
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
@@ -54,16 +55,14 @@ def corpus_config(cfg: Config, path: str, *, parent_run_id: str | None = None,
 
 def run_corpus(child: Config, record_path: Path, *, overwrite: bool) -> tuple[dict, bool]:
     """prepare -> train -> embed -> eval unless finished before; returns (record, skipped)."""
-    from pipeline import prepare
-
-    prepare.run(child)
+    stages.prepare(child)
     prep_fp = require_manifest(Layout(child).processed, "prepared data", "rerun the suite")["fingerprint"]
-    record = None if overwrite else sweep.finished_record(child, prep_fp, record_path)
+    record = None if overwrite else finished_record(child, prep_fp, record_path)
     if record is not None:
         return record, True
     started = time.perf_counter()
-    sweep.run_child_stages(child, overwrite=overwrite)
-    expected, train_fp = sweep.child_fingerprint(child, prep_fp)
+    stages.train_embed_eval(child, overwrite=overwrite)
+    expected, train_fp = child_fingerprint(child, prep_fp)
     record = {"run": child.resolved_run_name, "fingerprint": expected, "train_fingerprint": train_fp,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -80,7 +79,7 @@ def _objective(prep: dict) -> str:
 
 def corpus_row(child: Config, config_path: str, record: dict) -> dict:
     """One corpus of the summary, read from its metrics.json and prepare manifest."""
-    from pipeline.eval import headline_keys
+    from pipeline.metrics import headline_keys
 
     layout = Layout(child)
     m = read_json(layout.report() / "metrics.json")
@@ -89,7 +88,7 @@ def corpus_row(child: Config, config_path: str, record: dict) -> dict:
     models = {}
     for name, block in blocks.items():
         models[name] = {}
-        for key in headline_keys(child):
+        for key in headline_keys(child.eval.retrieval_k):
             kind, metric = key.split(".", 1)
             value, ci = block.get(kind, {}).get(metric), block.get("ci", {}).get(kind, {}).get(metric)
             if value is not None:
@@ -130,7 +129,7 @@ def _validation_cell(v: dict | None) -> str:
 
 def summary_markdown(cfg: Config, rows: list[dict], failed: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for m in r["models"].values() for k in m))
-    labels = {k: sweep.METRIC_LABELS.get(k, k.split(".", 1)[1]) for k in keys}
+    labels = {k: METRIC_LABELS.get(k, k.split(".", 1)[1]) for k in keys}
     lines = [f"# Suite `{cfg.suite.name}`: the default settings on every corpus", "",
              "Each corpus runs with its own config (`suite.configs`"
              + (f", plus `{' '.join(cfg.suite.overrides)}`" if cfg.suite.overrides else "") + "). Brackets: 95% "
@@ -182,7 +181,7 @@ def _write_summary(cfg: Config, rows: list[dict], failed: list[dict], meta: dict
 
 
 def run(cfg: Config, *, overwrite: bool = False) -> Path:
-    if not sweep.NAME_OK.match(cfg.suite.name):
+    if not NAME_OK.match(cfg.suite.name):
         raise ConfigError(f"suite.name '{cfg.suite.name}' must be letters, digits, '.', '_' or '-'")
     out = suite_dir(cfg)
     (out / "corpora").mkdir(parents=True, exist_ok=True)

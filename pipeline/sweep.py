@@ -31,8 +31,6 @@ per-child figure (and a child that crashes cannot take the sweep down).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import re
@@ -45,20 +43,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import metrics as M
-from pipeline import tracking
-from pipeline.artifacts import Layout, read_json, read_manifest, require_manifest, write_json_atomic
+from pipeline import stages, tracking
+from pipeline.artifacts import Layout, digest, read_json, read_manifest, require_manifest, write_json_atomic
 from pipeline.config import Config, config_to_yaml, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.families import PRESETS
+from pipeline.runs import METRIC_LABELS, NAME_OK, child_fingerprint, finished_record, outputs_match
 
 log = logging.getLogger(__name__)
 
 HEADLINE = ("classification.macro_f1", "retrieval.recall@1", "retrieval.ndcg@10")
-METRIC_LABELS = {"classification.macro_f1": "macro-F1", "classification.accuracy": "accuracy",
-                 "classification.knn_macro_f1": "kNN macro-F1", "classification.zero_shot_macro_f1": "zero-shot F1",
-                 "retrieval.recall@1": "recall@1", "retrieval.recall@10": "recall@10",
-                 "retrieval.ndcg@10": "nDCG@10", "retrieval.mrr@10": "MRR@10"}
-NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class SweepError(PipelineError):
@@ -107,7 +101,7 @@ def presets(cfg: Config) -> dict[str, list[str]]:
     modules = list(cfg.train.lora.target_modules)
     if all(m in SHORT for m in modules):
         return {"".join(SHORT[m] for m in modules): modules}
-    return {"targets-" + hashlib.sha256(",".join(modules).encode()).hexdigest()[:6]: modules}
+    return {"targets-" + digest(",".join(modules), 6): modules}
 
 
 def grid(cfg: Config) -> list[Point]:
@@ -157,52 +151,12 @@ def child_config(cfg: Config, point: Point, *, parent_run_id: str | None = None,
     return Config.model_validate(tree)
 
 
-def child_fingerprint(child: Config, prep_fp: str) -> tuple[str, str]:
-    """(fingerprint of the finished child, fingerprint its train manifest must carry)."""
-    from pipeline import train
-
-    train_fp = train.fingerprint(child, prep_fp)
-    full = hashlib.sha256(json.dumps([train_fp, child.section_hash("eval")]).encode()).hexdigest()[:16]
-    return full, train_fp
-
-
 # ---------------------------------------------------------------------------------------------------
 # Children
 
 
 def sweep_dir(cfg: Config) -> Path:
     return Path(cfg.paths.reports) / "sweep" / cfg.sweep.name
-
-
-def finished_record(child: Config, prep_fp: str, record_path: Path) -> dict | None:
-    """The child's record if it finished with these settings and its metrics belong to its model."""
-    if not record_path.exists():
-        return None
-    record = read_json(record_path)
-    expected, train_fp = child_fingerprint(child, prep_fp)
-    if record.get("fingerprint") != expected:
-        return None
-    return record if _outputs_match(child, prep_fp, train_fp) else None
-
-
-def _outputs_match(child: Config, prep_fp: str, train_fp: str) -> bool:
-    layout = Layout(child)
-    tm = read_manifest(layout.model_dir())
-    metrics_path = layout.report() / "metrics.json"
-    if tm is None or tm.get("fingerprint") != train_fp or not metrics_path.exists():
-        return False
-    m = read_json(metrics_path)
-    return m.get("mlflow_run_id") == (tm.get("mlflow_run_id") or "") and m.get("model_fingerprint") == train_fp
-
-
-def run_child_stages(child: Config, *, overwrite: bool = False) -> None:
-    """train -> embed -> eval for one child, in this process (each stage skips what is up to date)."""
-    from pipeline import embed, train
-    from pipeline import eval as evaluate
-
-    train.run(child, overwrite=overwrite)
-    embed.run(child, force=overwrite)
-    evaluate.run(child)
 
 
 def _run_child_process(config_path: Path, log_path: Path, overwrite: bool) -> int:
@@ -376,7 +330,7 @@ def paired_retrieval_deltas(cfg: Config, configs: list[dict], rows: list[dict]) 
     is left out because eval does not keep its per-item predictions. With several seeds the per-query
     scores are averaged over seeds first.
     """
-    from pipeline.prepare import load_split
+    from pipeline.prepared import load_split
 
     full = next((c for c in configs if c["method"] == "full"), None)
     loras = [c for c in configs if c["method"] == "lora"]
@@ -672,8 +626,6 @@ def _check_conflicts(children: list[tuple[Point, Config]], prep_fp: str) -> None
 
 
 def run(cfg: Config, *, overwrite: bool = False) -> Path:
-    from pipeline import prepare
-
     s = cfg.sweep
     if not NAME_OK.match(s.name):
         raise ConfigError(f"sweep.name '{s.name}' must be letters, digits, '.', '_' or '-' (it names folders and runs)")
@@ -683,7 +635,7 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
     points = grid(cfg)
     if not points:
         raise ConfigError("the sweep grid is empty (no ranks or alpha multipliers, no full, no base)")
-    prepare.run(cfg)
+    stages.prepare(cfg)
     prep = require_manifest(Layout(cfg).processed, "prepared data", "run `make data` first")
     prep_fp = prep["fingerprint"]
     out = sweep_dir(cfg)
@@ -737,12 +689,12 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
                         reason = _tail(log_path) or f"exit code {rc}"
                 else:
                     try:
-                        run_child_stages(child, overwrite=overwrite)
+                        stages.train_embed_eval(child, overwrite=overwrite)
                     except PipelineError as exc:
                         reason = str(exc)
                 wall = time.perf_counter() - t0
                 expected, train_fp = child_fingerprint(child, prep_fp)
-                if reason is None and not _outputs_match(child, prep_fp, train_fp):
+                if reason is None and not outputs_match(child, prep_fp, train_fp):
                     reason = "the child exited cleanly but its metrics.json does not match its trained model"
                 if reason is not None:
                     log.error("%s: failed after %.0f s: %s", tag, wall, reason)
@@ -848,7 +800,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "sentence_transformers", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        run_child_stages(load_config(args.config), overwrite=args.overwrite)
+        stages.train_embed_eval(load_config(args.config), overwrite=args.overwrite)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

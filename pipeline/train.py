@@ -35,32 +35,11 @@ from pipeline.memory import current_rss_mb, peak_rss_mb
 from pipeline.model import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing, inner_model,
                             load_encoder, lora_b_norm, pick_device, pick_dtype, resolve_base, training_model_kwargs,
                             write_model_info)
-from pipeline.prepare import load_pairs
+from pipeline.identity import run_fingerprint
+from pipeline.prepared import load_pairs
 
 log = logging.getLogger(__name__)
 PROBE_TEXTS = 32
-
-
-def fingerprint(cfg: Config, data_fingerprint: str) -> str:
-    import hashlib
-
-    # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
-    # run resumed with another thread count, checkpoint interval or checkpointing setting continues.
-    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every", "gradient_checkpointing"})
-    for key, default in (("weights_dtype", "fp32"), ("quantization", "none")):
-        if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
-            del train[key]
-    base = resolve_base(cfg.model.base)
-    # A preset is identified by the names it resolves to for this base: what is trained.
-    resolved = families.resolve_for_base(base, cfg.train.lora.target_modules,
-                                         trust_remote_code=cfg.model.trust_remote_code)
-    train["lora"]["target_modules"] = resolved or train["lora"]["target_modules"]
-    identity = {"model": cfg.model.model_dump(mode="json", exclude={"prompts"}), "train": train, "seed": cfg.seed,
-                "data": data_fingerprint}
-    used = prompts.for_run(cfg)
-    if used.any:
-        identity["prompts"] = used.record()
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class PairTensors:
@@ -237,7 +216,7 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
     main = dist is None or dist.is_main
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
-    fp = fingerprint(cfg, prep["fingerprint"])
+    fp = run_fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
     clean_stale(run_dir)
     if skip_or_refuse(model_dir, fp, overwrite=overwrite, stage="train", refusal=(

@@ -57,7 +57,7 @@ def test_failed_prepare_keeps_the_previous_output(project, monkeypatch):
     cfg = ["--config", str(project), OFF]
     processed = Path("data/processed/synthetic")
     # first attempt fails before anything is complete: no folder at all
-    from pipeline import prepare
+    from pipeline import prepare_labelled as prepare
 
     with monkeypatch.context() as m:
         m.setattr(prepare, "make_manifest", _boom)  # called inside atomic_dir, after the split files

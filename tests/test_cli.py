@@ -269,7 +269,7 @@ def test_run_trained_by_a_live_process_is_refused(project, capsys):
 # --- errors nobody anticipated ---------------------------------------------------------------------------
 
 def test_unexpected_exception_is_one_line_with_the_traceback_saved(project, capsys, monkeypatch):
-    from pipeline import prepare
+    from pipeline import prepare_labelled as prepare
 
     def broken(*a, **k):
         raise ValueError("pairs went sideways\nsecond line")

@@ -9,7 +9,7 @@ import yaml
 
 from pipeline import prepare
 from pipeline.config import load_config
-from pipeline.prepare import load_split
+from pipeline.prepared import load_split
 from tests.conftest import REPO, cli, make_corpus
 
 

@@ -34,7 +34,7 @@ def test_minilm_lora_on_pricerunner_slice(tmp_path, monkeypatch):
 
     from pipeline.metrics import retrieval_per_query
     from pipeline.model import resolve_base
-    from pipeline.prepare import load_split
+    from pipeline.prepared import load_split
 
     test = load_split(Path("data/processed/pricerunner"), "test")
     emb_manifest = json.loads(Path("runs/e2e/embeddings/manifest.json").read_text())

@@ -89,7 +89,7 @@ def test_presets_resolve_to_each_familys_own_modules(family, family_root):
 
 
 def test_the_default_preset_is_query_key_value_on_minilm_and_keeps_the_run_identity():
-    from pipeline import train
+    from pipeline.identity import run_fingerprint
     from pipeline.config import load_config
     from pipeline.families import resolve
     from pipeline.model import load_encoder
@@ -103,8 +103,8 @@ def test_the_default_preset_is_query_key_value_on_minilm_and_keeps_the_run_ident
     explicit = load_config(REPO / "configs" / "default.yaml", ["train.lora.target_modules=[query,key,value]"])
     assert default.train.lora.target_modules == "qkv"
     # the default run's identity (checkpoints, skip-if-done, sweeps) is what it was with the explicit list
-    assert train.fingerprint(default, "data") == train.fingerprint(explicit, "data")
-    assert train.fingerprint(default, "data") != train.fingerprint(
+    assert run_fingerprint(default, "data") == run_fingerprint(explicit, "data")
+    assert run_fingerprint(default, "data") != run_fingerprint(
         load_config(REPO / "configs" / "default.yaml", ["train.lora.target_modules=qv"]), "data")
 
 
@@ -378,7 +378,7 @@ def test_a_sweep_entry_naming_a_preset_resolves_per_model():
     assert children["qv"].train.lora.target_modules == "qv"
     assert children["names"].train.lora.target_modules == ["query", "value"]
     # on MiniLM both train the same modules, so both are the same run identity
-    from pipeline.train import fingerprint
+    from pipeline.identity import run_fingerprint as fingerprint
 
     assert fingerprint(children["qv"], "d") == fingerprint(
         children["names"].model_copy(update={"run_name": children["qv"].run_name}), "d")
@@ -407,7 +407,7 @@ def test_bench_memory_part_runs_a_decoder_shape_with_and_without_checkpointing(t
 def test_probe_embeds_with_the_models_prompts(family_root, tmp_path, monkeypatch):
     from pipeline import encoding
     from pipeline.model import load_encoder
-    from pipeline.prepare import load_split
+    from pipeline.prepared import load_split
     from tests.test_probe import _walmart_config
 
     base = build("bert", family_root, prompts=PROMPTS)

@@ -9,7 +9,7 @@ import pandas as pd
 from pipeline import prepare
 from pipeline.config import load_config
 from pipeline.hard_negatives import choose, mine
-from pipeline.prepare import load_pairs, load_split
+from pipeline.prepared import load_pairs, load_split
 from tests.conftest import cli
 
 

@@ -6,7 +6,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.objectives import mask_same_label, resolve
-from pipeline.prepare import build_pairs
+from pipeline.prepare_labelled import build_pairs
 
 
 def _cfg(**over) -> Config:

@@ -8,7 +8,7 @@ import pytest
 from pipeline import prepare
 from pipeline.config import load_config
 from pipeline.errors import DataError
-from pipeline.prepare import load_pairs, load_split
+from pipeline.prepared import load_pairs, load_split
 from tests.conftest import SHARED_DATA, make_corpus
 
 

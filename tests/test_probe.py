@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO, cli
-from tests.test_pairs_dataset import make_walmart_amazon
+from tests.test_prepare_pairs import make_walmart_amazon
 
 
 def _walmart_config(tmp_path: Path) -> Path:

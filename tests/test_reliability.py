@@ -122,6 +122,7 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(project, capsys, tm
     from safetensors.torch import save_file
 
     from pipeline import prepare, train
+    from pipeline.identity import run_fingerprint
     from pipeline.config import load_config
 
     cfg_args = ["--config", str(project), "tracking.enabled=false"]
@@ -131,7 +132,7 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(project, capsys, tm
     ckpt = Path("runs") / RUN / "checkpoints"
     ckpt.mkdir(parents=True)
     save_file({}, ckpt / "trainable.safetensors")
-    (ckpt / "state.json").write_text(json.dumps({"fingerprint": train.fingerprint(cfg, prep["fingerprint"]),
+    (ckpt / "state.json").write_text(json.dumps({"fingerprint": run_fingerprint(cfg, prep["fingerprint"]),
                                                   "step": 5}))
     marker = tmp_path / "pwned"
 

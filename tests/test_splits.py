@@ -11,7 +11,7 @@ import pytest
 from pipeline import prepare
 from pipeline.config import load_config
 from pipeline.errors import DataError
-from pipeline.prepare import load_split
+from pipeline.prepared import load_split
 from pipeline.sources import canonical_splits
 from tests.conftest import REPO, SHARED_DATA, cli, make_corpus
 
@@ -57,7 +57,7 @@ def test_train_and_test_given_carve_val_from_train_per_label(here, caplog):
     empty ... the corpus is too small'."""
     df = _intents()
     df.to_csv("corpus.csv", index=False)
-    caplog.set_level(logging.INFO, logger="pipeline.prepare")
+    caplog.set_level(logging.INFO, logger="pipeline.prepare_labelled")
     out = prepare.run(_cfg())
     splits = _splits(out)
     given_train, given_test = df[df["split"] == "train"], df[df["split"] == "test"]
@@ -96,7 +96,7 @@ def test_carved_val_never_cuts_a_group_and_given_test_is_untouched(here):
 def test_train_only_given_carves_val_and_test_like_an_own_split(here, caplog):
     df = make_corpus().rename(columns={"title": "text"}).assign(split="Train")
     df.to_csv("corpus.csv", index=False)
-    caplog.set_level(logging.INFO, logger="pipeline.prepare")
+    caplog.set_level(logging.INFO, logger="pipeline.prepare_labelled")
     carved = _splits(prepare.run(_cfg(group_column="cluster")))
     own = _splits(prepare.run(_cfg(group_column="cluster", split_column=None, name="own")))
     for s in ("train", "val", "test"):
@@ -107,7 +107,7 @@ def test_train_only_given_carves_val_and_test_like_an_own_split(here, caplog):
 def test_train_and_val_given_carve_test_from_train(here, caplog):
     df = _intents().replace({"split": {"test": "validation"}})
     df.to_csv("corpus.csv", index=False)
-    caplog.set_level(logging.INFO, logger="pipeline.prepare")
+    caplog.set_level(logging.INFO, logger="pipeline.prepare_labelled")
     out = prepare.run(_cfg())
     splits = _splits(out)
     assert splits["val"]["text"].tolist() == df.loc[df["split"] == "validation", "text"].tolist()
@@ -230,7 +230,7 @@ def test_groups_spanning_given_splits_are_counted_and_warned_once(here, caplog):
     df["split"] = ["test" if i % 5 == 0 else "train" for i in range(len(df))]  # cuts many clusters
     df.to_csv("corpus.csv", index=False)
     spanning = int((df.groupby("cluster")["split"].nunique() > 1).sum())
-    caplog.set_level(logging.INFO, logger="pipeline.prepare")
+    caplog.set_level(logging.INFO, logger="pipeline.prepare_labelled")
     out = prepare.run(_cfg(group_column="cluster"))
     assert spanning > 0 and _manifest(out)["counts"]["groups_spanning_given_splits"] == spanning
     warnings = [r.getMessage() for r in caplog.records if "two given splits" in r.getMessage()]
@@ -241,7 +241,7 @@ def test_label_with_one_group_in_train_stays_there_and_is_named(here, caplog):
     df = _intents()
     rare = pd.DataFrame({"text": ["a rare ask", "another rare ask"], "category": "rare", "split": ["train", "test"]})
     pd.concat([df, rare]).to_csv("corpus.csv", index=False)
-    caplog.set_level(logging.INFO, logger="pipeline.prepare")
+    caplog.set_level(logging.INFO, logger="pipeline.prepare_labelled")
     out = prepare.run(_cfg())
     splits = _splits(out)
     assert "a rare ask" in set(splits["train"]["text"]) and "rare" not in set(splits["val"]["label"])

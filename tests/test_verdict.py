@@ -14,7 +14,7 @@ import pytest
 from pipeline import eval as E
 from pipeline import report
 from tests.conftest import cli
-from tests.test_pairs_dataset import wa_project  # noqa: F401  (fixture)
+from tests.test_prepare_pairs import wa_project  # noqa: F401  (fixture)
 
 RUN = "synthetic-lora-r4-a8-s0"
 WA_RUN = "walmart_amazon-lora-r4-a8-s0"

@@ -344,22 +344,16 @@ def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device:
 
 def seed_item_bootstrap_ci(stat: Callable[[int, np.ndarray], float], n_seeds: int, n_items: int, n: int,
                            seed: int) -> tuple[float, float]:
-    """95% CI of ``mean over seeds of stat(seed index, item indices)`` when both the training runs and the
-    test items are resampled with replacement.
+    """95% CI of ``mean over seeds of stat(seed index, item indices)`` with both the training runs and the
+    test items resampled (:func:`pipeline.metrics.bootstrap_two_level`).
 
     With one training run this is the usual item bootstrap. With several it also carries the spread
-    between training seeds, which a short parity run needs: after 32 steps on the same 2,000 pairs, three
-    seeds put the project path at -0.019, +0.000 and +0.016 recall@1 against the reference, each with an
-    item-level interval of about +-0.007, so one seed's interval claims far more certainty than there is. (A hand-written
-    two-level bootstrap: scikit-learn and scipy resample one level only.)
+    between training seeds, which a short parity run needs: one seed's item-level interval claims far more
+    certainty than there is (the seeds' spread is in reports/examples/bench/, part "parity").
     """
-    rng = np.random.default_rng(seed)
-    values = np.empty(n)
-    for i in range(n):
-        runs = rng.integers(0, n_seeds, n_seeds)
-        idx = rng.integers(0, n_items, n_items)
-        values[i] = np.mean([stat(int(r), idx) for r in runs])
-    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+    from pipeline.metrics import bootstrap_two_level, percentile_ci
+
+    return percentile_ci(bootstrap_two_level(stat, n_seeds, n_items, n, seed))
 
 
 def _parity_blocks(per_query: dict[str, list[np.ndarray]], preds: dict[str, list[np.ndarray]],
@@ -416,7 +410,7 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     from pipeline import eval as evaluate
     from pipeline import metrics as M
     from pipeline.artifacts import read_json
-    from pipeline.prepare import load_pairs, load_split
+    from pipeline.prepared import load_pairs, load_split
 
     b = cfg.bench
     seeds = list(b.parity_seeds)
@@ -436,7 +430,10 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     label_names = read_json(label_path) if label_path.exists() else []
     test = splits["test"]
     labelled, grouped = evaluate.has_labels(test), evaluate.has_groups(test)
-    n_boot = cfg.eval.bootstrap or 1000
+    n_boot = cfg.eval.bootstrap
+    if n_boot <= 0:
+        raise BenchError("the parity part needs bootstrap intervals: set eval.bootstrap to a positive count "
+                         "(e.g. eval.bootstrap=1000), or leave the parity part out")
 
     per_query: dict[str, list[np.ndarray]] = {}
     preds: dict[str, list[np.ndarray]] = {}
@@ -793,7 +790,7 @@ FLOP_MODEL = ("forward = 2 x (encoder-layer matmul weights) x real tokens + 4 x 
 def run(cfg: Config) -> Path:
     import torch
 
-    from pipeline.prepare import load_pairs, load_split
+    from pipeline.prepared import load_pairs, load_split
 
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
@@ -842,7 +839,7 @@ def run(cfg: Config) -> Path:
         if "faiss" in b.parts and b.faiss_sizes:
             report["faiss"] = bench_faiss(cfg, work)
         if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench/serve.py)
-            from pipeline.bench import serve as bench_serve
+            import pipeline.bench.serve as bench_serve
 
             report["serve"] = bench_serve.run(cfg, work, texts)
         if "gpu" not in b.parts:

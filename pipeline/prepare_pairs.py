@@ -1,5 +1,5 @@
-"""Pair datasets: queries with relevant items in a gallery, no class labels (Walmart-Amazon, or any
-file of query -> positive rows with ``data.format: pairs``).
+"""prepare, pair corpora: queries with relevant items in a gallery, no class labels (Walmart-Amazon, or
+any file of query -> positive rows with ``data.format: pairs``).
 
 prepare writes to ``data/processed/<dataset>/``:
 
@@ -25,8 +25,9 @@ Walmart-Amazon protocol (see ../shared/data/walmart_amazon/SOURCE.md):
 - ``format: pairs`` (a user's file): queries are the distinct query texts, the gallery every distinct
   positive or given-negative text; splits come from ``split_column`` or are drawn per query, and the
   same leakage rules apply (a training pair never touches a test query or its relevant texts).
-- Classification: the shop categories are noisy, shop-specific labels (SOURCE.md), so this dataset has
-  no classification metrics; metrics.json leaves the blocks empty and says why.
+- Classification: a pair corpus has no shared label space, so it has no classification metrics;
+  metrics.json leaves the blocks empty and says why (the reader's ``notes``, e.g. Walmart-Amazon's shop
+  categories, travel in the manifest).
 """
 
 from __future__ import annotations
@@ -39,21 +40,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import metrics as M
-from pipeline import tracking
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, sha256_file,
-                                write_json_atomic)
+from pipeline.artifacts import MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import DataError
-from pipeline.sources import _read_csv, ensure_raw
+from pipeline.identity import prepared_fingerprint
+from pipeline.prepared import PAIR_TEXT_FILES, PAIRS, VAL_QUERIES, texts_fingerprint
+from pipeline.sources import ensure_raw, hash_inputs, read_csv
 
 log = logging.getLogger(__name__)
-TEXT_FILES = ["queries.jsonl", "gallery.jsonl"]
-VAL_QUERIES = "val_queries.jsonl"  # queries of the val split: read by training to choose its checkpoint
-CLASSIFICATION_NOTE = ("no classification metrics: this is a pair dataset (query -> matching record) without a "
-                       "shared label space; the shop categories are noisy and differ between the two shops "
-                       "(only 41 of 962 matches share a category string), so no classifier is scored rather "
-                       "than a number invented")
+# What a user's pair file means; a named dataset's reader states its own protocol.
+PAIR_FILE_NOTES = {"retrieval": "query: a distinct query text of the test split; gallery: every distinct positive "
+                                "or given-negative text; relevant: the query's positives (any split)",
+                   "classification": "no classification metrics: a pair corpus (query -> matching record) has "
+                                     "no shared label space, so no classifier is scored"}
+WALMART_AMAZON_NOTES = {
+    "retrieval": "query: a Walmart record with a labelled match in test.csv; gallery: every Amazon record; "
+                 "relevant: all the query's labelled matches (any split)",
+    "classification": "no classification metrics: a pair dataset (query -> matching record) without a shared label "
+                      "space; the shop categories are noisy and differ between the two shops (SOURCE.md), so no "
+                      "classifier is scored rather than a number invented"}
 
 
 @dataclass
@@ -64,6 +69,7 @@ class PairCorpus:
     gallery: pd.DataFrame  # id, text
     matches: pd.DataFrame  # query_id, item_id, split (train/val/test): labelled positives only
     negatives: pd.DataFrame | None = None  # query_id, item_id: given negatives (format pairs)
+    notes: dict[str, str] | None = None  # what retrieval means on this corpus, why no classification
 
 
 def _id_order(x: str):
@@ -76,7 +82,7 @@ def load_walmart_amazon(cfg: Config, raw_dir: Path) -> tuple[PairCorpus, dict[st
 
     def table(name: str) -> pd.DataFrame:
         path = raw_dir / name
-        df = _read_csv(path)
+        df = read_csv(path)
         if col not in df.columns:
             raise DataError(f"{path}: column '{col}' (data.text_column) not found; the file has: "
                             f"{', '.join(df.columns)}")
@@ -87,7 +93,7 @@ def load_walmart_amazon(cfg: Config, raw_dir: Path) -> tuple[PairCorpus, dict[st
     queries, gallery = table("tableA.csv"), table("tableB.csv")
     parts = []
     for name, split in (("train.csv", "train"), ("valid.csv", "val"), ("test.csv", "test")):
-        df = _read_csv(raw_dir / name)
+        df = read_csv(raw_dir / name)
         missing = {"ltable_id", "rtable_id", "label"} - set(df.columns)
         if missing:
             raise DataError(f"{raw_dir / name}: columns {sorted(missing)} not found")
@@ -97,7 +103,7 @@ def load_walmart_amazon(cfg: Config, raw_dir: Path) -> tuple[PairCorpus, dict[st
     matches = pd.concat(parts, ignore_index=True)
     known = matches["query_id"].isin(set(queries["id"])) & matches["item_id"].isin(set(gallery["id"]))
     matches = matches[known.to_numpy()].reset_index(drop=True)
-    return PairCorpus(queries, gallery, matches), {str(f): f for f in files}
+    return PairCorpus(queries, gallery, matches, notes=WALMART_AMAZON_NOTES), {str(f): f for f in files}
 
 
 def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
@@ -107,12 +113,12 @@ def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
     Splits come from ``data.split_column`` or are drawn per distinct query with ``data.split`` fractions,
     so one query never spans two splits.
     """
-    from pipeline.sources import canonical_splits, read_table
+    from pipeline.sources import canonical_splits, read_source
 
     d = cfg.data
     if not d.path:
         raise DataError("data.path must name the pairs file (or hf:<dataset>) when data.format is 'pairs'")
-    df = read_table(d.path)
+    df, inputs = read_source(d.path)
     split_col = "__split__" if d.path.startswith("hf:") and d.split_column is None else d.split_column
     cols = {"query_column": d.query_column, "positive_column": d.positive_column,
             "negative_column": d.negative_column, "split_column": split_col}
@@ -157,8 +163,8 @@ def load_pair_table(cfg: Config) -> tuple[PairCorpus, dict[str, Path]]:
                                   "split": split[has]})
     corpus = PairCorpus(queries=pd.DataFrame({"id": list(q_id.values()), "text": query_texts}),
                         gallery=pd.DataFrame({"id": list(g_id.values()), "text": gallery_texts}),
-                        matches=matches, negatives=negatives)
-    return corpus, ({d.path: Path(d.path)} if not d.path.startswith("hf:") else {})
+                        matches=matches, negatives=negatives, notes=PAIR_FILE_NOTES)
+    return corpus, inputs
 
 
 class _UnionFind:
@@ -268,8 +274,7 @@ def _attach_given_negatives(pairs, train, negatives, uf, g_text, held_i, held_i_
 
 
 def prepare(cfg: Config, *, force: bool = False) -> Path:
-    from pipeline.prepare import fingerprint, texts_fingerprint
-
+    """Pair corpus -> ``queries.jsonl``, ``val_queries.jsonl``, ``gallery.jsonl``, ``pairs.jsonl`` and the manifest."""
     layout = Layout(cfg)
     out = layout.processed
     if cfg.data.format == "walmart_amazon":
@@ -278,17 +283,36 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         corpus, files = load_pair_table(cfg)
     else:
         raise DataError(f"data.format '{cfg.data.format}' is not a pair dataset")
-    input_hashes = {name: sha256_file(path) for name, path in files.items()}
-    fp = fingerprint(cfg, input_hashes)
+    input_hashes = hash_inputs(files)
+    fp = prepared_fingerprint(cfg, input_hashes)
     if not force and is_up_to_date(out, fp):
         log.info("prepare: %s is up to date", out)
         return out
     parts = split_corpus(corpus)
-    pairs, counts = parts["pairs"], parts["counts"]
     if len(parts["queries"]) == 0:
         raise DataError("the test split has no query with a positive; nothing to evaluate retrieval on")
-    if len(pairs) == 0:
+    if len(parts["pairs"]) == 0:
         raise DataError("no training pairs are left after removing those that touch a test query")
+    pairs, hn_stats = _training_pairs(parts, cfg)
+    summary = _summary(corpus, parts, pairs, cfg, hn_stats)
+    with atomic_dir(out) as tmp:
+        parts["queries"].to_json(tmp / "queries.jsonl", orient="records", lines=True, force_ascii=False)
+        parts["val_queries"].to_json(tmp / VAL_QUERIES, orient="records", lines=True, force_ascii=False)
+        corpus.gallery.to_json(tmp / "gallery.jsonl", orient="records", lines=True, force_ascii=False)
+        pairs.to_json(tmp / PAIRS, orient="records", lines=True, force_ascii=False)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, summary["text_files"])
+        write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
+                                                        extra=summary))
+    log.info("prepare: wrote %s (%d test queries, %d gallery records, %d training pairs; %d dropped for leakage)",
+             out, len(parts["queries"]), len(corpus.gallery), len(pairs),
+             sum(v for k, v in parts["counts"].items() if k.startswith("train_pairs_dropped")))
+    return out
+
+
+def _training_pairs(parts: dict, cfg: Config) -> tuple[pd.DataFrame, dict | None]:
+    """The leak-free pairs, capped at ``pairs.max_pairs``, with mined negatives where the data gave none,
+    shuffled with the run's seed."""
+    pairs = parts["pairs"]
     if cfg.pairs.max_pairs is not None and len(pairs) > cfg.pairs.max_pairs:
         keep = np.random.default_rng(cfg.seed + 1).permutation(len(pairs))[: cfg.pairs.max_pairs]
         pairs = pairs.iloc[np.sort(keep)].reset_index(drop=True)
@@ -296,7 +320,6 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     if cfg.pairs.hard_negatives.enabled:
         from pipeline import hard_negatives
 
-        # Mined negatives fill in where the data gave none.
         todo = pairs["negative"].isna().to_numpy() if "negative" in pairs else np.ones(len(pairs), dtype=bool)
         mined, hn_stats = hard_negatives.mine(pairs[todo].drop(columns=hard_negatives.NEGATIVE_COLUMNS,
                                                                errors="ignore"), parts["pool"], cfg)
@@ -304,12 +327,18 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
             **{c: None for c in hard_negatives.NEGATIVE_COLUMNS})
         pairs.loc[todo, hard_negatives.NEGATIVE_COLUMNS] = mined[hard_negatives.NEGATIVE_COLUMNS].to_numpy()
     pairs = pairs.iloc[np.random.default_rng(cfg.seed + 1).permutation(len(pairs))].reset_index(drop=True)
-    summary = {
+    return pairs, hn_stats
+
+
+def _summary(corpus: PairCorpus, parts: dict, pairs: pd.DataFrame, cfg: Config, hn_stats: dict | None) -> dict:
+    """The manifest's description of the prepared pair corpus."""
+    return {
         "kind": "pairs",
         # embed encodes the val queries too, so eval can judge both models on validation (the rule of
         # eval.validation_verdict) against the whole gallery
-        "text_files": TEXT_FILES + ([VAL_QUERIES] if len(parts["val_queries"]) else []),
-        "counts": {**counts, "query_records": int(len(corpus.queries)), "gallery_records": int(len(corpus.gallery))},
+        "text_files": PAIR_TEXT_FILES + ([VAL_QUERIES] if len(parts["val_queries"]) else []),
+        "counts": {**parts["counts"], "query_records": int(len(corpus.queries)),
+                   "gallery_records": int(len(corpus.gallery))},
         "sizes": {"queries": int(len(parts["queries"])), "gallery": int(len(corpus.gallery)),
                   "pairs": int(len(pairs))},
         "pairs": {"total": int(len(pairs)), "pair": int(len(pairs)),
@@ -317,227 +346,6 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         "labels": [],
         "objective": {"name": "pairs", "reason": "the corpus is query -> positive pairs", "same_label_pairs": 0.0,
                       "mask_same_label": bool(cfg.train.mask_same_label)},
-        "retrieval_protocol": "query: a Walmart record with a labelled match in test.csv; gallery: every Amazon "
-                              "record; relevant: all the query's labelled matches (any split)",
+        "notes": corpus.notes or PAIR_FILE_NOTES,
         **({"hard_negatives": hn_stats} if hn_stats else {}),
     }
-    with atomic_dir(out) as tmp:
-        parts["queries"].to_json(tmp / "queries.jsonl", orient="records", lines=True, force_ascii=False)
-        parts["val_queries"].to_json(tmp / VAL_QUERIES, orient="records", lines=True, force_ascii=False)
-        corpus.gallery.to_json(tmp / "gallery.jsonl", orient="records", lines=True, force_ascii=False)
-        pairs.to_json(tmp / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
-        summary["texts_fingerprint"] = texts_fingerprint(tmp, summary["text_files"])
-        write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
-                                                        extra=summary))
-    log.info("prepare: wrote %s (%d test queries, %d gallery records, %d training pairs; %d dropped for leakage)",
-             out, len(parts["queries"]), len(corpus.gallery), len(pairs),
-             sum(v for k, v in counts.items() if k.startswith("train_pairs_dropped")))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-def load_queries(folder: Path, name: str = "queries.jsonl") -> pd.DataFrame:
-    return pd.read_json(Path(folder) / name, lines=True, dtype={"id": str, "text": str})
-
-
-def load_gallery(folder: Path) -> pd.DataFrame:
-    return pd.read_json(Path(folder) / "gallery.jsonl", lines=True, dtype={"id": str, "text": str})
-
-
-def relevance_rows(queries: pd.DataFrame, gallery: pd.DataFrame) -> list[np.ndarray]:
-    """Gallery row indices of each query's relevant items."""
-    where = {g: i for i, g in enumerate(gallery["id"])}
-    return [np.array([where[str(r)] for r in rel if str(r) in where], dtype=np.int64) for rel in queries["relevant"]]
-
-
-def retrieval_scores(q_emb, g_emb, relevant: list[np.ndarray], k: int, search_fn=None) -> dict[str, np.ndarray]:
-    """Per-query recall@1/@k (success), recall_all@k, nDCG@k, MRR@k of queries against the whole gallery.
-
-    q_emb: (n_queries, dim), g_emb: (n_gallery, dim) L2-normalised (or sparse TF-IDF rows with a
-    ``search_fn``); relevant: per query, the gallery rows that count as hits (>= 1 each).
-    """
-    _, ids = (search_fn or M.search)(g_emb, q_emb, k)
-    hits = np.zeros(ids.shape, dtype=bool)
-    for row, (found, rel) in enumerate(zip(ids, relevant)):
-        hits[row] = np.isin(found, rel)
-    return M.retrieval_per_query(hits, np.array([len(r) for r in relevant]), ks=(1, k))
-
-
-def summarize(per_query: dict[str, np.ndarray], cfg: Config) -> tuple[dict, dict]:
-    means = {k: round(float(v.mean()), 5) for k, v in per_query.items()}
-    ci = {k: [round(x, 5) for x in M.bootstrap_mean_ci(v, cfg.eval.bootstrap, cfg.seed)] for k, v in per_query.items()}
-    return means, ci
-
-
-def paired_deltas(adapted: dict[str, np.ndarray], base: dict[str, np.ndarray], cfg: Config) -> dict:
-    """Mean per-query difference adapted - base with a paired bootstrap 95% CI (same queries resampled)
-    and its verdict, for every metric."""
-    out = {}
-    for k in adapted:
-        r = M.paired_bootstrap_mean(adapted[k], base[k], cfg.eval.bootstrap, cfg.seed)
-        out[k] = {"delta": round(r["delta"], 5), "ci": [round(x, 5) for x in r["ci"]], "verdict": r["verdict"]}
-    return out
-
-
-def tfidf_search_fn():
-    """Sparse top-k by cosine over TF-IDF rows (both inputs L2-normalised CSR matrices)."""
-    from pipeline.metrics import sparse_search
-
-    return sparse_search
-
-
-def lexical_retrieval(queries: pd.DataFrame, gallery: pd.DataFrame, relevant, cfg: Config) -> dict[str, np.ndarray]:
-    """TF-IDF (word 1-2 grams + char_wb 2-5 grams, as eval's lexical baseline) fit on the gallery texts."""
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.preprocessing import normalize
-
-    word = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True,
-                           token_pattern=r"(?u)\b\w[\w.\-/]*\b").fit(gallery["text"])
-    char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2).fit(gallery["text"])
-
-    def vec(texts):
-        return normalize(hstack([word.transform(texts), char.transform(texts)]).tocsr())
-
-    return retrieval_scores(vec(queries["text"]), vec(gallery["text"]), relevant, cfg.eval.retrieval_k,
-                            search_fn=tfidf_search_fn())
-
-
-def score_embeddings(emb_dir: Path, queries, gallery, relevant, cfg: Config) -> dict[str, np.ndarray]:
-    q = np.load(Path(emb_dir) / "queries.npy")
-    g = np.load(Path(emb_dir) / "gallery.npy")
-    if len(q) != len(queries) or len(g) != len(gallery):
-        raise DataError(f"embeddings in {emb_dir} do not match the prepared queries/gallery; rerun embed --force")
-    return retrieval_scores(q, g, relevant, cfg.eval.retrieval_k)
-
-
-def validation_figures(processed: Path, emb_manifest: dict, gallery: pd.DataFrame, cfg: Config) -> dict:
-    """``{metric: (adapted, base)}`` of retrieval on the validation queries, where prepare wrote
-    ``val_queries.jsonl`` and embed embedded it for both models; else empty (the validation rule then
-    falls back to the training curve)."""
-    path = Path(processed) / "val_queries.jsonl"
-    dirs = [Path(emb_manifest["adapted_dir"]), Path(emb_manifest["base_dir"])]
-    if not path.exists() or not all((d / "val_queries.npy").exists() for d in dirs):
-        return {}
-    queries = load_queries(processed, "val_queries.jsonl")
-    relevant = relevance_rows(queries, gallery)
-    keep = np.array([len(r) > 0 for r in relevant], dtype=bool)
-    if not keep.all():
-        log.warning("eval: %d of %d validation queries have no relevant item in the gallery; scored without them",
-                    int((~keep).sum()), len(keep))
-    if not keep.any():
-        return {}
-    scores = []
-    for d in dirs:
-        q, g = np.load(d / "val_queries.npy"), np.load(d / "gallery.npy")
-        if len(q) != len(queries):
-            raise DataError(f"embeddings in {d} do not match {path}; rerun embed --force")
-        per_query = retrieval_scores(q[keep], g, [r for r, k in zip(relevant, keep) if k], cfg.eval.retrieval_k)
-        scores.append({k: float(v.mean()) for k, v in per_query.items()})
-    return {k: (scores[0][k], scores[1][k]) for k in scores[0]}
-
-
-def delta_table(deltas: dict) -> list[str]:
-    lines = ["| metric | adapted - base | 95% CI (paired bootstrap) | verdict |", "|---|---|---|---|"]
-    for k, d in deltas.items():
-        lines.append(f"| {k} | {d['delta']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] | {d.get('verdict', '–')} |")
-    return lines
-
-
-def evaluate(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Path:
-    from pipeline import eval as E
-    from pipeline import report
-    from pipeline.families import lora_block
-
-    queries, gallery = load_queries(layout.processed), load_gallery(layout.processed)
-    relevant = relevance_rows(queries, gallery)
-    if any(len(r) == 0 for r in relevant):
-        raise DataError("a prepared query has no relevant item in the gallery; rerun prepare --force")
-    log.info("eval: %d queries against %d gallery records", len(queries), len(gallery))
-    adapted = score_embeddings(Path(emb_manifest["adapted_dir"]), queries, gallery, relevant, cfg)
-    base = score_embeddings(Path(emb_manifest["base_dir"]), queries, gallery, relevant, cfg)
-    ret, ci = summarize(adapted, cfg)
-    base_ret, base_ci = summarize(base, cfg)
-    lexical, lex_items = None, None
-    if cfg.eval.lexical:
-        lex_per_query = lexical_retrieval(queries, gallery, relevant, cfg)
-        lex_ret, lex_ci = summarize(lex_per_query, cfg)
-        lexical = {"classification": {}, "retrieval": lex_ret, "ci": {"retrieval": lex_ci}}
-        lex_items = {"retrieval": lex_per_query}
-    curve = E.train_curve(train_manifest)
-    val_figures = validation_figures(layout.processed, emb_manifest, gallery, cfg)
-    verdict = E.verdict_block(cfg, info["method"], {"retrieval": adapted}, {"retrieval": base}, lex_items, None,
-                              val_figures, curve)
-    train_stats = train_manifest.get("train", {})
-    lora = info.get("lora")
-    payload = {
-        "run_name": cfg.resolved_run_name,
-        "dataset": cfg.data.name,
-        "mlflow_run_id": train_manifest.get("mlflow_run_id") or "",
-        "model": {"base": info["base"], "method": info["method"],
-                  "lora": lora_block(lora),
-                  "trainable_params": info["trainable_params"], "total_params": info["total_params"]},
-        "classification": {},
-        "retrieval": ret,
-        "baseline": {"classification": {}, "retrieval": base_ret, "ci": {"retrieval": base_ci}},
-        "lexical": lexical or {"classification": {}, "retrieval": {}},
-        "train": {"seconds": train_stats.get("seconds", 0.0), "pairs_per_second": train_stats.get("pairs_per_second"),
-                  "peak_rss_mb": train_stats.get("peak_rss_mb"),
-                  "real_tokens_per_second": train_stats.get("real_tokens_per_second"),
-                  "steps": train_stats.get("steps"), "device": train_stats.get("device"),
-                  "precision": train_stats.get("precision")},
-        "ci": {"retrieval": ci},
-        "delta_vs_base": {"retrieval": paired_deltas(adapted, base, cfg)},
-        "verdict": verdict,
-        **({"validation": {"adapted": {"retrieval": {k: round(a, 5) for k, (a, _) in val_figures.items()}},
-                           "base": {"retrieval": {k: round(b, 5) for k, (_, b) in val_figures.items()}}}}
-           if val_figures else {}),
-        "notes": {"classification": CLASSIFICATION_NOTE, "retrieval": prep.get("retrieval_protocol", "")},
-        "embed": emb_manifest.get("timing", {}),
-        "test_items": int(len(queries)),
-        "gallery_items": int(len(gallery)),
-        "retrieval_queries": int(len(queries)),
-        "objective": prep.get("objective"),  # the objective the training pairs were built for
-        "seed": cfg.seed,
-        "data_fingerprint": prep["fingerprint"],
-        "model_fingerprint": train_manifest["fingerprint"],
-    }
-    out = layout.report()
-    with atomic_dir(out) as tmp:
-        write_json_atomic(tmp / "metrics.json", payload)
-        has_curve = E.write_curve(curve, tmp, f"{cfg.resolved_run_name}: validation during training")
-        others = report.other_runs(Path(cfg.paths.reports), payload)
-        md = report.markdown(payload, None, others, curve=has_curve)
-        md += "\n".join([
-            f"Gallery: {len(gallery):,} records. {prep.get('retrieval_protocol', '')}.", "",
-            "## Change vs the base model (same queries)", "", *delta_table(payload["delta_vs_base"]["retrieval"]),
-            "", "## Notes", "", f"- {CLASSIFICATION_NOTE[0].upper()}{CLASSIFICATION_NOTE[1:]}.",
-            "- recall@k is success@k (a relevant record in the top k); unlabelled true matches count as misses, "
-            "so every figure is a lower bound.", ""])
-        (tmp / "report.md").write_text(md, encoding="utf-8")
-    with atomic_dir(layout.latest_report) as tmp:
-        for f in out.iterdir():
-            shutil.copy2(f, tmp / f.name)
-
-    _log_to_mlflow(cfg, train_manifest, payload, out)
-    log.info("eval: wrote %s (recall@1 %.3f vs base %.3f)", out / "metrics.json", ret["recall@1"],
-             base_ret["recall@1"])
-    return out
-
-
-def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) -> None:
-    from pipeline import eval as E
-
-    with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
-        flat = {}
-        for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
-            flat.update({f"{prefix}{k}": v for k, v in block.get("retrieval", {}).items()})
-        for k, (lo, hi) in payload["ci"]["retrieval"].items():
-            flat[f"{k}.ci_low"], flat[f"{k}.ci_high"] = lo, hi
-        flat.update({f"delta.{k}": d["delta"] for k, d in payload["delta_vs_base"]["retrieval"].items()})
-        tracker.log_metrics(flat)
-        tracker.set_tags({"evaluated": "true", "classification": "absent (pair dataset)"})
-        E.log_verdict(tracker, payload["verdict"])
-        for f in ("metrics.json", "report.md", "curve.png"):
-            tracker.log_artifact(out / f, "report")

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import pairs_dataset
+from pipeline import prepare_pairs, scoring
+from pipeline.prepared import load_gallery, load_queries
 from pipeline.config import load_config
-from pipeline.prepare import load_pairs
+from pipeline.prepared import load_pairs
 from tests.conftest import REPO, SHARED_DATA, cli
 
 PRODUCTS = ["epson ink cartridge", "hp toner", "sony headphones", "logitech mouse", "apc battery backup",
@@ -71,8 +72,8 @@ def wa_project(tmp_path, monkeypatch, tiny_model_dir):
 
 def test_test_queries_never_meet_their_records_in_training(wa_project):
     cfg = load_config(wa_project)
-    corpus, _ = pairs_dataset.load_walmart_amazon(cfg, Path("data/raw/walmart_amazon"))
-    parts = pairs_dataset.split_corpus(corpus)
+    corpus, _ = prepare_pairs.load_walmart_amazon(cfg, Path("data/raw/walmart_amazon"))
+    parts = prepare_pairs.split_corpus(corpus)
     q, pairs, counts = parts["queries"], parts["pairs"], parts["counts"]
     relevant_texts = set(corpus.gallery.set_index("id").loc[[i for r in q["relevant"] for i in r], "text"])
     assert not set(pairs["anchor"]) & set(q["text"])
@@ -87,12 +88,12 @@ def test_test_queries_never_meet_their_records_in_training(wa_project):
 
 
 def test_records_linked_by_a_match_share_a_group():
-    corpus = pairs_dataset.PairCorpus(
+    corpus = prepare_pairs.PairCorpus(
         queries=pd.DataFrame({"id": ["1", "2", "3"], "text": ["w one", "w two", "w three"]}),
         gallery=pd.DataFrame({"id": ["10", "11", "12"], "text": ["a ten", "a eleven", "a twelve"]}),
         matches=pd.DataFrame({"query_id": ["1", "1", "2", "3"], "item_id": ["10", "11", "11", "12"],
                               "split": ["train", "train", "train", "test"]}))
-    pairs = pairs_dataset.split_corpus(corpus)["pairs"]
+    pairs = prepare_pairs.split_corpus(corpus)["pairs"]
     groups = dict(zip(zip(pairs["anchor"], pairs["positive"]), pairs["group"]))
     assert groups[("w one", "a ten")] == groups[("w one", "a eleven")] == groups[("w two", "a eleven")]
     assert len(pairs) == 3
@@ -102,7 +103,7 @@ def test_retrieval_scores_against_the_whole_gallery():
     g = np.eye(4, dtype=np.float32)
     q = np.array([[1, 0.1, 0, 0], [0, 0, 0.2, 1]], dtype=np.float32)
     # query 0: relevant row 1 ranked second; query 1: relevant rows 3 (first) and 0 (not in top 2)
-    out = pairs_dataset.retrieval_scores(q, g, [np.array([1]), np.array([3, 0])], k=2)
+    out = scoring.retrieval_scores(q, g, [np.array([1]), np.array([3, 0])], k=2)
     assert out["recall@1"].tolist() == [0.0, 1.0]
     assert out["recall@2"].tolist() == [1.0, 1.0]
     assert out["mrr@2"].tolist() == [0.5, 1.0]
@@ -146,7 +147,7 @@ def test_pair_dataset_trains_and_evaluates_without_classification(wa_project):
 @pytest.mark.skipif(not (SHARED_DATA / "walmart_amazon").exists(), reason="../shared/data not present")
 def test_real_walmart_amazon_prepare_counts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = pairs_dataset.prepare(load_config(REPO / "configs" / "walmart_amazon.yaml",
+    out = prepare_pairs.prepare(load_config(REPO / "configs" / "walmart_amazon.yaml",
                                             [f"paths.mirror={SHARED_DATA}"]))
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["test_queries"] == 191 and m["counts"]["gallery_records"] == 22074
@@ -157,9 +158,9 @@ def test_real_walmart_amazon_prepare_counts(tmp_path, monkeypatch):
 def test_mined_negatives_for_a_pair_dataset_avoid_held_out_records(wa_project):
     cfg = load_config(wa_project, ["pairs.hard_negatives.enabled=true", "pairs.hard_negatives.range_min=0",
                                    "pairs.hard_negatives.relative_margin=0.0"])
-    out = pairs_dataset.prepare(cfg)
-    pairs, queries = load_pairs(out), pairs_dataset.load_queries(out)
-    gallery = pairs_dataset.load_gallery(out).set_index("id")
+    out = prepare_pairs.prepare(cfg)
+    pairs, queries = load_pairs(out), load_queries(out)
+    gallery = load_gallery(out).set_index("id")
     held = set(gallery.loc[[i for r in queries["relevant"] for i in r], "text"])
     has = pairs[pairs["negative"].notna()]
     assert len(has) == len(pairs)

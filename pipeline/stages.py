@@ -1,0 +1,44 @@
+"""The stages by name: the one place that maps a stage to the function that runs it.
+
+The CLI and the orchestrators (sweep and suite run train -> embed -> eval per child; probe prepares
+another corpus) start stages through here, by their public ``run``, so no stage module imports another
+and each stage's internals stay its own. Imports are lazy: starting one stage never loads the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from pipeline.config import Config
+
+# name -> module whose ``run(cfg, **options)`` is the stage
+MODULES = {
+    "prepare": "pipeline.prepare",
+    "train": "pipeline.train",
+    "embed": "pipeline.embed",
+    "eval": "pipeline.eval",
+    "export": "pipeline.export",
+    "targets": "pipeline.targets",
+    "sweep": "pipeline.sweep",
+    "suite": "pipeline.suite",
+    "serve": "pipeline.serve",
+    "probe": "pipeline.probe",
+    "bench": "pipeline.bench",
+}
+
+
+def run(name: str, cfg: Config, **options):
+    """Run stage ``name`` with ``cfg``; ``options`` are that stage's keyword options (force, overwrite)."""
+    return importlib.import_module(MODULES[name]).run(cfg, **options)
+
+
+def prepare(cfg: Config, *, force: bool = False) -> Path:
+    return run("prepare", cfg, force=force)
+
+
+def train_embed_eval(cfg: Config, *, overwrite: bool = False) -> Path:
+    """One run end to end after prepare (each stage skips what is up to date); returns the report folder."""
+    run("train", cfg, overwrite=overwrite)
+    run("embed", cfg, force=overwrite)
+    return run("eval", cfg)
