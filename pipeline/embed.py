@@ -25,7 +25,7 @@ from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, diges
 from pipeline.config import Config
 from pipeline.identity import base_embeddings_key
 from pipeline.prepared import load_labels, text_files
-from pipeline.model import (check_base_matches, load_encoder, load_trained, merge_checked, pick_device, pick_dtype,
+from pipeline.model import (check_base_matches, load_base, load_trained, merge_checked, pick_device, pick_dtype,
                             read_model_info)
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtyp
     out = layout.base_embeddings(key)
     if is_up_to_date(out, key):
         return out
-    st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=max_seq_length)
+    st_model = load_base(cfg.model, device=device, max_seq_length=max_seq_length)
     with atomic_dir(out) as tmp:
         timing = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
                             max_seq_length, "base", prompts.for_run(cfg, st_model))

@@ -41,11 +41,10 @@ NEGATIVE_COLUMNS = ["negative", "negative_group", "negative_label", "negative_ki
 def _embed(cfg: Config, texts: list[str], anchors: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
     """(``texts`` as documents, ``anchors`` as queries or None when the two forms are equal), float32
     L2-normalised, with the config's base model and its prompts (anchors are queries as in training)."""
-    from pipeline.model import load_encoder, pick_device, pick_dtype
+    from pipeline.model import load_base, pick_device, pick_dtype
 
     device = pick_device(cfg.train.device)
-    st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code, max_seq_length=cfg.train.max_seq_length)
+    st_model = load_base(cfg.model, device=device, max_seq_length=cfg.train.max_seq_length)
     used = prompts.for_run(cfg, st_model)
 
     def encode(items, role):

@@ -81,6 +81,15 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if ok else None
 
 
+def load_base(model_cfg, *, device: torch.device | str = "cpu", max_seq_length: int | None = None,
+              model_kwargs: dict | None = None):
+    """The config's untrained base model (``model.base`` at ``model.revision``): the one way every stage
+    loads it. ``model_cfg`` is ``cfg.model``."""
+    return load_encoder(model_cfg.base, device=device, revision=model_cfg.revision,
+                        trust_remote_code=model_cfg.trust_remote_code, max_seq_length=max_seq_length,
+                        model_kwargs=model_kwargs)
+
+
 def load_encoder(base: str, *, device: torch.device | str = "cpu", revision: str | None = None,
                  trust_remote_code: bool = False, max_seq_length: int | None = None,
                  model_kwargs: dict | None = None):

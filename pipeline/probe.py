@@ -130,7 +130,7 @@ def run(cfg: Config) -> Path:
     import torch
 
     from pipeline.identity import base_embeddings_key
-    from pipeline.model import load_encoder, merge_checked, load_trained, pick_device, pick_dtype, read_model_info
+    from pipeline.model import load_base, merge_checked, load_trained, pick_device, pick_dtype, read_model_info
 
     layout = Layout(cfg)
     model_dir = layout.model_dir()
@@ -156,8 +156,7 @@ def run(cfg: Config) -> Path:
         fkey = hashlib.sha256(json.dumps([key, files, label_texts]).encode()).hexdigest()[:16]
         base_dir = _cached_embeddings(
             Path(cfg.paths.cache) / "probe-embeddings" / f"{key}-{fkey}", fkey, pcfg,
-            lambda: load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
-                                 trust_remote_code=cfg.model.trust_remote_code, max_seq_length=max_len),
+            lambda: load_base(cfg.model, device=device, max_seq_length=max_len),
             processed, files, label_texts, max_len, device, dtype, "probe-embed-base",
             lambda st: prompts.for_run(cfg, st))
 

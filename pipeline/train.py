@@ -17,6 +17,7 @@ import pickle
 import shutil
 import sys
 import time
+from typing import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from pipeline.errors import ArtifactError, TrainingError
 from pipeline.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 from pipeline.memory import current_rss_mb, peak_rss_mb
 from pipeline.model import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing, inner_model,
-                            load_encoder, lora_b_norm, pick_device, pick_dtype, resolve_base, training_model_kwargs,
+                            load_base, lora_b_norm, pick_device, pick_dtype, resolve_base, training_model_kwargs,
                             write_model_info)
 from pipeline.identity import run_fingerprint
 from pipeline.prepared import load_pairs
@@ -199,6 +200,49 @@ def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer,
     return loss.item()
 
 
+def make_scheduler(optimizer, t, total_steps: int):
+    """Linear warm-up over ``t.warmup_ratio`` of the steps, then linear decay to zero."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+
+
+class Batches:
+    """The batches of a run: epoch ``e`` is :func:`pipeline.batching.epoch_batches` with the run's seed,
+    built when first asked for (one epoch kept at a time). ``batches(step)`` -> the pair indices of that step."""
+
+    def __init__(self, lengths: np.ndarray, t, seed: int):
+        self.lengths, self.t, self.seed = lengths, t, seed
+        self._cache: dict[int, list[np.ndarray]] = {}
+        self.steps_per_epoch = len(self.epoch(0))
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        if e not in self._cache:
+            self._cache = {e: epoch_batches(self.lengths, self.t.batch_size, self.seed, e, self.t.length_grouping)}
+        return self._cache[e]
+
+    def at(self, epoch: int, within: int) -> np.ndarray:
+        return self.epoch(epoch)[within]
+
+    def __call__(self, step: int) -> np.ndarray:
+        return self.at(*divmod(step, self.steps_per_epoch))
+
+
+def run_steps(st_model, data: PairTensors, t, steps: Iterable[int], batch_of: Callable[[int], np.ndarray], *,
+              optimizer, scheduler, device: torch.device, dtype: torch.dtype | None,
+              dist: distributed.Dist | None = None) -> Iterator[tuple[int, np.ndarray, float]]:
+    """The training loop: for each step, its batch and one :func:`training_step`; yields (step, batch, loss).
+
+    The train stage drives it with its bookkeeping (validation, checkpoints, MLflow) around each step;
+    the bench drives the same generator to time it, so what the bench measures is what training runs.
+    """
+    st_model.train()
+    for step in steps:
+        idx = batch_of(step)
+        yield step, idx, training_step(st_model, data, idx, t, optimizer=optimizer, scheduler=scheduler,
+                                       device=device, dtype=dtype, step=step, dist=dist)
+
+
 def run(cfg: Config, *, overwrite: bool = False) -> Path:
     """Train; under ``torchrun --nproc_per_node=N`` every process runs this and rank 0 writes."""
     dist = distributed.init_from_env(cfg.train.device)
@@ -337,9 +381,8 @@ class _Setup:
         t = cfg.train
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.precision, self.device)
-        self.model = load_encoder(cfg.model.base, device=self.device, revision=cfg.model.revision,
-                                  trust_remote_code=cfg.model.trust_remote_code, max_seq_length=t.max_seq_length,
-                                  model_kwargs=training_model_kwargs(t, self.device))
+        self.model = load_base(cfg.model, device=self.device, max_seq_length=t.max_seq_length,
+                               model_kwargs=training_model_kwargs(t, self.device))
         self.prompts = prompts.for_run(cfg, self.model)
         self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length, self.prompts)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
@@ -356,12 +399,10 @@ class _Setup:
         self.trainable, self.total = count_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, t)
-        self.steps_per_epoch = len(epoch_batches(self.data.lengths, t.batch_size, cfg.seed, 0, t.length_grouping))
+        self.batches = Batches(self.data.lengths, t, cfg.seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        from transformers import get_linear_schedule_with_warmup
-
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(t.warmup_ratio * self.total_steps),
-                                                         self.total_steps)
+        self.scheduler = make_scheduler(self.optimizer, t, self.total_steps)
         self.mask_same_label = objectives.mask_same_label(cfg, prep)
         self.t = t.model_copy(update={"mask_same_label": self.mask_same_label})
 
@@ -453,22 +494,15 @@ def _loop(cfg: Config, layout: Layout, su: _Setup, sel: Selection, tracker, fp: 
     checks = eval_steps(su.total_steps, su.steps_per_epoch, t.validation.every_steps) if sel.active else set()
     if sel.active and start_step == 0:
         _evaluate_at(0, su, sel, tracker, best_dir, main)
-    su.model.train()
     rss_before = current_rss_mb()
-    epoch_cache: dict[int, list[np.ndarray]] = {}
     started = time.perf_counter()
     losses: list[float] = []
     pairs_done = tokens_done = 0
     done = start_step
     bar = tqdm(range(start_step, su.total_steps), initial=start_step, total=su.total_steps, desc="train",
                unit="step", file=sys.stderr, disable=not main, mininterval=0.5 if sys.stderr.isatty() else 30)
-    for step in bar:
-        epoch, within = divmod(step, su.steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache = {epoch: epoch_batches(data.lengths, t.batch_size, cfg.seed, epoch, t.length_grouping)}
-        idx = epoch_cache[epoch][within]
-        loss = training_step(su.model, data, idx, t, optimizer=su.optimizer, scheduler=su.scheduler,
-                             device=su.device, dtype=su.dtype, step=step, dist=dist)
+    for step, idx, loss in run_steps(su.model, data, t, bar, su.batches, optimizer=su.optimizer,
+                                     scheduler=su.scheduler, device=su.device, dtype=su.dtype, dist=dist):
         losses.append(loss)
         pairs_done += len(idx)
         tokens_done += int(data.lengths[idx].sum())
@@ -581,8 +615,7 @@ def _write_model(model_dir: Path, cfg: Config, su: _Setup, info: dict, stats: di
 def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> Path:
     """method=base: no training; the model folder only records which base model the run evaluates."""
     resolved = resolve_base(cfg.model.base)
-    st_model = load_encoder(cfg.model.base, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code)
+    st_model = load_base(cfg.model)
     _, total = count_parameters(st_model)
     info = {"method": "base", "base": cfg.model.base, "base_resolved": resolved,
             "prompts": prompts.for_run(cfg, st_model).record(),

@@ -54,11 +54,10 @@ def make_models(cfg: Config, folder: Path, n: int) -> tuple[list[Path], list[Pat
 
     import torch
 
-    from pipeline.model import apply_lora, base_fingerprint, inner_model, load_encoder, resolve_base, set_inner_model
+    from pipeline.model import apply_lora, base_fingerprint, inner_model, load_base, resolve_base, set_inner_model
 
     max_len = cfg.train.max_seq_length
-    base = load_encoder(cfg.model.base, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-                        max_seq_length=max_len)
+    base = load_base(cfg.model, max_seq_length=max_len)
     meta = {"base": cfg.model.base, "base_fingerprint": base_fingerprint(resolve_base(cfg.model.base)),
             "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code,
             "max_seq_length": max_len, "embedding_dim": int(base.get_embedding_dimension())}

@@ -157,10 +157,9 @@ def _read_pairs(path: str):
 
 
 def _load(cfg, device):
-    from pipeline.model import load_encoder
+    from pipeline.model import load_base
 
-    return load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
-                        trust_remote_code=cfg.model.trust_remote_code, max_seq_length=cfg.train.max_seq_length)
+    return load_base(cfg.model, device=device, max_seq_length=cfg.train.max_seq_length)
 
 
 def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
@@ -172,26 +171,20 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
     replays the first ``s`` batches of epoch 0, so each timed window sees exactly the same batches
     (length-grouped batches differ a lot in length, and other batches would measure other texts).
     """
-    from transformers import get_linear_schedule_with_warmup
-
-    from pipeline.batching import epoch_batches
-    from pipeline.train import make_optimizer, training_step
+    from pipeline.train import Batches, make_optimizer, make_scheduler, run_steps
 
     optimizer = make_optimizer(st_model, t)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
-    steps_per_epoch = len(epoch_batches(data.lengths, t.batch_size, seed, 0, t.length_grouping))
-    cache: dict[int, list] = {}
-    st_model.train()
-    for step in range(total_steps):
-        epoch, within = divmod(step, steps_per_epoch)
-        if replay_after is not None:
-            window = min(replay_window or steps_per_epoch, steps_per_epoch)
-            epoch, within = 0, (step if step < replay_after else (step - replay_after) % window)
-        if epoch not in cache:
-            cache = {epoch: epoch_batches(data.lengths, t.batch_size, seed, epoch, t.length_grouping)}
-        idx = cache[epoch][within]
-        loss = training_step(st_model, data, idx, t, optimizer=optimizer, scheduler=scheduler, device=device,
-                             dtype=dtype, step=step)
+    scheduler = make_scheduler(optimizer, t, total_steps)
+    batches = Batches(data.lengths, t, seed)
+
+    def batch_of(step: int):
+        if replay_after is None:
+            return batches(step)
+        window = min(replay_window or batches.steps_per_epoch, batches.steps_per_epoch)
+        return batches.at(0, step if step < replay_after else (step - replay_after) % window)
+
+    for step, idx, loss in run_steps(st_model, data, t, range(total_steps), batch_of, optimizer=optimizer,
+                                     scheduler=scheduler, device=device, dtype=dtype):
         on_step(step, len(idx), loss)
 
 
