@@ -160,13 +160,20 @@ def make_manifest(stage: str, cfg: Config, *, fingerprint: str, inputs: dict[str
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest; None when it has none. A manifest that exists but cannot be read is an
+    error, never "absent": treated as absent, the folder would be overwritten as if nothing were there."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
     try:
-        return read_json(path)
-    except (OSError, json.JSONDecodeError):
-        return None
+        manifest = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} cannot be read ({type(exc).__name__}: {exc}); the folder's outputs are of "
+                            "unknown origin: move it aside, or rerun with --force/--overwrite to replace it") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a manifest (a JSON object); move the folder aside, or rerun with "
+                            "--force/--overwrite to replace it")
+    return manifest
 
 
 def require_manifest(folder: Path, what: str, hint: str) -> dict[str, Any]:
@@ -179,8 +186,10 @@ def require_manifest(folder: Path, what: str, hint: str) -> dict[str, Any]:
 def skip_or_refuse(folder: Path, fingerprint: str, *, overwrite: bool, stage: str, refusal: str) -> bool:
     """True when ``folder`` already holds this fingerprint's output (the stage can skip); raises
     ``ArtifactError(refusal)`` when it holds another output and ``overwrite`` is off; else False."""
+    if overwrite:
+        return False
     existing = read_manifest(folder)
-    if existing is None or overwrite:
+    if existing is None:
         return False
     if existing.get("fingerprint") == fingerprint:
         import logging

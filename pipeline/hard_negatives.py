@@ -90,62 +90,17 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
     row = {t: i for i, t in enumerate(texts)}
     anchors = list(dict.fromkeys(pairs["anchor"]))
     emb, anchor_form = _embed(cfg, texts, anchors)
-    a_rows = np.array([row[t] for t in pairs["anchor"]])
-    p_rows = np.array([row[t] for t in pairs["positive"]])
     # one row per pair: the anchor embedded as a query (its document form when the model has no prompts)
     anchor_row = {t: i for i, t in enumerate(anchors)}
-    a_emb = emb[a_rows] if anchor_form is None else anchor_form[[anchor_row[t] for t in pairs["anchor"]]]
-    pos_score = np.sum(a_emb * emb[p_rows], axis=1)
-
+    a_emb = (emb[[row[t] for t in pairs["anchor"]]] if anchor_form is None
+             else anchor_form[[anchor_row[t] for t in pairs["anchor"]]])
+    pos_score = np.sum(a_emb * emb[[row[t] for t in pairs["positive"]]], axis=1)
     out = {c: [None] * len(pairs) for c in NEGATIVE_COLUMNS}
     neg_scores = np.full(len(pairs), np.nan)
-    kinds = pairs["kind"].to_numpy()
-    groups = pairs["group"].astype(str).to_numpy()
-    labels = pairs["label"].to_numpy()
-
-    text_pairs = np.flatnonzero(kinds != "label")
-    if len(text_pairs) and len(pool):
-        pool_rows = np.array([row[t] for t in pool["text"]])
-        pool_text = pool["text"].to_numpy()
-        pool_group = pool["group"].astype(str).to_numpy()
-        pool_label = pool["label"].to_numpy()
-        largest_group = int(pool.groupby("group").size().max())
-        depth = min(len(pool), hn.range_max + largest_group + 16)
-        scores, ids = search(emb[pool_rows], a_emb[text_pairs], depth)
-        label_guard = cfg.train.mask_same_label if mask_same_label is None else mask_same_label
-        for qi, i in enumerate(text_pairs):
-            hit = ids[qi]
-            ok = (hit >= 0) & (pool_group[hit] != groups[i])
-            ok &= (pool_text[hit] != pairs["anchor"].iat[i]) & (pool_text[hit] != pairs["positive"].iat[i])
-            if (label_guard or kinds[i] == "same_label") and isinstance(labels[i], str):
-                ok &= pool_label[hit] != labels[i]
-            pick = choose(scores[qi], ok, pos_score[i], range_min=hn.range_min, range_max=hn.range_max,
-                          relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
-            if pick is None:
-                continue
-            j = hit[pick]
-            out["negative"][i], out["negative_group"][i] = pool_text[j], pool_group[j]
-            out["negative_label"][i] = pool_label[j] if isinstance(pool_label[j], str) else None
-            out["negative_kind"][i] = "text"
-            neg_scores[i] = scores[qi, pick]
-
-    label_pairs = np.flatnonzero(kinds == "label")
-    if len(label_pairs) and len(label_names) > 1:
-        lab_emb = emb[[row[t] for t in label_texts]]
-        sims = a_emb[label_pairs] @ lab_emb.T  # (n_label_pairs, n_labels)
-        names = np.asarray(label_names)
-        for qi, i in enumerate(label_pairs):
-            order = np.argsort(-sims[qi], kind="stable")
-            ok = names[order] != labels[i]
-            pick = choose(sims[qi][order], ok, pos_score[i], range_min=0, range_max=None,
-                          relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
-            if pick is None:
-                continue
-            j = order[pick]
-            out["negative"][i], out["negative_label"][i] = label_texts[j], names[j]
-            out["negative_kind"][i] = "label"
-            neg_scores[i] = sims[qi, j]
-
+    guard = cfg.train.mask_same_label if mask_same_label is None else mask_same_label
+    _mine_texts(pairs, pool, emb[[row[t] for t in pool["text"]]], a_emb, pos_score, hn, guard, rng, out, neg_scores)
+    _mine_labels(pairs, label_names, emb[[row[t] for t in label_texts]] if label_texts else None, a_emb,
+                 pos_score, hn, rng, out, neg_scores, label_texts)
     mined = pairs.assign(**out)
     has = mined["negative"].notna().to_numpy()
     stats = {
@@ -161,3 +116,57 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
     log.info("hard negatives: %d of %d pairs got one (pool %d texts, %.0fs)", stats["with_negative"],
              len(pairs), len(pool), stats["seconds"])
     return mined, stats
+
+
+def _mine_texts(pairs: pd.DataFrame, pool: pd.DataFrame, pool_emb: np.ndarray, a_emb: np.ndarray,
+                pos_score: np.ndarray, hn, label_guard: bool, rng, out: dict, neg_scores: np.ndarray) -> None:
+    """Negatives of text pairs, drawn from ``pool``: never the pair's own group or texts, never the
+    anchor's label when the guard is on (or the pair is a same-label pair). Fills ``out`` in place."""
+    kinds = pairs["kind"].to_numpy()
+    text_pairs = np.flatnonzero(kinds != "label")
+    if not len(text_pairs) or not len(pool):
+        return
+    groups, labels = pairs["group"].astype(str).to_numpy(), pairs["label"].to_numpy()
+    pool_text = pool["text"].to_numpy()
+    pool_group = pool["group"].astype(str).to_numpy()
+    pool_label = pool["label"].to_numpy()
+    largest_group = int(pool.groupby("group").size().max())
+    depth = min(len(pool), hn.range_max + largest_group + 16)
+    scores, ids = search(pool_emb, a_emb[text_pairs], depth)
+    for qi, i in enumerate(text_pairs):
+        hit = ids[qi]
+        ok = (hit >= 0) & (pool_group[hit] != groups[i])
+        ok &= (pool_text[hit] != pairs["anchor"].iat[i]) & (pool_text[hit] != pairs["positive"].iat[i])
+        if (label_guard or kinds[i] == "same_label") and isinstance(labels[i], str):
+            ok &= pool_label[hit] != labels[i]
+        pick = choose(scores[qi], ok, pos_score[i], range_min=hn.range_min, range_max=hn.range_max,
+                      relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
+        if pick is None:
+            continue
+        j = hit[pick]
+        out["negative"][i], out["negative_group"][i] = pool_text[j], pool_group[j]
+        out["negative_label"][i] = pool_label[j] if isinstance(pool_label[j], str) else None
+        out["negative_kind"][i] = "text"
+        neg_scores[i] = scores[qi, pick]
+
+
+def _mine_labels(pairs: pd.DataFrame, label_names: list[str], lab_emb: np.ndarray | None, a_emb: np.ndarray,
+                 pos_score: np.ndarray, hn, rng, out: dict, neg_scores: np.ndarray, label_texts: list[str]) -> None:
+    """Negatives of label pairs (anchor -> its category name): another category's name. Fills ``out``."""
+    label_pairs = np.flatnonzero(pairs["kind"].to_numpy() == "label")
+    if not len(label_pairs) or len(label_names) <= 1:
+        return
+    labels = pairs["label"].to_numpy()
+    sims = a_emb[label_pairs] @ lab_emb.T  # (n_label_pairs, n_labels)
+    names = np.asarray(label_names)
+    for qi, i in enumerate(label_pairs):
+        order = np.argsort(-sims[qi], kind="stable")
+        ok = names[order] != labels[i]
+        pick = choose(sims[qi][order], ok, pos_score[i], range_min=0, range_max=None,
+                      relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
+        if pick is None:
+            continue
+        j = order[pick]
+        out["negative"][i], out["negative_label"][i] = label_texts[j], names[j]
+        out["negative_kind"][i] = "label"
+        neg_scores[i] = sims[qi, j]

@@ -33,7 +33,6 @@ Walmart-Amazon protocol (see ../shared/data/walmart_amazon/SOURCE.md):
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 

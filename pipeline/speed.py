@@ -1,15 +1,16 @@
-"""CPU speed lever for the training loop, kept because `make bench` measured it to help.
+"""CPU speed lever for the training loop, kept because `make bench` measured it to help
+(reports/examples/bench/, part "profile").
 
-Profiling the LoRA train step on MiniLM (torch.profiler, 2-core Zen 4, bf16) put about a third of the
-step in ``aten::bernoulli_``: torch draws every dropout mask one float per element from a serial
-generator (37 dropout calls per forward here: embeddings, 2 per layer, attention probabilities, and
-PEFT's LoRA dropout on each of q, k, v). :class:`FastDropout` draws the same Bernoulli(1 - p) keep-mask
-from 16-bit slices of 64-bit random words (four masks per draw; p is exact to 1/65536) and scales by
-1 / (1 - p) like ``nn.Dropout``. It uses torch's default generator, so seeds and checkpointed RNG
-state still make runs repeatable. Attention-probability dropout happens inside SDPA and is unchanged.
+Profiling the train step on the CPU put a large share of it in ``aten::bernoulli_``: torch draws every
+dropout mask one float per element from a serial generator (the embeddings' and each layer's dropout,
+and PEFT's LoRA dropout when ``train.lora.dropout`` is above 0). :class:`FastDropout` draws the same
+Bernoulli(1 - p) keep-mask from 16-bit slices of 64-bit random words (four masks per draw; p is exact to
+1/65536) and scales by 1 / (1 - p) like ``nn.Dropout``. It uses torch's default generator, so seeds and
+checkpointed RNG state still make runs repeatable. Attention-probability dropout happens inside SDPA
+and is unchanged. A dropout of 0 (the LoRA default) costs nothing either way.
 
 Tried and dropped (no measurable gain, see the bench report): glibc ``mallopt`` to keep freed
-activation buffers mapped (train steps at batch 64 take only a few hundred page faults).
+activation buffers mapped.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ noise. The base model has no training randomness and runs once.
 
 Why one process per child (``sweep.isolate``, default on): peak memory comes from ``ru_maxrss``, the
 high-water mark of the whole process, so in one long process every child after the largest would
-report the largest child's peak. A fresh process costs ~10 s of imports per child and buys an honest
-per-child figure (and a child that crashes cannot take the sweep down).
+report the largest child's peak. A fresh process costs the imports once more per child and buys an
+honest per-child figure (and a child that crashes cannot take the sweep down).
 """
 
 from __future__ import annotations
@@ -394,13 +394,30 @@ def _reference(rows: list[dict], key: str) -> dict | None:
 
 
 def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed: list[dict], meta: dict) -> str:
-    s = cfg.sweep
-    q = s.quality_metric
-    qlabel = METRIC_LABELS.get(q, q)
+    """summary.md: the question and its answer, every configuration, LoRA against full fine-tuning,
+    how to read the columns and the children."""
+    q = cfg.sweep.quality_metric
     present = set().union(*(c["metrics"].keys() for c in configs)) if configs else set()
     keys = [k for k in dict.fromkeys([q, *HEADLINE]) if k in present]
-    n_seeds = max((len(c["seeds"]) for c in configs), default=1)
     full = next((c for c in configs if c["method"] == "full"), None)
+    loras = [c for c in configs if c["method"] == "lora"]
+    lines = _summary_intro(cfg, configs, rows, meta)
+    lines += _summary_answer(full, loras, q)
+    lines += _summary_table(configs, rows, failed, keys, full, q)
+    if full is not None and loras:
+        lines += _summary_vs_full(full, loras, keys)
+    lines += _summary_reading_notes(meta.get("isolate", True))
+    for r in rows:
+        wall = r.get("child_wall_seconds")
+        lines.append(f"| `{r['run']}` | {r['seed']} | `{r['mlflow_run_id'] or '–'}` | "
+                     f"{f'{wall:.0f}' if wall is not None else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _summary_intro(cfg: Config, configs: list[dict], rows: list[dict], meta: dict) -> list[str]:
+    s = cfg.sweep
+    qlabel = METRIC_LABELS.get(s.quality_metric, s.quality_metric)
+    n_seeds = max((len(c["seeds"]) for c in configs), default=1)
     loras = [c for c in configs if c["method"] == "lora"]
     first = rows[0] if rows else {}
     varied = [what for what, n in (("rank", len({c.get("r") for c in loras})), ("alpha", len({c.get("alpha") for c in loras})),
@@ -422,28 +439,42 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
              "(mean over seeds) lies inside full fine-tuning's 95% bootstrap CI on that metric, bounds included; "
              "*above* or *below* when it lies outside. This places LoRA within the test-sampling uncertainty of "
              "full fine-tuning's score; it is not a paired significance test of the difference.", ""]
-    if full is not None and loras and q in full["metrics"]:
-        ok = [c for c in loras if c["vs_full"].get(q) in ("within", "above")]
-        f = full["metrics"][q]
-        if ok:
-            cheapest = min(ok, key=lambda c: (c["trainable_params"], c["train_seconds"]))
-            lines.append(f"**Answer.** {len(ok)} of {len(loras)} LoRA configurations are within (or above) full "
-                         f"fine-tuning's CI on {qlabel} ({f['mean']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}]). "
-                         f"The cheapest is `{cheapest['config_id']}`: {qlabel} "
-                         f"{cheapest['metrics'][q]['mean']:.3f}, {cheapest['trainable_pct']:.2f}% of the parameters "
-                         f"trained, {cheapest['train_seconds']:.0f} s of training against "
-                         f"{full['train_seconds']:.0f} s for full fine-tuning.")
-        else:
-            best = max(loras, key=lambda c: c["metrics"].get(q, {}).get("mean", -np.inf))
-            lines.append(f"**Answer.** No LoRA configuration is within full fine-tuning's CI on {qlabel} "
-                         f"({f['mean']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}]); the best is "
-                         f"`{best['config_id']}` at {best['metrics'][q]['mean']:.3f}.")
-        lines.append("")
+    return lines
+
+
+def _summary_answer(full: dict | None, loras: list[dict], q: str) -> list[str]:
+    """The one-paragraph answer: which LoRA configurations reach full fine-tuning, and the cheapest."""
+    if full is None or not loras or q not in full["metrics"]:
+        return []
+    qlabel = METRIC_LABELS.get(q, q)
+    lines = []
+    ok = [c for c in loras if c["vs_full"].get(q) in ("within", "above")]
+    f = full["metrics"][q]
+    if ok:
+        cheapest = min(ok, key=lambda c: (c["trainable_params"], c["train_seconds"]))
+        lines.append(f"**Answer.** {len(ok)} of {len(loras)} LoRA configurations are within (or above) full "
+                     f"fine-tuning's CI on {qlabel} ({f['mean']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}]). "
+                     f"The cheapest is `{cheapest['config_id']}`: {qlabel} "
+                     f"{cheapest['metrics'][q]['mean']:.3f}, {cheapest['trainable_pct']:.2f}% of the parameters "
+                     f"trained, {cheapest['train_seconds']:.0f} s of training against "
+                     f"{full['train_seconds']:.0f} s for full fine-tuning.")
+    else:
+        best = max(loras, key=lambda c: c["metrics"].get(q, {}).get("mean", -np.inf))
+        lines.append(f"**Answer.** No LoRA configuration is within full fine-tuning's CI on {qlabel} "
+                     f"({f['mean']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}]); the best is "
+                     f"`{best['config_id']}` at {best['metrics'][q]['mean']:.3f}.")
+    return lines + [""]
+
+
+def _summary_table(configs: list[dict], rows: list[dict], failed: list[dict], keys: list[str], full: dict | None,
+                   q: str) -> list[str]:
+    """"All configurations": one row per configuration, the references, then the failed children."""
+    qlabel = METRIC_LABELS.get(q, q)
     head = ["configuration", "method", "r", "alpha", "targets", "seeds", "trainable", "trainable %",
             "weights MB", "train s", "peak RSS MB"] + [METRIC_LABELS.get(k, k) for k in keys]
     if full is not None:
         head.append(f"vs full ({qlabel})")
-    lines += ["## All configurations", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = ["## All configurations", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for c in configs:
         cells = [f"`{c['config_id']}`", c["method"], str(c["r"] or "–"),
                  _num(c["alpha"]) if c["alpha"] is not None else "–", c["preset"] or "–", str(len(c["seeds"])),
@@ -468,59 +499,62 @@ def summary_markdown(cfg: Config, configs: list[dict], rows: list[dict], failed:
         cells = [f"`{f['config_id']}` (seed {f['seed']})", f["method"]] + ["–"] * (len(head) - 3) + \
                 [f"**failed**: {f['reason'].replace('|', '/')}{where}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if full is not None and loras:
-        lines += ["", "## LoRA against full fine-tuning on every headline metric", "",
-                  "Full fine-tuning: " + "; ".join(
-                      f"{METRIC_LABELS.get(k, k)} {full['metrics'][k]['mean']:.3f} "
-                      f"[{full['metrics'][k]['ci_low']:.3f}, {full['metrics'][k]['ci_high']:.3f}]"
-                      for k in keys if k in full["metrics"]) + ".", "",
-                  "| configuration | " + " | ".join(METRIC_LABELS.get(k, k) for k in keys) + " |",
-                  "|---" * (len(keys) + 1) + "|"]
+    return lines
+
+
+def _summary_vs_full(full: dict, loras: list[dict], keys: list[str]) -> list[str]:
+    """Each LoRA configuration against full fine-tuning on every headline metric, then the paired test."""
+    lines = ["", "## LoRA against full fine-tuning on every headline metric", "",
+             "Full fine-tuning: " + "; ".join(
+                 f"{METRIC_LABELS.get(k, k)} {full['metrics'][k]['mean']:.3f} "
+                 f"[{full['metrics'][k]['ci_low']:.3f}, {full['metrics'][k]['ci_high']:.3f}]"
+                 for k in keys if k in full["metrics"]) + ".", "",
+             "| configuration | " + " | ".join(METRIC_LABELS.get(k, k) for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for c in loras:
+        cells = [f"{c['vs_full'][k]} ({c['metrics'][k]['mean']:.3f})" if k in c["vs_full"] else "–" for k in keys]
+        lines.append(f"| `{c['config_id']}` | " + " | ".join(cells) + " |")
+    counts = {k: sum(c["vs_full"].get(k) in ("within", "above") for c in loras) for k in keys}
+    lines += ["", "Within or above: " + ", ".join(f"{METRIC_LABELS.get(k, k)} {n} of {len(loras)}"
+                                                 for k, n in counts.items()) + "."]
+    pkeys = [k for k in keys if any(k in c.get("paired", {}) for c in loras)]
+    if pkeys:
+        lines += ["", "### Paired difference to full fine-tuning (retrieval)", "",
+                  "LoRA minus full fine-tuning, query by query on the same test queries, with a paired bootstrap "
+                  "95% CI of the mean difference. An interval that contains 0 means this test set cannot tell "
+                  "the two apart; one entirely below 0 means LoRA is measurably worse. This is the stricter "
+                  "test: shared query difficulty cancels, so it can separate configurations that the rule "
+                  "above calls *within*.", "",
+                  "| configuration | " + " | ".join(f"Δ {METRIC_LABELS.get(k, k)}" for k in pkeys) + " |",
+                  "|---" * (len(pkeys) + 1) + "|"]
         for c in loras:
-            cells = [f"{c['vs_full'][k]} ({c['metrics'][k]['mean']:.3f})" if k in c["vs_full"] else "–" for k in keys]
+            cells = []
+            for k in pkeys:
+                d = c.get("paired", {}).get(k)
+                cells.append("–" if d is None else
+                             f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+                             + (" (worse)" if d["ci_high"] < 0 else " (better)" if d["ci_low"] > 0 else ""))
             lines.append(f"| `{c['config_id']}` | " + " | ".join(cells) + " |")
-        counts = {k: sum(c["vs_full"].get(k) in ("within", "above") for c in loras) for k in keys}
-        lines += ["", "Within or above: " + ", ".join(f"{METRIC_LABELS.get(k, k)} {n} of {len(loras)}"
-                                                     for k, n in counts.items()) + "."]
-        pkeys = [k for k in keys if any(k in c.get("paired", {}) for c in loras)]
-        if pkeys:
-            lines += ["", "### Paired difference to full fine-tuning (retrieval)", "",
-                      "LoRA minus full fine-tuning, query by query on the same test queries, with a paired bootstrap "
-                      "95% CI of the mean difference. An interval that contains 0 means this test set cannot tell "
-                      "the two apart; one entirely below 0 means LoRA is measurably worse. This is the stricter "
-                      "test: shared query difficulty cancels, so it can separate configurations that the rule "
-                      "above calls *within*.", "",
-                      "| configuration | " + " | ".join(f"Δ {METRIC_LABELS.get(k, k)}" for k in pkeys) + " |",
-                      "|---" * (len(pkeys) + 1) + "|"]
-            for c in loras:
-                cells = []
-                for k in pkeys:
-                    d = c.get("paired", {}).get(k)
-                    cells.append("–" if d is None else
-                                 f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-                                 + (" (worse)" if d["ci_high"] < 0 else " (better)" if d["ci_low"] > 0 else ""))
-                lines.append(f"| `{c['config_id']}` | " + " | ".join(cells) + " |")
-    isolate = meta.get("isolate", True)
-    lines += ["", "![Pareto plot: quality against trainable parameters and against training time](pareto.png)", "",
-              "## How to read the columns", "",
-              "- *trainable %*: trainable parameters as a share of the base model's parameters.",
-              "- *weights MB*: bytes of the `.safetensors` files the train stage wrote: the adapter for LoRA, "
-              "the whole model for full fine-tuning, nothing for the base model.",
-              "- *train s*: optimisation wall time (mean over seeds), without model loading and tokenisation.",
-              "- *peak RSS MB*: the training process's resident-memory high-water mark at the end of training "
-              "(Python, libraries, model, tokenised data, optimiser state), the largest over seeds; "
-              + ("one process per child, so the figure is the child's own." if isolate else
-                 "**the children ran in one process (sweep.isolate=false), so each figure is the high-water "
-                 "mark of every child run before it, not the child's own.**"),
-              "- *targets*: target-module preset; the adapted module count per configuration is in "
-              "`summary.json` (`adapted_modules`).",
-              "", "## Children", "",
-              "| run | seed | MLflow run | child wall s |", "|---|---|---|---|"]
-    for r in rows:
-        wall = r.get("child_wall_seconds")
-        lines.append(f"| `{r['run']}` | {r['seed']} | `{r['mlflow_run_id'] or '–'}` | "
-                     f"{f'{wall:.0f}' if wall is not None else '–'} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _summary_reading_notes(isolate: bool) -> list[str]:
+    return [
+        "", "![Pareto plot: quality against trainable parameters and against training time](pareto.png)", "",
+        "## How to read the columns", "",
+        "- *trainable %*: trainable parameters as a share of the base model's parameters.",
+        "- *weights MB*: bytes of the `.safetensors` files the train stage wrote: the adapter for LoRA, "
+        "the whole model for full fine-tuning, nothing for the base model.",
+        "- *train s*: optimisation wall time (mean over seeds), without model loading and tokenisation.",
+        "- *peak RSS MB*: the training process's resident-memory high-water mark at the end of training "
+        "(Python, libraries, model, tokenised data, optimiser state), the largest over seeds; "
+        + ("one process per child, so the figure is the child's own." if isolate else
+           "**the children ran in one process (sweep.isolate=false), so each figure is the high-water "
+           "mark of every child run before it, not the child's own.**"),
+        "- *targets*: target-module preset; the adapted module count per configuration is in "
+        "`summary.json` (`adapted_modules`).",
+        "", "## Children", "",
+        "| run | seed | MLflow run | child wall s |", "|---|---|---|---|"]
 
 
 def pareto_png(configs: list[dict], rows: list[dict], quality: str, path: Path, title: str) -> None:

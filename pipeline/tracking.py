@@ -161,9 +161,7 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
         mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.tracking.experiment)
     if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except Exception:  # a run from another store (e.g. the tracking URI changed): start afresh
+        if not _run_exists(run_id):  # a run from another store (e.g. the tracking URI changed): start afresh
             log.warning("MLflow run %s not found in %s; starting a new run", run_id, uri)
             run_id = None
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
@@ -175,3 +173,18 @@ def run(cfg: Config, *, run_name: str, run_id: str | None = None, tags: dict[str
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run(status="FINISHED")
+
+
+def _run_exists(run_id: str) -> bool:
+    """Whether the current store holds ``run_id``. Only "does not exist" answers False: any other failure
+    (store unreachable, permissions, a corrupt database) is raised, not mistaken for a missing run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise TrackingError(f"cannot look up MLflow run {run_id}: {exc.message}") from None
+    return True

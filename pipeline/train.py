@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import distributed, encoding, families, objectives, prompts, recovery, speed, tracking, validation
+from pipeline import distributed, encoding, objectives, prompts, recovery, speed, tracking, validation
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest,
                                 require_manifest, skip_or_refuse, write_json_atomic)
 from pipeline.batching import epoch_batches

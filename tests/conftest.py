@@ -4,6 +4,7 @@ project folder in a temp dir with its own MLflow store."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -102,18 +103,39 @@ def _no_inherited_mlflow_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+RUN = "synthetic-lora-r4-a8-s0"  # the run name the ``project`` fixture's config resolves to
+STAGES = ("prepare", "train", "embed", "eval")
+
+
+def run_stages(*args: str, stages=STAGES) -> None:
+    """Run the stages one after the other through the CLI, each required to succeed."""
+    for stage in stages:
+        assert cli(stage, *args) == 0, stage
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (at the moment of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_client():
+    """An MLflow client on the project's own store (``mlflow.db`` in the current directory)."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+
+
 def serve_in_thread(app):
     """Start an ASGI app on a free loopback port in a daemon thread; returns (server, thread, base URL).
     Waits at most 30 s for it to start."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

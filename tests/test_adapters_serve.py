@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import cli, serve_in_thread
+from tests.conftest import cli, run_stages, serve_in_thread
 from tests.test_export import QUIET, RUN, trained, trained_cache  # noqa: F401  (shared fixture)
 
 RUN_B = "synthetic-lora-r4-a8-s1"
@@ -31,8 +30,7 @@ def two_exports(project, trained_cache):  # noqa: F811
         cfg_a = trained(project, trained_cache)
         assert cli("export", *cfg_a, "export.onnx=false") == 0
         cfg_b = ["--config", str(project), *QUIET, "seed=1", "train.lr=5e-3", "train.epochs=2"]
-        for stage in ("prepare", "train"):
-            assert cli(stage, *cfg_b) == 0
+        run_stages(*cfg_b, stages=("prepare", "train"))
         assert cli("export", *cfg_b, "export.onnx=false") == 0
         for part in ("data", "runs", "exports"):
             shutil.copytree(part, saved / part)

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import atomic_dir, clean_stale_temporaries, hash_tree
-from tests.conftest import cli
+from tests.conftest import RUN, cli, run_stages
 
-RUN = "synthetic-lora-r4-a8-s0"
 OFF = "tracking.enabled=false"
 
 
@@ -145,9 +144,24 @@ def test_stages_clean_up_after_killed_processes_when_they_start(project):
     for p in stale:
         p.mkdir(parents=True)
         (p / "partial").write_text("x")
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *cfg) == 0
+    run_stages(*cfg)
     assert [p for p in stale if p.exists()] == []
     assert _leftovers() == []
     manifest = json.loads((Path("reports") / RUN / "metrics.json").read_text())
     assert manifest["run_name"] == RUN
+
+
+def test_a_corrupt_manifest_is_an_error_not_an_absent_output(project, capsys):
+    """A manifest that cannot be read stops the stage with one line; only --force replaces the folder."""
+    cfg = ["--config", str(project), OFF]
+    assert cli("prepare", *cfg) == 0
+    manifest = Path("data/processed/synthetic/manifest.json")
+    manifest.write_text('{"fingerprint": "abc", "trunc')
+    before = hash_tree(manifest.parent)
+    capsys.readouterr()
+    assert cli("prepare", *cfg) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "manifest.json cannot be read" in err and "\n" not in err
+    assert hash_tree(manifest.parent) == before  # nothing overwritten
+    assert cli("prepare", *cfg, "--force") == 0
+    assert json.loads(manifest.read_text())["stage"] == "prepare"

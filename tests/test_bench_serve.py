@@ -4,8 +4,6 @@ Never a timing assertion."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import psutil

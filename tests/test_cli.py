@@ -7,16 +7,14 @@ no traceback, and that the working folder holds exactly what it held before: no 
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import cli, make_corpus
+from tests.conftest import RUN, cli, make_corpus
 
-RUN = "synthetic-lora-r4-a8-s0"
 OFF = "tracking.enabled=false"
 
 

@@ -10,7 +10,7 @@ import yaml
 from pipeline import prepare
 from pipeline.config import load_config
 from pipeline.prepared import load_split
-from tests.conftest import REPO, cli, make_corpus
+from tests.conftest import REPO, make_corpus, run_stages
 
 
 def _own_corpus() -> pd.DataFrame:
@@ -49,8 +49,7 @@ def test_new_csv_corpus_with_other_column_names_trains_and_evaluates(tmp_path, m
                                           "label_column": "dept", "group_column": "sku_family",
                                           "split": {"train": 0.6, "val": 0.2, "test": 0.2}})
     Path("my.yaml").write_text(yaml.safe_dump(cfg))
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, "--config", "my.yaml") == 0, stage
+    run_stages("--config", "my.yaml")
     m = json.loads(Path("reports/my_offers-lora-r4-a8-s0/metrics.json").read_text())
     assert m["dataset"] == "my_offers"
     for block in (m, m["baseline"]):
@@ -70,8 +69,7 @@ def test_given_splits_and_no_group_column_leave_retrieval_out(tmp_path, monkeypa
                                           "label_column": "dept", "group_column": None, "split_column": "fold"},
                          train={"epochs": 2, "lr": 3e-3}, pairs={"label_pairs": 1.0})
     Path("my.yaml").write_text(yaml.safe_dump(cfg))
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, "--config", "my.yaml") == 0, stage
+    run_stages("--config", "my.yaml")
     sizes = json.loads(Path("data/processed/jsonl_offers/manifest.json").read_text())["sizes"]
     assert sizes == {"train": int((df["fold"] == "train").sum()), "val": int((df["fold"] == "validation").sum()),
                      "test": int((df["fold"] == "test").sum())}
@@ -121,8 +119,7 @@ def test_new_pairs_corpus_trains_and_evaluates_with_only_a_yaml(tmp_path, monkey
                                           "group_column": None},
                          train={"epochs": 4, "lr": 5e-3})
     Path("clicks.yaml").write_text(yaml.safe_dump(cfg))
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, "--config", "clicks.yaml") == 0, stage
+    run_stages("--config", "clicks.yaml")
     prep = json.loads(Path("data/processed/clicks/manifest.json").read_text())
     assert prep["kind"] == "pairs" and prep["pairs"]["with_negative"] > 0
     pairs = pd.read_json("data/processed/clicks/pairs.jsonl", lines=True)

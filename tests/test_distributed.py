@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from pipeline.distributed import Dist
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli, free_port
 
-RUN = "synthetic-lora-r4-a8-s0"
 
 
 def test_shards_are_contiguous_and_cover_the_batch():
@@ -113,14 +112,11 @@ def _one_step(model_dir: str, dist) -> dict[str, torch.Tensor]:
 
 
 def test_gathered_loss_gives_the_single_process_gradient(tiny_model_dir, tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
     single = _one_step(str(tiny_model_dir), None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "delta.pt"
     mp.spawn(_grads_worker, args=(2, str(tiny_model_dir), port, str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA, cli
+from tests.conftest import REPO, SHARED_DATA, run_stages
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "pricerunner").exists(), reason="../shared/data not present")
 
@@ -16,8 +16,7 @@ def test_minilm_lora_on_pricerunner_slice(tmp_path, monkeypatch):
     args = ["--config", str(REPO / "configs" / "default.yaml"), f"paths.mirror={SHARED_DATA}",
             "data.max_rows=700", "train.batch_size=32", "train.epochs=1", "train.lr=1e-3",
             "eval.bootstrap=100", "eval.classifier_c=[1.0]", "run_name=e2e"]
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *args) == 0, stage
+    run_stages(*args)
     prep = json.loads(Path("data/processed/pricerunner/manifest.json").read_text())
     assert 200 <= prep["pairs"]["total"] <= 1000
     m = json.loads(Path("reports/e2e/metrics.json").read_text())

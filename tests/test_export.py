@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, RUN, cli, run_stages
 
-RUN = "synthetic-lora-r4-a8-s0"
 QUIET = ["tracking.enabled=false"]
 
 
@@ -54,8 +53,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     # store and let monkeypatch remove it afterwards, so later tests do not log into this store.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     cfg = ["--config", str(project)]
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *cfg) == 0
+    run_stages(*cfg)
     shutil.copytree("data", trained_cache["root"] / "lora" / "data", dirs_exist_ok=True)
     shutil.copytree("runs", trained_cache["root"] / "lora" / "runs", dirs_exist_ok=True)
     # A few steps of the tiny model may or may not beat the base on validation; this test is about the

@@ -1,10 +1,12 @@
 """Hard-negative mining: rank window, margin, and the guard that keeps false negatives out."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline import prepare
 from pipeline.config import load_config
@@ -69,12 +71,31 @@ def test_negatives_are_never_from_the_anchors_group_even_when_closest(tiny_model
     assert stats["with_negative"] == 1
 
 
-def test_training_uses_the_mined_negatives(project):
+def test_training_uses_the_mined_negatives(project, monkeypatch):
     cfg = ["--config", str(project), "pairs.hard_negatives.enabled=true", "pairs.hard_negatives.range_min=0",
            "tracking.enabled=false"]
-    assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
+    assert cli("prepare", *cfg) == 0
+    with_negative = int(load_pairs(Path("data/processed/synthetic"))["negative"].notna().sum())
+    assert with_negative > 0
+    from pipeline import train
+
+    seen = {"rows": 0, "changed": 0}
+    loss_fn = train.contrastive_loss_with_negatives
+
+    def spy(a, p, n, **kw):
+        # the negatives reach the loss, and they change it (the loss without them differs)
+        if n is not None:
+            seen["rows"] += len(n)
+            seen["changed"] += int(not torch.isclose(loss_fn(a, p, n, **kw), loss_fn(a, p, None, **kw)))
+        return loss_fn(a, p, n, **kw)
+
+    monkeypatch.setattr(train, "contrastive_loss_with_negatives", spy)
+    assert cli("train", *cfg) == 0
     m = json.loads(Path("runs/synthetic-lora-r4-a8-s0/model/manifest.json").read_text())
     assert m["train"]["lora_b_abs_sum"] > 0
+    # each pair with a negative is seen once per epoch; a shortened last epoch can only see fewer
+    epochs = math.ceil(load_config(project, cfg[2:]).train.epochs)
+    assert 0 < seen["rows"] <= with_negative * epochs and seen["changed"] > 0
 
 
 def test_mining_reuses_the_base_embeddings_of_the_same_texts(project):

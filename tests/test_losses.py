@@ -50,13 +50,15 @@ def test_masked_candidates_do_not_affect_the_loss():
     a, p = torch.randn(4, 8), torch.randn(4, 8)
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[0, 3] = True
-    base = in_batch_contrastive_loss(a, p, mask=mask)
-    p2 = p.clone()
-    p2[3] = a[0] * 10  # a perfect (false) negative for anchor 0 would dominate if it were counted
-    l0_before = in_batch_contrastive_loss(a[:1], p[:3])
-    assert torch.isclose(base, in_batch_contrastive_loss(a, p, mask=mask))
-    masked_row0 = F.cross_entropy((F.normalize(a[:1], dim=-1) @ F.normalize(p2[:3], dim=-1).T) * 20, torch.tensor([0]))
-    assert torch.isclose(masked_row0, l0_before)
+    p[3] = a[0] * 10  # positive 3 is a perfect (false) negative for anchor 0: it would dominate row 0
+    logits = (F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).T) * 20
+    # row 0 sees only candidates 0-2; the other rows see the whole batch
+    rows = [F.cross_entropy(logits[:1, :3], torch.tensor([0]))]
+    rows += [F.cross_entropy(logits[i:i + 1], torch.tensor([i])) for i in range(1, 4)]
+    expected = torch.stack(rows).mean()
+    assert torch.isclose(in_batch_contrastive_loss(a, p, mask=mask), expected)
+    # and the mask is what keeps it out: unmasked, the false negative raises the loss
+    assert in_batch_contrastive_loss(a, p) > expected + 0.1
 
 
 def test_symmetric_loss_is_mean_of_both_directions():
@@ -68,7 +70,7 @@ def test_symmetric_loss_is_mean_of_both_directions():
 
 
 def test_extra_negatives_join_the_candidates_and_are_masked_like_positives():
-    from pipeline.losses import contrastive_loss_with_negatives, hard_negative_mask
+    from pipeline.losses import contrastive_loss_with_negatives
 
     torch.manual_seed(3)
     a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(2, 8)

@@ -91,7 +91,7 @@ def test_a_labels_only_train_test_corpus_trains_with_no_extra_setting(tmp_path, 
 
     import yaml
 
-    from tests.conftest import cli
+    from tests.conftest import run_stages
 
     monkeypatch.chdir(tmp_path)
     rows = [{"text": f"how do i {verb} my {thing} please {i}", "category": verb, "split": "test" if i < 3 else "train"}
@@ -103,8 +103,7 @@ def test_a_labels_only_train_test_corpus_trains_with_no_extra_setting(tmp_path, 
            "train": {"batch_size": 8, "max_seq_length": 32, "num_threads": 1, "epochs": 2},
            "eval": {"bootstrap": 20}, "tracking": {"experiment": "tests"}}
     Path("c.yaml").write_text(yaml.safe_dump(cfg))
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, "--config", "c.yaml") == 0, stage
+    run_stages("--config", "c.yaml")
     prep = json.loads(Path("data/processed/intents/manifest.json").read_text())
     assert prep["objective"]["name"] == "label" and prep["objective"]["mask_same_label"] is True
     assert prep["split_plan"]["carved"] == ["val"] and prep["pairs"]["same_label"] > 0

@@ -12,7 +12,7 @@ from pipeline import prepare_pairs, scoring
 from pipeline.prepared import load_gallery, load_queries
 from pipeline.config import load_config
 from pipeline.prepared import load_pairs
-from tests.conftest import REPO, SHARED_DATA, cli
+from tests.conftest import REPO, SHARED_DATA, run_stages
 
 PRODUCTS = ["epson ink cartridge", "hp toner", "sony headphones", "logitech mouse", "apc battery backup",
             "avery labels", "sandisk usb drive", "netgear router", "canon camera lens", "kodak photo paper"]
@@ -112,8 +112,7 @@ def test_retrieval_scores_against_the_whole_gallery():
 
 def test_pair_dataset_trains_and_evaluates_without_classification(wa_project):
     cfg = ["--config", str(wa_project)]
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *cfg) == 0, stage
+    run_stages(*cfg)
     processed = Path("data/processed/walmart_amazon")
     assert {p.name for p in processed.iterdir()} == {"queries.jsonl", "val_queries.jsonl", "gallery.jsonl", "pairs.jsonl",
                                                     "manifest.json"}

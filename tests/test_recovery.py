@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli, mlflow_client
 
 STEPS = ["train.max_steps=200", "train.checkpoint_every=10", "train.num_threads=1"]
 
@@ -54,9 +54,8 @@ def _start_and_stop_after_checkpoint(cmd, state: Path, sig: int, after_step: int
 
 
 def _mlflow():
-    import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+    return mlflow_client()
 
 
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(project):

@@ -7,18 +7,15 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, RUN, cli, run_stages
 
-RUN = "synthetic-lora-r4-a8-s0"
-SOURCES = sorted((REPO / "pipeline").glob("*.py"))
+SOURCES = sorted((REPO / "pipeline").rglob("*.py"))
 
 
 def _all_stages(project: Path) -> dict:
     cfg = ["--config", str(project), "tracking.enabled=false"]
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *cfg) == 0
+    run_stages(*cfg)
     return json.loads((Path("reports") / RUN / "metrics.json").read_text())
 
 
@@ -59,6 +56,15 @@ def _keyword(call: ast.Call, name: str):
     return None
 
 
+def _module_constants(path: Path) -> dict:
+    """Module-level ``NAME = "literal"`` assignments of a source file."""
+    out = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            out.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
+    return out
+
+
 def test_nothing_unpickles_artefacts():
     offenders = []
     for path in SOURCES:
@@ -97,8 +103,7 @@ def test_stages_pass_trust_remote_code_from_the_config(project, monkeypatch):
 
     monkeypatch.setattr(sentence_transformers, "SentenceTransformer", spy)
     cfg = ["--config", str(project), "tracking.enabled=false", "eval.lexical=false"]
-    for stage in ("prepare", "train", "embed"):
-        assert cli(stage, *cfg) == 0
+    run_stages(*cfg, stages=("prepare", "train", "embed"))
     assert seen and set(seen) == {False}
     seen.clear()
     # turned on in the config, it reaches the loader (the tiny BERT has no remote code, so it still loads)
@@ -121,7 +126,6 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(project, capsys, tm
     import torch
     from safetensors.torch import save_file
 
-    from pipeline import prepare, train
     from pipeline.identity import run_fingerprint
     from pipeline.config import load_config
 
@@ -157,9 +161,10 @@ def test_network_services_bind_to_localhost_only():
     assert "--host 127.0.0.1" in ui
     texts = [makefile] + [p.read_text() for p in SOURCES]
     assert not any("0.0.0.0" in t for t in texts)
-    # any host= given in the code is the loopback address
-    for path in SOURCES:
-        for call, name in _calls(path):
-            host = _keyword(call, "host")
-            if isinstance(host, str):
-                assert host in ("127.0.0.1", "localhost"), f"{path.name}:{call.lineno} {name} binds {host}"
+    # every host= in the code is the loopback address: a literal, or a module constant holding one
+    binds = [(path, call, name, _keyword(call, "host")) for path in SOURCES for call, name in _calls(path)
+             if _keyword(call, "host") is not None]
+    assert len(binds) >= 3, "serve, serve-adapters and the serve bench each bind a server"
+    for path, call, name, host in binds:
+        value = _module_constants(path).get(host.id) if isinstance(host, ast.Name) else host
+        assert value in ("127.0.0.1", "localhost"), f"{path.name}:{call.lineno} {name} binds {ast.unparse(host) if isinstance(host, ast.AST) else host}"

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, free_port
 from tests.test_export import RUN, trained, trained_cache  # noqa: F401  (fixture shared with test_export)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -33,7 +26,7 @@ def test_service_answers_http_on_loopback(exported):
 
     from pipeline.serve import HOST, create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(exported, "onnx"), host=HOST, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

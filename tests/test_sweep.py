@@ -11,6 +11,7 @@ from pipeline import metrics as M
 from pipeline import sweep
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from tests.conftest import mlflow_client
 
 SMALL = ["sweep.name=t", "sweep.ranks=[2,4]", "sweep.alpha_multipliers=[2]", "sweep.isolate=false",
          "sweep.full_lr=0.0005", "sweep.quality_metric=retrieval.recall@1", "train.max_steps=8", "train.lr=0.005"]
@@ -49,9 +50,8 @@ def _count_train_calls(monkeypatch, fail_on: str | None = None):
 
 
 def _client():
-    import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+    return mlflow_client()
 
 
 def _runs(client):

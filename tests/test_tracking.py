@@ -2,20 +2,12 @@
 is replaced by the local store with a warning."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import RUN, cli, free_port
 
-RUN = "synthetic-lora-r4-a8-s0"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _no_training(*args, **kwargs):
@@ -27,7 +19,7 @@ def test_unreachable_server_fails_fast_before_training(project, capsys, monkeypa
     from pipeline import train
 
     monkeypatch.setattr(train, "load_encoder", _no_training)
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     capsys.readouterr()
     assert cli("train", "--config", str(project), f"tracking.uri={uri}") == 2
     err = capsys.readouterr().err
@@ -43,7 +35,7 @@ def test_unreachable_server_fails_fast_before_training(project, capsys, monkeypa
 
 def test_unreachable_server_falls_back_to_the_local_store_when_configured(project, capsys, caplog):
     assert cli("prepare", "--config", str(project)) == 0
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level("WARNING"):
         assert cli("train", "--config", str(project), f"tracking.uri={uri}", "tracking.on_unreachable=local") == 0
     local = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
@@ -60,7 +52,7 @@ def test_unreachable_server_falls_back_to_the_local_store_when_configured(projec
 def test_eval_fails_fast_before_writing_the_report(project, capsys):
     off = ["--config", str(project), "tracking.enabled=false", "eval.lexical=false"]
     assert cli("prepare", *off) == 0 and cli("train", *off) == 0 and cli("embed", *off) == 0
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     capsys.readouterr()
     assert cli("eval", "--config", str(project), "eval.lexical=false", f"tracking.uri={uri}") == 2
     assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
@@ -91,3 +83,25 @@ def test_reachability_probe_reads_the_health_endpoint(status):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_only_a_missing_run_starts_a_new_one(project, monkeypatch):
+    """A run id the store does not hold starts a new run; any other lookup failure is an error."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.config import load_config
+    from pipeline.errors import TrackingError
+
+    cfg = load_config(project)
+    with tracking.run(cfg, run_name="r", run_id="0" * 32) as tracker:  # not in this store: a fresh run
+        assert tracker.run_id != "0" * 32
+
+    def unavailable(run_id):
+        raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow, "get_run", unavailable)
+    with pytest.raises(TrackingError, match="database is locked"):
+        with tracking.run(cfg, run_name="r", run_id=tracker.run_id):
+            pass

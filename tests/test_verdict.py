@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,9 @@ import pytest
 
 from pipeline import eval as E
 from pipeline import report
-from tests.conftest import cli
+from tests.conftest import RUN, cli, mlflow_client, run_stages
 from tests.test_prepare_pairs import wa_project  # noqa: F401  (fixture)
 
-RUN = "synthetic-lora-r4-a8-s0"
 WA_RUN = "walmart_amazon-lora-r4-a8-s0"
 
 
@@ -41,8 +39,7 @@ def _add_curve(run: str, metric: str, values: list[float]) -> dict:
 
 def test_verdicts_follow_the_paired_differences_and_open_the_report(project):
     cfg = ["--config", str(project)]
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *cfg) == 0, stage
+    run_stages(*cfg)
     m = _metrics(RUN)
     v = m["verdict"]
     assert set(v["test"]) == {"vs_base", "vs_lexical"}
@@ -70,8 +67,7 @@ def test_verdicts_follow_the_paired_differences_and_open_the_report(project):
 
 def test_a_model_worse_than_the_base_is_called_worse_warned_about_and_not_exported(project, caplog):
     cfg = ["--config", str(project)]
-    for stage in ("prepare", "train", "embed"):
-        assert cli(stage, *cfg) == 0, stage
+    run_stages(*cfg, stages=("prepare", "train", "embed"))
     # Replace the adapted embeddings by random unit vectors: a model that learned nothing useful.
     emb = Path(json.loads((Path("runs") / RUN / "embeddings" / "manifest.json").read_text())["adapted_dir"])
     rng = np.random.default_rng(0)
@@ -94,8 +90,7 @@ def test_a_model_worse_than_the_base_is_called_worse_warned_about_and_not_export
 
 def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_project, caplog):  # noqa: F811
     cfg = ["--config", str(wa_project)]
-    for stage in ("prepare", "train", "embed", "eval"):
-        assert cli(stage, *cfg) == 0, stage
+    run_stages(*cfg)
     m = _metrics(WA_RUN)
     assert m["classification"] == {} and "classification.macro_f1" not in m["verdict"]["test"]["vs_base"]
     assert set(m["verdict"]["test"]["vs_lexical"]) == {"retrieval.recall@1", "retrieval.ndcg@10"}
@@ -122,9 +117,8 @@ def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_pro
     out = Path("reports") / WA_RUN
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![validation curve](curve.png)" in (out / "report.md").read_text()
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+    client = mlflow_client()
     run_id = _metrics(WA_RUN)["mlflow_run_id"]
     assert "report/curve.png" in {a.path for a in client.list_artifacts(run_id, "report")}
     tags = client.get_run(run_id).data.tags
