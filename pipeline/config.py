@@ -38,6 +38,9 @@ class SplitConfig(Section):
         return test
 
 
+PAIR_FORMATS = ("walmart_amazon", "pairs")  # data.format values read as query -> positive pair corpora
+
+
 class DataConfig(Section):
     """Where the corpus comes from and how its columns are named."""
 

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pipeline.config import Config
+from pipeline.config import PAIR_FORMATS, Config
 from pipeline.errors import DataError
-
-PAIR_FORMATS = ("pairs", "walmart_amazon")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.artifacts import Layout, clean_stale
-from pipeline.config import Config
-
-PAIR_FORMATS = ("walmart_amazon", "pairs")
+from pipeline.config import PAIR_FORMATS, Config
 
 
 def run(cfg: Config, *, force: bool = False) -> Path:
