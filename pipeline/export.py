@@ -452,9 +452,37 @@ def _fmt_metric(value, ci) -> str:
 
 def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_manifest: dict, metrics: dict | None,
                gate: dict, forms: dict, index_meta: dict, neighbours: dict | None, mlflow_info: dict | None) -> str:
+    """The export's README.md: model, data, metrics, the equivalence gate, files, training config."""
     lines = [f"# {run_name}", "",
-             f"`{info['base']}` adapted to **{cfg.data.name}** ({info['method']} fine-tuning) by this pipeline.",
-             "", "## Model", "", "| | |", "|---|---|",
+             f"`{info['base']}` adapted to **{cfg.data.name}** ({info['method']} fine-tuning) by this pipeline.", ""]
+    lines += _card_model(info, train_manifest)
+    lines += ["## Data", "", f"Dataset `{cfg.data.name}`, prepared data fingerprint `{prep.get('fingerprint')}`. "
+              + _split_sentence(prep), ""]
+    lines += _card_metrics(metrics, run_name)
+    lines += _card_gate(gate, neighbours, cfg.export)
+    lines += _card_files(info, forms, index_meta, cfg.data.name, mlflow_info)
+    dump = cfg.model_dump(mode="json")
+    trained_with = yaml.safe_dump({k: dump[k] for k in ("seed", "model", "data", "pairs", "train")}, sort_keys=False)
+    lines += ["", "## Training configuration", "", "```yaml", trained_with.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _split_sentence(prep: dict) -> str:
+    """How this corpus was split, from its prepare manifest (no dataset's words in another's card)."""
+    if prep.get("kind") == "pairs":
+        return ("A pair corpus: no training pair touches a test query or its relevant records "
+                f"({(prep.get('notes') or {}).get('retrieval', 'see the prepare manifest')}).")
+    plan = prep.get("split_plan") or {}
+    given = plan.get("given") or []
+    how = (f"the corpus's own {', '.join(given)} split(s)" + (f", {', '.join(plan['carved'])} carved by group"
+                                                              if plan.get("carved") else "")
+           if given else "splits drawn by group")
+    return (f"Splits: {how}; a group never spans two drawn splits and no text is in two splits; training pairs "
+            "come from the train split only.")
+
+
+def _card_model(info: dict, train_manifest: dict) -> list[str]:
+    lines = ["## Model", "", "| | |", "|---|---|",
              f"| base model | `{info['base']}`" + (f" revision `{info['revision']}`" if info.get("revision") else "")
              + f" (weights hash {info['base_fingerprint']}) |",
              f"| method | {info['method']} |"]
@@ -467,11 +495,12 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
               f"| embedding dimension | {info.get('embedding_dim')} |",
               f"| max sequence length | {info.get('max_seq_length')} tokens |",
               f"| training | {stats.get('steps')} steps, {stats.get('seconds')} s on {stats.get('device')} "
-              f"({stats.get('precision')}), seed {train_manifest.get('seed')} |",
-              "", "## Data", "",
-              f"Dataset `{cfg.data.name}`, prepared data fingerprint `{prep.get('fingerprint')}`. Splits by "
-              "group (product cluster), so no product in the test split was seen in training; training pairs "
-              "come from the train split only.", ""]
+              f"({stats.get('precision')}), seed {train_manifest.get('seed')} |", ""]
+    return lines
+
+
+def _card_metrics(metrics: dict | None, run_name: str) -> list[str]:
+    lines = []
     if metrics:
         lines += ["## Metrics (test split, 95% bootstrap CI)", "",
                   "| metric | this model | base model | TF-IDF |", "|---|---|---|---|"]
@@ -489,30 +518,38 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
     else:
         lines += ["## Metrics", "", "No evaluation was found for this run (`make eval` writes "
                   f"reports/{run_name}/metrics.json); the export was not scored.", ""]
-    lines += ["## Equivalence gate (passed)", "",
-              f"On {gate['sample_size']} fixed texts (seeded corpus sample, the longest texts, edge cases):", "",
-              "| check | value | required |", "|---|---|---|",
-              f"| merged vs {gate['reference']}, min cosine | {gate['merged_vs_reference_min_cos']:.7f} | "
-              f">= {cfg.export.merged_vs_adapter_min_cos} |",
-              f"| merged vs base, mean cosine | {gate['merged_vs_base_mean_cos']:.6f} | "
-              f"< {cfg.export.merged_vs_base_max_cos} |",
-              f"| weight tensors changed by training | {gate['changed_weight_tensors']} of {gate['compared_tensors']} | > 0 |"]
+    return lines
+
+
+def _card_gate(gate: dict, neighbours: dict | None, ecfg) -> list[str]:
+    lines = ["## Equivalence gate (passed)", "",
+             f"On {gate['sample_size']} fixed texts (seeded corpus sample, the longest texts, edge cases):", "",
+             "| check | value | required |", "|---|---|---|",
+             f"| merged vs {gate['reference']}, min cosine | {gate['merged_vs_reference_min_cos']:.7f} | "
+             f">= {ecfg.merged_vs_adapter_min_cos} |",
+             f"| merged vs base, mean cosine | {gate['merged_vs_base_mean_cos']:.6f} | "
+             f"< {ecfg.merged_vs_base_max_cos} |",
+             f"| weight tensors changed by training | {gate['changed_weight_tensors']} of {gate['compared_tensors']} | > 0 |"]
     if gate.get("onnx_vs_torch_min_cos") is not None:
-        lines.append(f"| ONNX vs PyTorch, min cosine | {gate['onnx_vs_torch_min_cos']:.7f} | >= {cfg.export.onnx_min_cos} |")
+        lines.append(f"| ONNX vs PyTorch, min cosine | {gate['onnx_vs_torch_min_cos']:.7f} | >= {ecfg.onnx_min_cos} |")
     if gate.get("onnx_int8_vs_torch_min_cos") is not None:
         lines.append(f"| ONNX int8 vs PyTorch, min / mean cosine | {gate['onnx_int8_vs_torch_min_cos']:.4f} / "
                      f"{gate['onnx_int8_vs_torch_mean_cos']:.4f} | reported only |")
     if neighbours:
-        k = cfg.export.neighbour_k
+        k = ecfg.neighbour_k
         lines += ["", f"Top-{k} neighbours of {neighbours['queries']} sample queries in the index, against the merged form:",
                   "", f"| form | top-1 agreement | overlap@{k} |", "|---|---|---|"]
         for form, agree in neighbours["forms"].items():
             lines.append(f"| {form} | {agree['top1_agreement']:.3f} | {agree[f'overlap@{k}']:.3f} |")
-    lines += ["", "## Files and how to load them", "",
-              "- `merged/`: a plain sentence-transformers model (no peft needed); text-embeddings-inference "
-              "style servers take it as is.", "", "  ```python", "  from sentence_transformers import SentenceTransformer",
-              "  model = SentenceTransformer(\"merged\")", "  vectors = model.encode(texts, normalize_embeddings=True)",
-              "  ```"]
+    return lines
+
+
+def _card_files(info: dict, forms: dict, index_meta: dict, dataset: str, mlflow_info: dict | None) -> list[str]:
+    lines = ["", "## Files and how to load them", "",
+             "- `merged/`: a plain sentence-transformers model (no peft needed); text-embeddings-inference "
+             "style servers take it as is.", "", "  ```python", "  from sentence_transformers import SentenceTransformer",
+             "  model = SentenceTransformer(\"merged\")", "  vectors = model.encode(texts, normalize_embeddings=True)",
+             "  ```"]
     if forms.get("adapter"):
         lines += ["- `adapter/`: the PEFT LoRA adapter for the base above (for hot-swapping tasks on one base); "
                   "`base_model.json` records the base id, resolved path, revision and weights hash. Load it with "
@@ -526,17 +563,14 @@ def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_mani
                   + ("`onnx/model_qint8.onnx` is the dynamic int8 variant (smaller and faster, slightly less exact). "
                      if forms.get("onnx_int8") else "")]
     lines += [f"- `index/`: FAISS `{index_meta['factory']}` index, inner product on normalised vectors, "
-              f"{index_meta['n']} items ({index_meta['corpus']} of `{cfg.data.name}`), embedded with the "
+              f"{index_meta['n']} items ({index_meta['corpus']} of `{dataset}`), embedded with the "
               f"{index_meta['encoder']} form; "
               "`records.jsonl` line i is row i of the index.",
               "- Serve it: `make serve` (HTTP `/embed`, `/search?q=...&k=...`, `/health` on 127.0.0.1)."]
     if mlflow_info:
         lines += [f"- MLflow: run `{mlflow_info['run_id']}`, model `{mlflow_info['model_uri']}` "
                   "(`mlflow.sentence_transformers.load_model(uri)`)."]
-    dump = cfg.model_dump(mode="json")
-    trained_with = yaml.safe_dump({k: dump[k] for k in ("seed", "model", "data", "pairs", "train")}, sort_keys=False)
-    lines += ["", "## Training configuration", "", "```yaml", trained_with.rstrip(), "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ mlflow
@@ -624,21 +658,48 @@ def check_verdict(run_name: str, metrics_path: Path, train_fingerprint: str, *, 
                       "anyway")
 
 
+class _Export:
+    """What one export works with: the run, its prepared data and metrics, the gate sample and timings."""
+
+    def __init__(self, cfg: Config, layout: Layout, prep: dict, train_manifest: dict, info: dict, fp: str):
+        self.cfg, self.ecfg, self.layout, self.prep, self.info, self.fp = cfg, cfg.export, layout, prep, info, fp
+        self.train_manifest = train_manifest
+        self.run_name, self.model_dir = cfg.resolved_run_name, layout.model_dir()
+        self.metrics_path = layout.report() / "metrics.json"
+        self.max_len = int(info["max_seq_length"])
+        self.records = load_corpus(layout.processed, prep, self.ecfg.index_corpus)
+        self.sample = fixed_sample([r["text"] for r in self.records], self.ecfg.sample_texts, cfg.seed)
+        n_queries = min(self.ecfg.neighbour_queries, max(1, len(self.sample) - len(EDGE_TEXTS) - 4))
+        self.queries = self.sample[:n_queries]
+        self.used = prompts.of_record(info.get("prompts"))
+        self.roles: tuple[prompts.Role, ...] = ("document", "query") if self.used.differ else ("document",)
+        self.timing: dict[str, float] = {}
+        self.started = self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timing[name] = round(now - self._t, 2)
+        self._t = now
+
+    def gate_vectors(self, encoder) -> np.ndarray:
+        """The sample in every role whose prompt differs (document rows first), so the gate checks queries too."""
+        return np.vstack([encoder.encode(self.sample, role) for role in self.roles])
+
+
 def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
+    """Export the run's model in every form, each gated against the trained model, with a FAISS index."""
     import torch
-    from sentence_transformers import SentenceTransformer
 
     layout = Layout(cfg)
     run_name = cfg.resolved_run_name
     prep = require_manifest(layout.processed, "prepared data", "run `make data` first")
-    model_dir = layout.model_dir()
-    train_manifest = require_manifest(model_dir, f"trained model for run '{run_name}'",
+    train_manifest = require_manifest(layout.model_dir(), f"trained model for run '{run_name}'",
                                       "run `make train` (or pass --run NAME of a trained run)")
-    info = read_model_info(model_dir)
+    info = read_model_info(layout.model_dir())
     if info["method"] == "base":
         raise ExportError(f"run '{run_name}' is the untrained base reference (train.method=base): there is "
                           "nothing trained to export; export a lora or full run")
-    check_base_matches(model_dir, info, cfg.model.base)  # the base-vs-merged gate must use the right base
+    check_base_matches(layout.model_dir(), info, cfg.model.base)  # the base-vs-merged gate must use the right base
     metrics_path = layout.report() / "metrics.json"
     out = layout.export()
     fp = fingerprint(cfg, train_manifest, prep, metrics_path)
@@ -651,151 +712,160 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
 
         tracking.resolve_uri(cfg)  # an unreachable server fails here, before minutes of work
     torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
-    ecfg = cfg.export
-    max_len = int(info["max_seq_length"])
-    timing: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str, t0: float) -> float:
-        now = time.perf_counter()
-        timing[name] = round(now - t0, 2)
-        return now
-
-    records = load_corpus(layout.processed, prep, ecfg.index_corpus)
-    sample = fixed_sample([r["text"] for r in records], ecfg.sample_texts, cfg.seed)
-    queries = sample[:min(ecfg.neighbour_queries, max(1, len(sample) - len(EDGE_TEXTS) - 4))]
+    ex = _Export(cfg, layout, prep, train_manifest, info, fp)
     log.info("export: %s (%s) -> %s", run_name, info["method"], out)
-    used = prompts.of_record(info.get("prompts"))
-    roles: tuple[prompts.Role, ...] = ("document", "query") if used.differ else ("document",)
-
-    def gate_vectors(encoder) -> np.ndarray:
-        """The sample in every role whose prompt differs (document rows first), so the gate checks queries too."""
-        return np.vstack([encoder.encode(sample, role) for role in roles])
-
     with atomic_dir(out) as tmp:
-        t = time.perf_counter()
-        # The reference the merged model must reproduce: the exported adapter on its base (LoRA), or
-        # the trained full model as the train stage wrote it.
-        if info["method"] == "lora":
-            _write_adapter(model_dir, info, tmp / "adapter")
-            reference = TorchEncoder(load_adapter_form(tmp / "adapter"), max_len, used=used)
-            reference_name = "unmerged adapter"
-        else:
-            reference = TorchEncoder(load_trained(model_dir), max_len, used=used)
-            reference_name = "trained full model"
-        ref_emb = gate_vectors(reference)
-        t = lap("reference_seconds", t)
-
-        merged = load_trained(model_dir, merge=True)
-        merged.max_seq_length = max_len
-        # the run's prompts under the names encode_query / encode_document look for
-        merged.prompts = prompts.for_sentence_transformers(used, merged.prompts)
-        merged.save(str(tmp / "merged"), safe_serialization=True)
-        del merged
-        # Everything below uses the folder as written, so a bad save fails the gate like a bad merge.
-        merged_st = SentenceTransformer(str(tmp / "merged"), device="cpu")
-        merged_enc = STEncoder(merged_st)
-        merged_emb = gate_vectors(merged_enc)
-        base = load_encoder(info["base"], revision=info.get("revision"),
-                            trust_remote_code=info.get("trust_remote_code", False), max_seq_length=max_len)
-        base_emb = gate_vectors(TorchEncoder(base, max_len, used=used))
-        changed, compared = changed_tensors(inner_model(merged_st), inner_model(base))
-        del base
-        t = lap("merge_seconds", t)
-        gate = {"reference": reference_name, "sample_size": len(sample), "roles": list(roles),
-                "prompts": used.record(),
-                "merged_vs_reference_min_cos": float(row_cosines(merged_emb, ref_emb).min()),
-                "merged_vs_reference_mean_cos": float(row_cosines(merged_emb, ref_emb).mean()),
-                "merged_vs_base_mean_cos": float(row_cosines(merged_emb, base_emb).mean()),
-                "merged_vs_base_min_cos": float(row_cosines(merged_emb, base_emb).min()),
-                "changed_weight_tensors": changed, "compared_tensors": compared,
-                "onnx_vs_torch_min_cos": None, "onnx_int8_vs_torch_min_cos": None, "onnx_int8_vs_torch_mean_cos": None}
-        _raise_on_failures(check_gate(gate, ecfg), run_name, out)  # before minutes of ONNX and indexing
-        forms: dict = {"merged": {"path": "merged", "size_mb": _folder_mb(tmp / "merged")},
-                       "adapter": ({"path": "adapter", "size_mb": _folder_mb(tmp / "adapter")}
-                                   if info["method"] == "lora" else None),
-                       "onnx": None, "onnx_int8": None}
-        encoders: dict[str, object] = {"merged": merged_enc}
-        if info["method"] == "lora":
-            encoders["adapter"] = reference
-        if ecfg.onnx:
-            onnx_meta = export_onnx(merged_st, tmp / "onnx", max_len, sample, used)
-            onnx_enc = OnnxEncoder(tmp / "onnx", ONNX_FILE)
-            # Batched (padded) and one text at a time (no padding): both paths of the traced mask.
-            single = np.vstack([onnx_enc.encode([s]) for s in sample[:8]])
-            cos = np.concatenate([row_cosines(gate_vectors(onnx_enc), merged_emb),
-                                  row_cosines(single, merged_emb[:8])])
-            gate["onnx_vs_torch_min_cos"] = float(cos.min())
-            forms["onnx"] = {"path": f"onnx/{ONNX_FILE}", "inputs": onnx_meta["inputs"],
-                             "normalized_in_graph": onnx_meta["normalized_in_graph"],
-                             "size_mb": round((tmp / "onnx" / ONNX_FILE).stat().st_size / 2**20, 2)}
-            encoders["onnx"] = onnx_enc
-            t = lap("onnx_seconds", t)
-            if ecfg.quantize_int8:
-                quantize_int8(tmp / "onnx")
-                int8 = OnnxEncoder(tmp / "onnx", ONNX_INT8_FILE)
-                cos8 = row_cosines(gate_vectors(int8), merged_emb)
-                gate["onnx_int8_vs_torch_min_cos"] = float(cos8.min())
-                gate["onnx_int8_vs_torch_mean_cos"] = float(cos8.mean())
-                forms["onnx_int8"] = {"path": f"onnx/{ONNX_INT8_FILE}",
-                                      "size_mb": round((tmp / "onnx" / ONNX_INT8_FILE).stat().st_size / 2**20, 2)}
-                encoders["onnx_int8"] = int8
-                t = lap("onnx_int8_seconds", t)
+        encoders, merged_st, merged_emb, gate, forms = _merged_and_gated(ex, tmp, out)
+        if ex.ecfg.onnx:
+            _onnx_forms(ex, tmp, merged_st, merged_emb, gate, forms, encoders)
         log.info("export gate: merged vs %s min cos %.6f, vs base mean %.6f, onnx min %s, int8 min %s",
-                 reference_name, gate["merged_vs_reference_min_cos"], gate["merged_vs_base_mean_cos"],
+                 gate["reference"], gate["merged_vs_reference_min_cos"], gate["merged_vs_base_mean_cos"],
                  gate["onnx_vs_torch_min_cos"], gate["onnx_int8_vs_torch_min_cos"])
-        _raise_on_failures(check_gate(gate, ecfg), run_name, out)
+        _raise_on_failures(check_gate(gate, ex.ecfg), run_name, out)
         gate["passed"] = True
-
-        t = time.perf_counter()
-        # The corpus is embedded with the ONNX model when there is one: it has just been proven equal to
-        # the merged model (min cosine above), and onnxruntime ran about 4x faster than PyTorch fp32 on
-        # MiniLM on a 2-core CPU (163 vs 39 texts/s, measured while the machine was busy).
-        index_encoder = "onnx" if "onnx" in encoders else "merged"
-        vectors = encoders[index_encoder].encode([r["text"] for r in records])
-        t = lap("index_embed_seconds", t)
-        index_meta = write_index(tmp / "index", records, vectors, ecfg, {
-            "corpus": ecfg.index_corpus, "encoder": index_encoder, "normalized": True,
-            "data_fingerprint": prep["fingerprint"], "files": ["index.faiss", "records.jsonl"]})
-        index_meta["size_mb"] = _folder_mb(tmp / "index")
-        t = lap("index_build_seconds", t)
-        index = SearchIndex(tmp / "index")
-        neighbours = {"queries": len(queries), "k": ecfg.neighbour_k,
-                      "forms": neighbour_agreement(encoders, index, queries, ecfg.neighbour_k)}
-        t = lap("neighbours_seconds", t)
-
-        metrics = read_json(metrics_path) if metrics_path.exists() else None
-        summary = {"merged_vs_reference_min_cos": gate["merged_vs_reference_min_cos"],
-                   "merged_vs_base_mean_cos": gate["merged_vs_base_mean_cos"],
-                   **({"onnx_vs_torch_min_cos": gate["onnx_vs_torch_min_cos"]} if ecfg.onnx else {}),
-                   **({"onnx_int8_vs_torch_min_cos": gate["onnx_int8_vs_torch_min_cos"]}
-                      if gate["onnx_int8_vs_torch_min_cos"] is not None else {}),
-                   "index_items": index_meta["n"], "export_fingerprint": fp}
-        card = dict(run_name=run_name, info=info, cfg=cfg, prep=prep, train_manifest=train_manifest, metrics=metrics,
-                    gate=gate, forms=forms, index_meta=index_meta, neighbours=neighbours)
-        (tmp / "README.md").write_text(model_card(**card, mlflow_info=None), encoding="utf-8")
-        mlflow_info = log_to_mlflow(cfg, train_manifest.get("mlflow_run_id"), merged_st, tmp, summary)
-        if mlflow_info and info["method"] == "lora":  # the adapter as a model of its own, beside the merged one
-            from pipeline import mlflow_adapter
-
-            mlflow_info["adapter"] = mlflow_adapter.log_adapter_model(
-                cfg, mlflow_info["run_id"], tmp / "adapter", read_json(tmp / "adapter" / BASE_META))
-        if mlflow_info:
-            (tmp / "README.md").write_text(model_card(**card, mlflow_info=mlflow_info), encoding="utf-8")
-        t = lap("mlflow_seconds", t)
-        timing["total_seconds"] = round(time.perf_counter() - started, 2)
-        inputs = {"model": train_manifest["fingerprint"], "prepared_data": prep["fingerprint"]}
-        if metrics_path.exists():
-            inputs["metrics"] = sha256_file(metrics_path)
-        write_json_atomic(tmp / MANIFEST, make_manifest("export", cfg, fingerprint=fp, inputs=inputs, extra={
-            "run_name": run_name, "method": info["method"],
-            "base": {k: info.get(k) for k in ("base", "base_resolved", "base_fingerprint", "revision")},
-            "forms": forms, "gate": gate, "neighbours": neighbours, "index": index_meta, "timing": timing,
-            "mlflow": mlflow_info, "merged_hash": hash_tree(tmp / "merged"),
-            "mlflow_run_id": (mlflow_info or {}).get("run_id") or train_manifest.get("mlflow_run_id")}))
-    log.info("export: wrote %s in %.0fs (index %d items, %s)", out, timing["total_seconds"], index_meta["n"],
+        index_meta, neighbours = _index_and_neighbours(ex, tmp, encoders)
+        mlflow_info = _card_and_mlflow(ex, tmp, merged_st, gate, forms, index_meta, neighbours)
+        ex.timing["total_seconds"] = round(time.perf_counter() - ex.started, 2)
+        _write_manifest(ex, tmp, forms, gate, neighbours, index_meta, mlflow_info)
+    log.info("export: wrote %s in %.0fs (index %d items, %s)", out, ex.timing["total_seconds"], index_meta["n"],
              index_meta["factory"])
     return out
+
+
+def _merged_and_gated(ex: _Export, tmp: Path, out: Path) -> tuple[dict, object, np.ndarray, dict, dict]:
+    """Write the adapter (LoRA) and the merged model, and check the merged folder reproduces the trained
+    model (and differs from the base) before minutes of ONNX and indexing. Returns (encoders, merged model,
+    its gate vectors, the gate, the forms written)."""
+    from sentence_transformers import SentenceTransformer
+
+    info, used, max_len = ex.info, ex.used, ex.max_len
+    # The reference the merged model must reproduce: the exported adapter on its base (LoRA), or
+    # the trained full model as the train stage wrote it.
+    if info["method"] == "lora":
+        _write_adapter(ex.model_dir, info, tmp / "adapter")
+        reference = TorchEncoder(load_adapter_form(tmp / "adapter"), max_len, used=used)
+        reference_name = "unmerged adapter"
+    else:
+        reference = TorchEncoder(load_trained(ex.model_dir), max_len, used=used)
+        reference_name = "trained full model"
+    ref_emb = ex.gate_vectors(reference)
+    ex.lap("reference_seconds")
+    merged = load_trained(ex.model_dir, merge=True)
+    merged.max_seq_length = max_len
+    # the run's prompts under the names encode_query / encode_document look for
+    merged.prompts = prompts.for_sentence_transformers(used, merged.prompts)
+    merged.save(str(tmp / "merged"), safe_serialization=True)
+    del merged
+    # Everything below uses the folder as written, so a bad save fails the gate like a bad merge.
+    merged_st = SentenceTransformer(str(tmp / "merged"), device="cpu")
+    merged_enc = STEncoder(merged_st)
+    merged_emb = ex.gate_vectors(merged_enc)
+    base = load_encoder(info["base"], revision=info.get("revision"),
+                        trust_remote_code=info.get("trust_remote_code", False), max_seq_length=max_len)
+    base_emb = ex.gate_vectors(TorchEncoder(base, max_len, used=used))
+    changed, compared = changed_tensors(inner_model(merged_st), inner_model(base))
+    del base
+    ex.lap("merge_seconds")
+    gate = {"reference": reference_name, "sample_size": len(ex.sample), "roles": list(ex.roles),
+            "prompts": used.record(),
+            "merged_vs_reference_min_cos": float(row_cosines(merged_emb, ref_emb).min()),
+            "merged_vs_reference_mean_cos": float(row_cosines(merged_emb, ref_emb).mean()),
+            "merged_vs_base_mean_cos": float(row_cosines(merged_emb, base_emb).mean()),
+            "merged_vs_base_min_cos": float(row_cosines(merged_emb, base_emb).min()),
+            "changed_weight_tensors": changed, "compared_tensors": compared,
+            "onnx_vs_torch_min_cos": None, "onnx_int8_vs_torch_min_cos": None, "onnx_int8_vs_torch_mean_cos": None}
+    _raise_on_failures(check_gate(gate, ex.ecfg), ex.run_name, out)
+    forms: dict = {"merged": {"path": "merged", "size_mb": _folder_mb(tmp / "merged")},
+                   "adapter": ({"path": "adapter", "size_mb": _folder_mb(tmp / "adapter")}
+                               if info["method"] == "lora" else None),
+                   "onnx": None, "onnx_int8": None}
+    encoders: dict[str, object] = {"merged": merged_enc, **({"adapter": reference} if info["method"] == "lora" else {})}
+    return encoders, merged_st, merged_emb, gate, forms
+
+
+def _onnx_forms(ex: _Export, tmp: Path, merged_st, merged_emb: np.ndarray, gate: dict, forms: dict,
+                encoders: dict) -> None:
+    """The ONNX model (and its int8 form), each measured against the merged model; fills the gate in place."""
+    onnx_meta = export_onnx(merged_st, tmp / "onnx", ex.max_len, ex.sample, ex.used)
+    onnx_enc = OnnxEncoder(tmp / "onnx", ONNX_FILE)
+    # Batched (padded) and one text at a time (no padding): both paths of the traced mask.
+    single = np.vstack([onnx_enc.encode([s]) for s in ex.sample[:8]])
+    cos = np.concatenate([row_cosines(ex.gate_vectors(onnx_enc), merged_emb), row_cosines(single, merged_emb[:8])])
+    gate["onnx_vs_torch_min_cos"] = float(cos.min())
+    forms["onnx"] = {"path": f"onnx/{ONNX_FILE}", "inputs": onnx_meta["inputs"],
+                     "normalized_in_graph": onnx_meta["normalized_in_graph"],
+                     "size_mb": round((tmp / "onnx" / ONNX_FILE).stat().st_size / 2**20, 2)}
+    encoders["onnx"] = onnx_enc
+    ex.lap("onnx_seconds")
+    if not ex.ecfg.quantize_int8:
+        return
+    quantize_int8(tmp / "onnx")
+    int8 = OnnxEncoder(tmp / "onnx", ONNX_INT8_FILE)
+    cos8 = row_cosines(ex.gate_vectors(int8), merged_emb)
+    gate["onnx_int8_vs_torch_min_cos"] = float(cos8.min())
+    gate["onnx_int8_vs_torch_mean_cos"] = float(cos8.mean())
+    forms["onnx_int8"] = {"path": f"onnx/{ONNX_INT8_FILE}",
+                          "size_mb": round((tmp / "onnx" / ONNX_INT8_FILE).stat().st_size / 2**20, 2)}
+    encoders["onnx_int8"] = int8
+    ex.lap("onnx_int8_seconds")
+
+
+def _index_and_neighbours(ex: _Export, tmp: Path, encoders: dict) -> tuple[dict, dict]:
+    """The FAISS index of the corpus, and how often every form finds the same neighbours in it."""
+    # The corpus is embedded with the ONNX model when there is one: it has just been proven equal to the
+    # merged model (the gate above), and it is the faster form (reports/examples/bench/, part "encode").
+    index_encoder = "onnx" if "onnx" in encoders else "merged"
+    vectors = encoders[index_encoder].encode([r["text"] for r in ex.records])
+    ex.lap("index_embed_seconds")
+    index_meta = write_index(tmp / "index", ex.records, vectors, ex.ecfg, {
+        "corpus": ex.ecfg.index_corpus, "encoder": index_encoder, "normalized": True,
+        "data_fingerprint": ex.prep["fingerprint"], "files": ["index.faiss", "records.jsonl"]})
+    index_meta["size_mb"] = _folder_mb(tmp / "index")
+    ex.lap("index_build_seconds")
+    index = SearchIndex(tmp / "index")
+    neighbours = {"queries": len(ex.queries), "k": ex.ecfg.neighbour_k,
+                  "forms": neighbour_agreement(encoders, index, ex.queries, ex.ecfg.neighbour_k)}
+    ex.lap("neighbours_seconds")
+    return index_meta, neighbours
+
+
+def _card_and_mlflow(ex: _Export, tmp: Path, merged_st, gate: dict, forms: dict, index_meta: dict,
+                     neighbours: dict) -> dict | None:
+    """README.md (the model card) and, when tracking is on, the merged model (and adapter) in MLflow."""
+    metrics = read_json(ex.metrics_path) if ex.metrics_path.exists() else None
+    summary = {"merged_vs_reference_min_cos": gate["merged_vs_reference_min_cos"],
+               "merged_vs_base_mean_cos": gate["merged_vs_base_mean_cos"],
+               **({"onnx_vs_torch_min_cos": gate["onnx_vs_torch_min_cos"]} if ex.ecfg.onnx else {}),
+               **({"onnx_int8_vs_torch_min_cos": gate["onnx_int8_vs_torch_min_cos"]}
+                  if gate["onnx_int8_vs_torch_min_cos"] is not None else {}),
+               "index_items": index_meta["n"], "export_fingerprint": ex.fp}
+    card = dict(run_name=ex.run_name, info=ex.info, cfg=ex.cfg, prep=ex.prep, train_manifest=ex.train_manifest,
+                metrics=metrics, gate=gate, forms=forms, index_meta=index_meta, neighbours=neighbours)
+    (tmp / "README.md").write_text(model_card(**card, mlflow_info=None), encoding="utf-8")
+    mlflow_info = log_to_mlflow(ex.cfg, ex.train_manifest.get("mlflow_run_id"), merged_st, tmp, summary)
+    if mlflow_info and ex.info["method"] == "lora":  # the adapter as a model of its own, beside the merged one
+        from pipeline import mlflow_adapter
+
+        mlflow_info["adapter"] = mlflow_adapter.log_adapter_model(
+            ex.cfg, mlflow_info["run_id"], tmp / "adapter", read_json(tmp / "adapter" / BASE_META))
+    if mlflow_info:
+        (tmp / "README.md").write_text(model_card(**card, mlflow_info=mlflow_info), encoding="utf-8")
+    ex.lap("mlflow_seconds")
+    return mlflow_info
+
+
+def _write_manifest(ex: _Export, tmp: Path, forms: dict, gate: dict, neighbours: dict, index_meta: dict,
+                    mlflow_info: dict | None) -> None:
+    inputs = {"model": ex.train_manifest["fingerprint"], "prepared_data": ex.prep["fingerprint"]}
+    if ex.metrics_path.exists():
+        inputs["metrics"] = sha256_file(ex.metrics_path)
+    info = ex.info
+    write_json_atomic(tmp / MANIFEST, make_manifest("export", ex.cfg, fingerprint=ex.fp, inputs=inputs, extra={
+        "run_name": ex.run_name, "method": info["method"],
+        "base": {k: info.get(k) for k in ("base", "base_resolved", "base_fingerprint", "revision")},
+        "forms": forms, "gate": gate, "neighbours": neighbours, "index": index_meta, "timing": ex.timing,
+        "mlflow": mlflow_info, "merged_hash": hash_tree(tmp / "merged"),
+        "mlflow_run_id": (mlflow_info or {}).get("run_id") or ex.train_manifest.get("mlflow_run_id")}))
 
 
 def neighbours_report(export_dir: Path, forms: Sequence[str], queries: Sequence[str], k: int = 10) -> dict:
