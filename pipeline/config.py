@@ -249,6 +249,16 @@ class SweepConfig(Section):
     quality_metric: str = "retrieval.ndcg@10"
     # Each child in its own process: ru_maxrss is per process, so only then is peak memory per child.
     isolate: bool = True
+    # Where the children run: "local" one after another here, "ray" as Ray Tune trials (pipeline/sweep_ray.py).
+    executor: Literal["local", "ray"] = "local"
+    # An existing Ray cluster ("auto", "host:6379", "ray://host:10001"); None starts a loopback-only local one.
+    ray_address: str | None = None
+    # Ray reserves these per trial, so a trial never shares its cores with another child's threads.
+    cpus_per_trial: float = Field(1.0, gt=0)
+    # 1 gives each child a GPU of its own (Ray sets CUDA_VISIBLE_DEVICES); 0 runs CPU-only trials.
+    gpus_per_trial: float = Field(0.0, ge=0)
+    # Cap on children running at once (shared disk and MLflow store); None: as many as the resources fit.
+    max_concurrent: int | None = Field(None, ge=1)
 
 
 class SuiteConfig(Section):

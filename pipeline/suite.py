@@ -16,13 +16,12 @@ one resumes from its training checkpoint; ``--overwrite`` starts every corpus ov
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 from pipeline import stages, tracking
 from pipeline.runs import METRIC_LABELS, NAME_OK, child_fingerprint, finished_record
-from pipeline.artifacts import Layout, read_json, read_manifest, require_manifest, write_json_atomic
+from pipeline.artifacts import Layout, read_json, read_manifest, require_manifest, write_json_atomic, write_text_atomic
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
 
@@ -172,9 +171,7 @@ def _tag_child(uri: str | None, parent_run_id: str, row: dict, name: str) -> Non
 
 def _write_summary(cfg: Config, rows: list[dict], failed: list[dict], meta: dict) -> Path:
     out = suite_dir(cfg)
-    tmp = out / f".summary.md.tmp-{os.getpid()}"
-    tmp.write_text(summary_markdown(cfg, rows, failed), encoding="utf-8")
-    os.replace(tmp, out / "summary.md")
+    write_text_atomic(out / "summary.md", summary_markdown(cfg, rows, failed))
     write_json_atomic(out / "summary.json", {"suite": cfg.suite.model_dump(mode="json"), **meta,
                                              "corpora": rows, "failed": failed})
     return out

@@ -31,6 +31,7 @@ honest per-child figure (and a child that crashes cannot take the sweep down).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -44,7 +45,8 @@ import numpy as np
 
 from pipeline import metrics as M
 from pipeline import stages, tracking
-from pipeline.artifacts import Layout, digest, read_json, read_manifest, require_manifest, write_json_atomic
+from pipeline.artifacts import (Layout, digest, read_json, read_manifest, require_manifest, write_json_atomic,
+                                write_text_atomic)
 from pipeline.config import Config, config_to_yaml, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.families import PRESETS
@@ -157,6 +159,82 @@ def child_config(cfg: Config, point: Point, *, parent_run_id: str | None = None,
 
 def sweep_dir(cfg: Config) -> Path:
     return Path(cfg.paths.reports) / "sweep" / cfg.sweep.name
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """One child of this invocation: its config and the files it writes under the sweep's folder."""
+
+    point: Point
+    child: Config
+    tag: str  # how the log names it
+    record_path: Path
+    config_path: Path
+    log_path: Path
+
+    @property
+    def name(self) -> str:
+        return self.child.resolved_run_name
+
+
+def child_job(cfg: Config, point: Point, tag: str, *, parent_run_id: str | None, tracking_uri: str | None) -> ChildJob:
+    child = child_config(cfg, point, parent_run_id=parent_run_id, tracking_uri=tracking_uri)
+    name, out = child.resolved_run_name, sweep_dir(cfg)
+    return ChildJob(point, child, tag, out / "children" / f"{name}.json", out / "children" / f"{name}.yaml",
+                    out / "logs" / f"{name}.log")
+
+
+def run_children(cfg: Config, jobs: list[ChildJob], prep_fp: str, overwrite: bool):
+    """Yield (job, record, failure) per child in grid order: finished children from their record, the
+    others run here one after another (``sweep.executor: local``) or as Ray Tune trials (``ray``)."""
+    records = {job.name: finished_record(job.child, prep_fp, job.record_path) for job in jobs}
+    todo = [job for job in jobs if records[job.name] is None]
+    ran: dict[str, tuple[dict | None, dict | None]] = {}
+    if cfg.sweep.executor == "ray" and todo:
+        from pipeline import sweep_ray
+
+        run_one = functools.partial(run_child, prep_fp=prep_fp, overwrite=overwrite)
+        ran = sweep_ray.run_children(cfg.sweep, todo, run_one, sweep_dir(cfg))
+    for job in jobs:
+        if records[job.name] is not None:
+            log.info("%s: finished before, skipped", job.tag)
+            yield job, records[job.name], None
+        else:
+            yield job, *(ran[job.name] if job.name in ran else run_child(job, prep_fp=prep_fp, overwrite=overwrite))
+
+
+def run_child(job: ChildJob, *, prep_fp: str, overwrite: bool) -> tuple[dict | None, dict | None]:
+    """Run one unfinished child: (its record, written beside its config, None) or (None, why it failed)."""
+    s, child, point = job.child.sweep, job.child, job.point
+    name = child.resolved_run_name
+    write_text_atomic(job.config_path, config_to_yaml(child))
+    log.info("%s: running (log: %s)", job.tag, job.log_path)
+    t0 = time.perf_counter()
+    reason = None
+    if s.isolate:
+        rc = _run_child_process(job.config_path, job.log_path, overwrite)
+        if rc in (130, -2):
+            raise KeyboardInterrupt
+        if rc != 0:
+            reason = _tail(job.log_path) or f"exit code {rc}"
+    else:
+        try:
+            stages.train_embed_eval(child, overwrite=overwrite)
+        except PipelineError as exc:
+            reason = str(exc)
+    wall = time.perf_counter() - t0
+    expected, train_fp = child_fingerprint(child, prep_fp)
+    if reason is None and not outputs_match(child, prep_fp, train_fp):
+        reason = "the child exited cleanly but its metrics.json does not match its trained model"
+    if reason is not None:
+        log.error("%s: failed after %.0f s: %s", job.tag, wall, reason)
+        return None, {"run": name, "config_id": point.config_id, "method": point.method, "seed": point.seed,
+                      "reason": reason, "log": str(job.log_path) if s.isolate else None}
+    record = {"run": name, "fingerprint": expected, "train_fingerprint": train_fp,
+              "wall_seconds": round(wall, 1), "isolated": s.isolate,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(job.record_path, record)
+    return record, None
 
 
 def _run_child_process(config_path: Path, log_path: Path, overwrite: bool) -> int:
@@ -616,12 +694,6 @@ def pareto_png(configs: list[dict], rows: list[dict], quality: str, path: Path, 
     plt.close(fig)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(cfg: Config, rows: list[dict], failed: list[dict], meta: dict) -> tuple[Path, list[dict]]:
     out = sweep_dir(cfg)
     quality = cfg.sweep.quality_metric
@@ -633,7 +705,7 @@ def write_summary(cfg: Config, rows: list[dict], failed: list[dict], meta: dict)
     pareto_png(configs, rows, quality, out / ".pareto.png.tmp.png",
                f"sweep '{cfg.sweep.name}' on {cfg.data.name}: {METRIC_LABELS.get(quality, quality)} vs cost")
     os.replace(out / ".pareto.png.tmp.png", out / "pareto.png")
-    _write_text_atomic(out / "summary.md", summary_markdown(cfg, configs, rows, failed, meta))
+    write_text_atomic(out / "summary.md", summary_markdown(cfg, configs, rows, failed, meta))
     write_json_atomic(out / "summary.json", {"sweep": cfg.sweep.model_dump(mode="json"), **meta,
                                              "configurations": configs, "children": rows, "failed": failed})
     # A file of our own rather than MlflowClient.log_table, which appends to the table of an earlier
@@ -702,46 +774,13 @@ def run(cfg: Config, *, overwrite: bool = False) -> Path:
         parent.log_artifact(_write_sweep_config(cfg, out))
         if overwrite and uri and previous.get("parent_run_id") and previous.get("tracking_uri") == uri:
             _supersede(uri, previous["parent_run_id"], parent.run_id)
-        for i, point in enumerate(points, 1):
-            child = child_config(cfg, point, parent_run_id=parent.run_id, tracking_uri=uri)
-            name = child.resolved_run_name
-            record_path = out / "children" / f"{name}.json"
-            config_path = out / "children" / f"{name}.yaml"
-            log_path = out / "logs" / f"{name}.log"
-            tag = f"sweep {s.name} [{i}/{len(points)}] {point.config_id} seed {point.seed}"
-            record = finished_record(child, prep_fp, record_path)
-            if record is None:
-                _write_text_atomic(config_path, config_to_yaml(child))
-                log.info("%s: running (log: %s)", tag, log_path)
-                t0 = time.perf_counter()
-                reason = None
-                if s.isolate:
-                    rc = _run_child_process(config_path, log_path, overwrite)
-                    if rc in (130, -2):
-                        raise KeyboardInterrupt
-                    if rc != 0:
-                        reason = _tail(log_path) or f"exit code {rc}"
-                else:
-                    try:
-                        stages.train_embed_eval(child, overwrite=overwrite)
-                    except PipelineError as exc:
-                        reason = str(exc)
-                wall = time.perf_counter() - t0
-                expected, train_fp = child_fingerprint(child, prep_fp)
-                if reason is None and not outputs_match(child, prep_fp, train_fp):
-                    reason = "the child exited cleanly but its metrics.json does not match its trained model"
-                if reason is not None:
-                    log.error("%s: failed after %.0f s: %s", tag, wall, reason)
-                    failed.append({"run": name, "config_id": point.config_id, "method": point.method,
-                                   "seed": point.seed, "reason": reason,
-                                   "log": str(log_path) if s.isolate else None})
-                    continue
-                record = {"run": name, "fingerprint": expected, "train_fingerprint": train_fp,
-                          "wall_seconds": round(wall, 1), "isolated": s.isolate,
-                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                write_json_atomic(record_path, record)
-            else:
-                log.info("%s: finished before, skipped", tag)
+        jobs = [child_job(cfg, point, f"sweep {s.name} [{i}/{len(points)}] {point.config_id} seed {point.seed}",
+                          parent_run_id=parent.run_id, tracking_uri=uri) for i, point in enumerate(points, 1)]
+        for job, record, failure in run_children(cfg, jobs, prep_fp, overwrite):
+            point, child, tag = job.point, job.child, job.tag
+            if failure is not None:
+                failed.append(failure)
+                continue
             row = collect_child(child, point, record)
             rows.append(row)
             _log_child_to_mlflow(uri, parent.run_id, row, s.name)
@@ -783,7 +822,7 @@ def _supersede(uri: str, old_run_id: str, new_run_id: str) -> None:
 
 def _write_sweep_config(cfg: Config, out: Path) -> Path:
     path = out / "sweep_config.yaml"
-    _write_text_atomic(path, config_to_yaml(cfg))
+    write_text_atomic(path, config_to_yaml(cfg))
     return path
 
 
