@@ -7,6 +7,9 @@ for zero-shot classification) and ``manifest.json``. The base model's embeddings
 
 A LoRA model is merged in memory before encoding (faster), but only after the merged and unmerged
 model agree on a probe sample; a merge that silently changed nothing, or changed too much, stops here.
+The texts are then encoded with the form ``embed.backend`` selects (pipeline/backends.py: the fastest
+that matches PyTorch fp32 on a probe sample); the choice, its gate and timings go in ``manifest.json``
+under ``backend``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import encoding, prompts
+from pipeline import backends, encoding, prompts
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, is_up_to_date, make_manifest,
                                 read_json, require_manifest, write_json_atomic)
 from pipeline.config import Config
 from pipeline.errors import TrainingError
 from pipeline.model import (base_fingerprint, check_base_matches, inner_model, load_encoder, load_trained,
-                            pick_device, pick_dtype, read_model_info, resolve_base, set_inner_model)
+                            pick_device, read_model_info, resolve_base, set_inner_model)
 
 log = logging.getLogger(__name__)
 MERGE_MIN_COSINE = 0.9999
@@ -43,16 +46,24 @@ def label_texts(cfg: Config, processed: Path) -> list[str]:
     return [cfg.pairs.label_template.format(label=l) for l in labels]
 
 
-def _embed_all(st_model, cfg: Config, processed: Path, files: list[str], out: Path, device, dtype,
-               max_seq_length: int, who: str, used: prompts.Prompts) -> dict:
+def select_backend(cfg: Config, st_model, processed: Path, files: list[str], device, max_seq_length: int,
+                   used: prompts.Prompts):
+    """(encoder, record) from pipeline/backends.py, gated on a seeded sample of the first text file."""
+    texts = pd.read_json(processed / files[0], lines=True, dtype={"text": str})["text"]
+    probe = texts.sample(min(len(texts), cfg.embed.probe_texts), random_state=cfg.seed).tolist()
+    return backends.select(cfg, st_model, used.apply(probe, "document"), device=device,
+                           max_seq_length=max_seq_length, batch_size=cfg.eval.batch_size)
+
+
+def _embed_all(encoder, cfg: Config, processed: Path, files: list[str], out: Path, who: str,
+               used: prompts.Prompts) -> dict:
     """Each file in its role (pipeline/prompts.py); val/test also as queries when the two forms differ."""
     timings = {}
     n_total, started = 0, time.perf_counter()
 
     def encode(texts, role, what):
-        return encoding.encode_texts(st_model, used.apply(texts, role), max_seq_length=max_seq_length,
-                                     batch_size=cfg.eval.batch_size, device=device, dtype=dtype,
-                                     progress=f"embed {who} {what}")
+        log.info("embed %s %s: %d texts (%s)", who, what, len(texts), encoder.name)
+        return encoder.encode(used.apply(texts, role))
 
     for name in files:
         texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
@@ -64,8 +75,7 @@ def _embed_all(st_model, cfg: Config, processed: Path, files: list[str], out: Pa
             n_total += len(texts)
     labels = label_texts(cfg, processed)
     if labels:
-        np.save(out / "labels.npy", encoding.encode_texts(st_model, used.apply(labels, "document"),
-                                                          max_seq_length=max_seq_length, device=device, dtype=dtype))
+        np.save(out / "labels.npy", encoder.encode(used.apply(labels, "document")))
     seconds = time.perf_counter() - started
     timings.update({"texts": n_total, "seconds": round(seconds, 2),
                     "texts_per_second": round(n_total / seconds, 1) if seconds else None})
@@ -91,11 +101,18 @@ def base_cache_key(cfg: Config, prep_fp: str, max_seq_length: int) -> str:
     used = prompts.for_run(cfg)
     if used.any:  # without prompts the key is what it was before they existed, so old caches stay valid
         key += json.dumps(used.record(), sort_keys=True)
+    key += backend_key(cfg)
     tail = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{fp}-{prep_fp}-{max_seq_length}-{tail}"
 
 
-def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtype, max_seq_length: int) -> Path:
+def backend_key(cfg: Config) -> str:
+    """What of ``embed`` can change the vectors: a backend change must not be served stale embeddings."""
+    e = cfg.embed
+    return f"|backend={e.backend}|gate={e.gate_min_cos}|fusion={e.onnx_fusion}"
+
+
+def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, max_seq_length: int) -> Path:
     # Keyed on the texts, not on the whole prepared data: changing only the training pairs (e.g. mined
     # hard negatives) must not re-embed every text with the unchanged base model.
     key = base_cache_key(cfg, prep.get("texts_fingerprint", prep.get("splits_fingerprint", prep["fingerprint"])),
@@ -105,13 +122,14 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, dtyp
         return out
     st_model = load_encoder(cfg.model.base, device=device, revision=cfg.model.revision,
                             trust_remote_code=cfg.model.trust_remote_code, max_seq_length=max_seq_length)
+    used = prompts.for_run(cfg, st_model)
+    encoder, backend = select_backend(cfg, st_model, layout.processed, text_files(prep), device, max_seq_length, used)
     with atomic_dir(out) as tmp:
-        timing = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
-                            max_seq_length, "base", prompts.for_run(cfg, st_model))
+        timing = _embed_all(encoder, cfg, layout.processed, text_files(prep), tmp, "base", used)
         write_json_atomic(tmp / MANIFEST, make_manifest("embed-base", cfg, fingerprint=key,
                                                         inputs={"prepared_splits": prep.get(
                                                             "splits_fingerprint", prep["fingerprint"])},
-                                                        extra={"timing": timing}))
+                                                        extra={"timing": timing, "backend": backend}))
     return out
 
 
@@ -127,20 +145,20 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     out = layout.embeddings()
     clean_stale(layout.run(), layout.base_embeddings("-").parent)
     fp = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"],
-                                    cfg.pairs.label_template]).encode()).hexdigest()[:16]
+                                    cfg.pairs.label_template, backend_key(cfg)]).encode()).hexdigest()[:16]
     if not force and is_up_to_date(out, fp):
         log.info("embed: %s is up to date", out)
         return out
     torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
     device = pick_device(cfg.train.device)
-    dtype = pick_dtype(cfg.train.precision, device)
     max_len = info.get("max_seq_length") or cfg.train.max_seq_length
-    base_dir = ensure_base_embeddings(cfg, layout, prep, device, dtype, max_len)
+    base_dir = ensure_base_embeddings(cfg, layout, prep, device, max_len)
     extra: dict = {"base_dir": str(base_dir), "mlflow_run_id": train_manifest.get("mlflow_run_id")}
     with atomic_dir(out) as tmp:
         if info["method"] == "base":
             extra["adapted_dir"] = str(base_dir)
             extra["timing"] = read_json(base_dir / MANIFEST)["timing"]
+            extra["backend"] = read_json(base_dir / MANIFEST).get("backend")
         else:
             st_model = load_trained(model_dir, device=device, expected_base=cfg.model.base)
             if info["method"] == "lora":
@@ -148,10 +166,13 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                 probe = encoding.tokenize(st_model, sample["text"].head(64).tolist(), max_len)
                 extra["merge_min_cosine"] = merge_checked(st_model, probe, device)
             extra["adapted_dir"] = str(out)
-            extra["timing"] = _embed_all(st_model, cfg, layout.processed, text_files(prep), tmp, device, dtype,
-                                         max_len, info["method"], prompts.of_record(info.get("prompts")))
+            used = prompts.of_record(info.get("prompts"))
+            encoder, extra["backend"] = select_backend(cfg, st_model, layout.processed, text_files(prep), device,
+                                                       max_len, used)
+            extra["timing"] = _embed_all(encoder, cfg, layout.processed, text_files(prep), tmp, info["method"], used)
         write_json_atomic(tmp / MANIFEST, make_manifest(
             "embed", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"],
                                                   "model": train_manifest["fingerprint"]}, extra=extra))
-    log.info("embed: %s (%s texts/s)", out, extra["timing"].get("texts_per_second"))
+    log.info("embed: %s (%s texts/s, %s)", out, extra["timing"].get("texts_per_second"),
+             (extra.get("backend") or {}).get("name"))
     return out

@@ -433,6 +433,7 @@ def run(cfg: Config) -> Path:
                   "precision": train_stats.get("precision")},
         "ci": _ci_lists(adapted["ci"]),
         "embed": emb_manifest.get("timing", {}),
+        "backend": emb_manifest.get("backend"),  # the encoder form embed chose (pipeline/backends.py)
         "test_items": int(len(splits["test"])),
         "retrieval_queries": adapted.get("retrieval_queries", 0),
         "classifier": {"head": adapted.get("_details", {}).get("head"),
