@@ -206,6 +206,18 @@ class TargetOptions(Section):
     min_overlap: float = Field(0.99, ge=0, le=1)  # top-k agreement each engine must reach against FAISS flat
 
 
+class EmbedConfig(Section):
+    """How embed (and the corpus job) encode: pipeline/backends.py."""
+
+    # auto: the fastest form (torch fp32 / bf16 weights, onnxruntime) that passes the gate on this machine
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    gate_min_cos: float = Field(0.999, gt=0, le=1)  # per probe row, against torch fp32
+    probe_texts: int = Field(256, ge=1)  # texts the gate and the speed comparison run on
+    probe_repeats: int = Field(2, ge=1)  # timed passes per candidate (best taken)
+    onnx_fusion: bool = True  # onnxruntime's transformer fusions (attention, layer norm, GELU) on BERT-like models
+    onnx_token_budget: int | None = Field(2048, ge=1)  # padded tokens per ONNX batch; None: rows only
+
+
 class ExportConfig(Section):
     onnx: bool = True
     quantize_int8: bool = True
@@ -292,7 +304,8 @@ class BenchConfig(Section):
         default_factory=lambda: ["bert-base"])
     memory_steps: int = Field(3, ge=1)  # timed steps per shape and method, after one warm-up step
     encode_texts: int = Field(1500, ge=1)
-    reference_encode_batch_size: int = Field(32, ge=1)  # SentenceTransformer.encode's default
+    # rows per batch of both encode paths (the same for both); 32 is SentenceTransformer.encode's default
+    encode_batch_size: int = Field(32, ge=1)
     parity_pairs: int = Field(2000, ge=0)  # 0 skips the quality-parity training
     parity_epochs: float = Field(1.0, gt=0)
     # Training seeds of the parity check; the verdict is on their mean. A short run's seed-to-seed spread
@@ -356,6 +369,7 @@ class Config(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)

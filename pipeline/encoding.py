@@ -78,6 +78,9 @@ def _batch_bounds(sorted_lengths: Sequence[int], batch_size: int, token_budget: 
     return bounds
 
 
+batch_bounds = _batch_bounds  # the public name: pipeline/backends.py batches ONNX runs the same way
+
+
 @torch.inference_mode()
 def encode_ids(st_model, ids: Sequence[Sequence[int]], *, batch_size: int = 256,
                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

@@ -402,6 +402,7 @@ def _common_payload(cfg: Config, info: dict, prep: dict, emb_manifest: dict, tra
                   "real_tokens_per_second": t.get("real_tokens_per_second"), "steps": t.get("steps"),
                   "device": t.get("device"), "precision": t.get("precision")},
         "embed": emb_manifest.get("timing", {}),
+        "backend": emb_manifest.get("backend"),  # the encoder form embed chose (pipeline/backends.py)
         "objective": prep.get("objective"),  # the objective the training pairs were built for
         "seed": cfg.seed,
         # the splits' identity for labelled corpora (pairs settings do not change what is scored)

@@ -31,7 +31,6 @@ import logging
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +38,9 @@ import numpy as np
 import yaml
 
 from pipeline import prompts
+# The ONNX trace, int8 quantisation and ONNX encoder are shared with the embed stage (pipeline/backends.py).
+from pipeline.backends import (ONNX_FILE, ONNX_INT8_FILE, ONNX_META, ONNX_OPSET, OnnxEncoder,  # noqa: F401
+                               export_onnx, quantize_int8)
 from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json,
                                 require_manifest, sha256_file, skip_or_refuse, write_json_atomic)
 from pipeline.config import Config
@@ -50,11 +52,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the export layout or the gate changes, so an old export is not taken as up to date.
 EXPORT_VERSION = 3  # 3: prompts in the merged folder and onnx_config.json, the gate checks both roles
-ONNX_FILE = "model.onnx"
-ONNX_INT8_FILE = "model_qint8.onnx"
-ONNX_META = "onnx_config.json"
 BASE_META = "base_model.json"
-ONNX_OPSET = 17
 # Texts that exercise what a random sample of product titles rarely does: a one-character input,
 # non-ASCII punctuation and accents, and an input far beyond max_seq_length (truncation).
 EDGE_TEXTS = ("a", "Ünïcödé café – 4K 55\" TV (2024) ÷ 50% off!", " ".join(["waterproof"] * 300))
@@ -130,63 +128,6 @@ class STEncoder:
         return np.asarray(out, dtype=np.float32)
 
 
-class OnnxEncoder:
-    """The exported ONNX graph with its tokenizer: needs onnxruntime, tokenizers and numpy only.
-
-    The ``tokenizers`` library is used directly (not transformers) so a search service over the ONNX
-    form does not pull in torch; truncation, padding side and pad id come from ``onnx_config.json``,
-    which records the base tokenizer's settings, and the gate checks the result against PyTorch.
-    """
-
-    def __init__(self, folder: Path, file: str = ONNX_FILE, *, batch_size: int = 64, threads: int | None = None):
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        folder = Path(folder)
-        self.meta = read_json(folder / ONNX_META)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / file), opts, providers=["CPUExecutionProvider"])
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.meta["max_seq_length"], direction=self.meta.get("truncation_side", "right"))
-        self.inputs = list(self.meta["inputs"])
-        self.batch_size = batch_size
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["embedding_dim"])
-
-    def _feed(self, encs) -> dict[str, np.ndarray]:
-        longest = max(len(e.ids) for e in encs)
-        pad, left = self.meta["pad_token_id"], self.meta.get("padding_side", "right") == "left"
-        arrays = {"input_ids": np.full((len(encs), longest), pad, dtype=np.int64),
-                  "attention_mask": np.zeros((len(encs), longest), dtype=np.int64),
-                  "token_type_ids": np.zeros((len(encs), longest), dtype=np.int64)}
-        for i, e in enumerate(encs):
-            n = len(e.ids)
-            cols = slice(longest - n, longest) if left else slice(0, n)
-            arrays["input_ids"][i, cols] = e.ids
-            arrays["attention_mask"][i, cols] = 1
-            arrays["token_type_ids"][i, cols] = e.type_ids
-        return {k: arrays[k] for k in self.inputs}
-
-    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
-        """L2-normalised float32 embeddings, shape (len(texts), dim); longest texts batched first. The
-        prompts recorded in ``onnx_config.json`` are prepended as the PyTorch forms do."""
-        encs = self.tokenizer.encode_batch(prompts.of_record(self.meta.get("prompts")).apply(texts, role))
-        out = np.zeros((len(encs), self.dim), dtype=np.float32)
-        order = np.argsort([-len(e.ids) for e in encs], kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            emb = self.session.run(["sentence_embedding"], self._feed([encs[i] for i in idx]))[0]
-            out[idx] = emb
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
-
-
 def load_adapter_form(folder: Path, device: str = "cpu"):
     """The exported adapter on its recorded base; refuses a base whose weights changed."""
     from peft import PeftModel
@@ -229,85 +170,6 @@ def load_form(export_dir: Path, form: str, *, batch_size: int = 64):
             raise ArtifactError(f"{export_dir} has no {form} form (export.onnx / export.quantize_int8 were off)")
         return OnnxEncoder(export_dir / "onnx", file, batch_size=batch_size)
     raise ValueError(f"unknown form {form!r}; one of {FORMS}")
-
-
-# -------------------------------------------------------------------------------------------------- ONNX
-
-def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[str],
-                used: prompts.Prompts | None = None) -> dict:
-    """Trace the whole sentence-transformers pipeline into ``folder/model.onnx`` and save the tokenizer.
-
-    Why not Optimum (the sentence-transformers ONNX backend): its only release (optimum-onnx 0.1.0)
-    requires transformers < 4.58, and this project pins transformers 5. The TorchScript exporter is
-    used because the dynamo exporter needs onnxscript, one more dependency for the same graph. The
-    trace example must contain padding: a batch without it could let the attention mask be traced away.
-    """
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = st_model[0].tokenizer
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tok.model_input_names]
-    texts = [max(sample, key=len), min(sample, key=len)]
-    dummy = tok(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
-    if bool(dummy["attention_mask"].all()):
-        raise ExportError("cannot build an ONNX trace example with padding (all sample texts tokenise to one length)")
-
-    class SentenceGraph(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, *inputs):
-            out = self.model(dict(zip(names, inputs)))
-            return out["token_embeddings"], out["sentence_embedding"]
-
-    graph = SentenceGraph(st_model).eval()
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "sentence_embedding": {0: "batch"}})
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # tracer warnings on shape-constant branches (always true here)
-        torch.onnx.export(graph, tuple(dummy[n] for n in names), str(folder / ONNX_FILE), dynamo=False,
-                          input_names=names, output_names=["last_hidden_state", "sentence_embedding"],
-                          dynamic_axes=axes, opset_version=ONNX_OPSET, do_constant_folding=True)
-    import onnx
-
-    # The tracer drops an input the model never reads (token_type_ids of a BERT tokenizer on DistilBERT,
-    # MPNet or T5): the graph's own inputs are what a caller must feed.
-    graph_inputs = [i.name for i in onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph.input]
-    tok.save_pretrained(str(folder))
-    inner_model(st_model).config.save_pretrained(str(folder))
-    meta = {"inputs": graph_inputs, "outputs": ["last_hidden_state", "sentence_embedding"],
-            "max_seq_length": max_seq_length, "embedding_dim": int(st_model.get_embedding_dimension()),
-            "padding_side": getattr(tok, "padding_side", "right") or "right",
-            "truncation_side": getattr(tok, "truncation_side", "right") or "right",
-            "pad_token_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),
-            "pooling": "in graph (the sentence-transformers modules after the transformer)",
-            "pooling_mode": next((m.pooling_mode for m in st_model if hasattr(m, "pooling_mode")), None),
-            "prompts": (used or prompts.Prompts()).record(),
-            "normalized_in_graph": any(type(m).__name__ == "Normalize" for m in st_model), "opset": ONNX_OPSET}
-    write_json_atomic(folder / ONNX_META, meta)
-    return meta
-
-
-def quantize_int8(folder: Path) -> None:
-    """Dynamic int8 quantisation of the MatMul weights, per output channel.
-
-    Per-channel MatMul-only quantisation keeps MiniLM embeddings at about 0.99 cosine to fp32;
-    the default per-tensor scheme over all ops measured about 0.92-0.97 on product titles.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    def hush(record: logging.LogRecord) -> bool:
-        # onnxruntime's quantiser logs generic hints per tensor straight on the root logger
-        return "onnxruntime" not in record.pathname
-
-    root = logging.getLogger()
-    root.addFilter(hush)
-    try:
-        quantize_dynamic(str(folder / ONNX_FILE), str(folder / ONNX_INT8_FILE), weight_type=QuantType.QInt8,
-                         per_channel=True, op_types_to_quantize=["MatMul"])
-    finally:
-        root.removeFilter(hush)
 
 
 # ------------------------------------------------------------------------------------------------- index

@@ -47,10 +47,16 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
 
 def base_embeddings_key(cfg: Config, texts_fp: str, max_seq_length: int) -> str:
     """Key of the base model's embedding cache (``cache/embeddings/<key>/``): base weights, the prepared
-    texts, max length, label template and prompts."""
+    texts, max length, label template, encoder backend and prompts."""
     fp = base_fingerprint(resolve_base(cfg.model.base))
-    parts = [fp, texts_fp, max_seq_length, cfg.pairs.label_template]
+    parts = [fp, texts_fp, max_seq_length, cfg.pairs.label_template, backend_key(cfg)]
     used = prompts.for_run(cfg)
     if used.any:
         parts.append(used.record())
     return f"{fp}-{texts_fp}-{max_seq_length}-{digest(parts, 8)}"
+
+
+def backend_key(cfg: Config) -> str:
+    """What of ``embed`` can change the vectors: a backend change must not be served stale embeddings."""
+    e = cfg.embed
+    return f"|backend={e.backend}|gate={e.gate_min_cos}|fusion={e.onnx_fusion}"

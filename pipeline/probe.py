@@ -15,8 +15,6 @@ Writes ``reports/probes/<run>--on--<dataset>/probe.json`` and ``probe.md`` and l
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -25,8 +23,8 @@ import pandas as pd
 
 from pipeline import encoding, prompts, tracking
 from pipeline import metrics as M
-from pipeline import scoring, stages
-from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, is_up_to_date, make_manifest, read_json, read_manifest,
+from pipeline import backends, scoring, stages
+from pipeline.artifacts import (MANIFEST, Layout, atomic_dir, digest, is_up_to_date, make_manifest, read_manifest,
                                 require_manifest, write_json_atomic)
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
@@ -55,32 +53,18 @@ def _needed(prep: dict, processed: Path, pcfg: Config) -> tuple[list[str], list[
     return ["test.jsonl"], [pcfg.pairs.label_template.format(label=l) for l in labels]
 
 
-def _embed(st_model, processed: Path, files: list[str], label_texts: list[str], out: Path, cfg: Config,
-           max_len: int, device, dtype, used: prompts.Prompts) -> None:
-    """Texts in their roles as the embed stage writes them (pipeline/prompts.py)."""
-    def encode(texts, role, what):
-        return encoding.encode_texts(st_model, used.apply(texts, role), max_seq_length=max_len,
-                                     batch_size=cfg.eval.batch_size, device=device, dtype=dtype,
-                                     progress=f"probe embed {what}")
-
-    for name in files:
-        texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
-        np.save(out / f"{Path(name).stem}.npy", encode(texts, prompts.role_of_file(name), name))
-        copy = prompts.query_copy_name(name)
-        if copy and used.differ:
-            np.save(out / copy, encode(texts, "query", f"{name} as queries"))
-    if label_texts:
-        np.save(out / "labels.npy", encode(label_texts, "document", "labels"))
-
-
 def _cached_embeddings(folder: Path, key: str, pcfg: Config, make_model, processed: Path, files, label_texts,
-                       max_len: int, device, dtype, stage: str, prompts_of) -> Path:
+                       max_len: int, device, stage: str, prompts_of) -> Path:
+    """The probe corpus's files embedded as the embed stage writes them (pipeline/backends.py), cached by key."""
     if is_up_to_date(folder, key):
         return folder
     st_model = make_model()
+    used = prompts_of(st_model)
+    encoder, backend = backends.select_for_files(pcfg, st_model, processed, files, device, max_len, used)
     with atomic_dir(folder) as tmp:
-        _embed(st_model, processed, files, label_texts, tmp, pcfg, max_len, device, dtype, prompts_of(st_model))
-        write_json_atomic(tmp / MANIFEST, make_manifest(stage, pcfg, fingerprint=key, inputs={"files": files}))
+        timing = backends.embed_files(encoder, processed, files, label_texts, tmp, used, stage)
+        write_json_atomic(tmp / MANIFEST, make_manifest(stage, pcfg, fingerprint=key, inputs={"files": files},
+                                                        extra={"timing": timing, "backend": backend}))
     return folder
 
 
@@ -129,8 +113,8 @@ def score(prep: dict, processed: Path, pcfg: Config, adapted_dir: Path, base_dir
 def run(cfg: Config) -> Path:
     import torch
 
-    from pipeline.identity import base_embeddings_key
-    from pipeline.model import load_base, merge_checked, load_trained, pick_device, pick_dtype, read_model_info
+    from pipeline.identity import backend_key, base_embeddings_key
+    from pipeline.model import load_base, load_trained, merge_checked, pick_device, read_model_info
 
     layout = Layout(cfg)
     model_dir = layout.model_dir()
@@ -142,22 +126,21 @@ def run(cfg: Config) -> Path:
     processed = stages.prepare(pcfg)
     prep = read_manifest(processed)
     files, label_texts = _needed(prep, processed, pcfg)
-    label_names = read_json(processed / "labels.json") if label_texts else []
+    label_names = load_labels(processed) if label_texts else []
     max_len = info.get("max_seq_length") or cfg.train.max_seq_length
     torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
     device = pick_device(cfg.train.device)
-    dtype = pick_dtype(cfg.train.precision, device)
 
     # The base model's embeddings: reuse the probe dataset's own eval cache when it holds them.
     key = base_embeddings_key(pcfg, prep.get("texts_fingerprint", prep["fingerprint"]), max_len)
     base_dir = player.base_embeddings(key)
     if not (is_up_to_date(base_dir, key) and all((base_dir / f"{Path(f).stem}.npy").exists() for f in files)
             and (not label_texts or (base_dir / "labels.npy").exists())):
-        fkey = hashlib.sha256(json.dumps([key, files, label_texts]).encode()).hexdigest()[:16]
+        fkey = digest([key, files, label_texts])
         base_dir = _cached_embeddings(
             Path(cfg.paths.cache) / "probe-embeddings" / f"{key}-{fkey}", fkey, pcfg,
             lambda: load_base(cfg.model, device=device, max_seq_length=max_len),
-            processed, files, label_texts, max_len, device, dtype, "probe-embed-base",
+            processed, files, label_texts, max_len, device, "probe-embed-base",
             lambda st: prompts.for_run(cfg, st))
 
     def trained():
@@ -170,10 +153,9 @@ def run(cfg: Config) -> Path:
     if info["method"] == "base":
         adapted_dir = base_dir
     else:
-        akey = hashlib.sha256(json.dumps([train_manifest["fingerprint"], prep["fingerprint"], files,
-                                          label_texts]).encode()).hexdigest()[:16]
+        akey = digest([train_manifest["fingerprint"], prep["fingerprint"], files, label_texts, backend_key(cfg)])
         adapted_dir = _cached_embeddings(layout.run() / f"probe-{pcfg.data.name}", akey, pcfg, trained, processed,
-                                         files, label_texts, max_len, device, dtype, "probe-embed",
+                                         files, label_texts, max_len, device, "probe-embed",
                                          lambda st: prompts.of_record(info.get("prompts")))
 
     result = score(prep, processed, pcfg, adapted_dir, base_dir, label_names)

@@ -312,17 +312,20 @@ def bench_profile(cfg: Config, work: Path, pairs_file: Path, device: str) -> lis
 
 
 def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device: str) -> list[dict]:
+    """The encoder form the embed stage selects (``embed.backend``, pipeline/backends.py) against
+    ``SentenceTransformer.encode`` fp32, both at ``bench.encode_batch_size`` rows on the same texts; each
+    project row carries the speed ratio and the per-row cosine to the reference."""
     b = cfg.bench
+    batch = b.encode_batch_size
     common = {"task": "encode", "texts_file": str(texts_file), "repeats": b.repeats, "device": device}
     if device == "cuda":
-        plan = [("project bf16", "project", "bf16", cfg.eval.batch_size),
-                ("reference fp32", "reference", "fp32", b.reference_encode_batch_size)]
+        plan = [("project bf16", "project", "bf16", batch), ("reference fp32", "reference", "fp32", batch)]
     else:
-        plan = [(f"project {p}", "project", p, cfg.eval.batch_size) for p in b.project_precisions]
+        plan = [(f"project {p}", "project", p, batch) for p in b.project_precisions]
         if b.lever_ablation:
             p = b.project_precisions[0]
-            plan.append((f"project {p} levers off", "project", p, cfg.eval.batch_size))
-        plan.append(("reference fp32", "reference", "fp32", b.reference_encode_batch_size))
+            plan.append((f"project {p} levers off", "project", p, batch))
+        plan.append(("reference fp32", "reference", "fp32", batch))
     rows, embeddings = [], {}
     for name, path, precision, batch in plan:
         spec = {**common, "path": path, "precision": precision, "batch_size": batch,
@@ -331,6 +334,9 @@ def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device:
         log.info("bench: encoding, %s ...", name)
         result = run_worker(spec, work / f"{device}-encode-{name.replace(' ', '-')}")
         row = summarise(name, result, "texts", peaks, {"path": path, "batch_size": batch})
+        if result.get("backend"):
+            row["backend"] = result["backend"]["name"]
+            row["backend_record"] = result["backend"]
         log.info("bench:   %.1f texts/s, peak RSS %.0f MB", row["texts_per_s"], row["peak_rss_mb"])
         embeddings[name] = np.load(result["embeddings"])
         rows.append(row)
@@ -339,6 +345,8 @@ def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device:
         if ref and row["path"] == "project":
             cos = np.sum(embeddings[row["name"]] * embeddings[ref], axis=1)
             row["cosine_to_reference"] = {"mean": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6)}
+            row["speed_ratio_to_reference"] = round(row["texts_per_s"] / next(
+                r["texts_per_s"] for r in rows if r["name"] == ref), 2)
     return rows
 
 
@@ -677,13 +685,14 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("encode"):
         lines += ["## Encoding", "", f"{report['data']['encode_texts']} test-split texts.", "",
-                  "| path | batch | texts/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | peak RSS MB | "
-                  "cos to reference |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| path | backend | batch | texts/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | "
+                  "peak RSS MB | cos to reference |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["encode"]:
             runs = "/".join(f"{x:.0f}" for x in r["texts_per_s_runs"])
             cos = r.get("cosine_to_reference")
             cos_s = f"{cos['mean']:.5f} (min {cos['min']:.4f})" if cos else "-"
-            lines.append(f"| {r['name']} | {r['batch_size']} | {r['texts_per_s']:.1f} ({runs}) | "
+            lines.append(f"| {r['name']} | {r.get('backend', 'SentenceTransformer.encode')} | {r['batch_size']} | "
+                         f"{r['texts_per_s']:.1f} ({runs}) | "
                          f"{r['real_tokens_per_s']:,.0f} | {100 * r['padding_share']:.0f}% | {r['useful_gflops']:.3g} | "
                          f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None)} | "
                          f"{r['peak_rss_mb']:,.0f} | {cos_s} |")

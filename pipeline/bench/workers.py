@@ -82,7 +82,11 @@ class TokenCounter:
         self.handle = st_model[0].register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
-        mask = args[0]["attention_mask"]
+        self.count(args[0]["attention_mask"])
+
+    def count(self, mask) -> None:
+        """Count one batch's attention mask (rows, width): a tensor, or an array from an onnxruntime feed."""
+        mask = torch.as_tensor(mask)
         self._pending.append(mask.detach().sum(1))
         rows, width = mask.shape
         self.padded += rows * width
@@ -313,26 +317,35 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
 
 
 def task_encode(spec: dict, out_dir: Path) -> dict:
-    """Embed the same texts ``repeats`` times with one path; saves the last embeddings for an agreement check."""
-    from pipeline import encoding
+    """Embed the same texts ``repeats`` times with one path; saves the last embeddings for an agreement check.
+
+    The project path is the encoder form the embed stage would choose (pipeline/backends.py, ``embed.backend``),
+    gated and timed on the first ``embed.probe_texts`` texts; the reference is ``SentenceTransformer.encode``.
+    """
+    from pipeline import backends, encoding
 
     cfg = _config(spec)
     if not spec.get("levers", True):
         encoding.CPU_TOKEN_BUDGET = None  # the ablation: fixed-size batches, as before the lever
+        cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"onnx_token_budget": None})})
     device, dtype = _setup_torch(cfg, spec["device"], spec["precision"])
     texts = json.loads(Path(spec["texts_file"]).read_text(encoding="utf-8"))
     st_model = _load(cfg, device)
     st_model.eval()
     batch_size = spec["batch_size"]
+    encoder = backend = None
     if spec["path"] == "project":
-        def embed(items):
-            return encoding.encode_texts(st_model, items, max_seq_length=cfg.train.max_seq_length,
-                                         batch_size=batch_size, device=device, dtype=dtype)
+        encoder, backend = backends.select(cfg, st_model, texts, device=device, max_seq_length=cfg.train.max_seq_length,
+                                           batch_size=batch_size)
+        embed = encoder.encode
+        dtype = torch.bfloat16 if "bf16" in encoder.name else None
     else:
         def embed(items):
             return st_model.encode(items, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     embed(texts[:batch_size])  # warm-up: first-call allocations and kernel selection
-    counter = TokenCounter(st_model)
+    counter = TokenCounter(getattr(encoder, "model", st_model))  # a torch form's own model (a bf16 copy, say)
+    if isinstance(encoder, backends.OnnxBackend):  # onnxruntime: no torch forward to hook
+        encoder.observer = counter.count
     shape = encoder_shape(st_model)
     stamps = [{"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()}]
     emb = None
@@ -344,7 +357,8 @@ def task_encode(spec: dict, out_dir: Path) -> dict:
     windows = window_stats(stamps, 0, 1, spec["repeats"], shape, None, "texts")
     return {"windows": windows, "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
             "embeddings": str(out_dir / "embeddings.npy"), "shape": shape, "device": device.type,
-            "precision": "bf16" if dtype is not None else "fp32", "threads": torch.get_num_threads()}
+            "precision": "bf16" if dtype is not None else "fp32", "threads": torch.get_num_threads(),
+            "backend": backend}
 
 
 def task_parity(spec: dict, out_dir: Path) -> dict:
