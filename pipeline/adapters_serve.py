@@ -118,7 +118,7 @@ class AdapterSet:
 
     def add(self, export_dir: Path, name: str | None = None) -> Adapter:
         """An exported adapter (``export_dir/adapter``) with the export's index, gate and eval metrics."""
-        from pipeline.export import SearchIndex
+        from pipeline.exported import SearchIndex
 
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir) or {}

@@ -3,7 +3,7 @@
 MLflow's sentence_transformers flavor saves whatever ``save()`` writes and knows nothing of adapters, so the
 adapter is logged as a pyfunc model ("models from code", ``pipeline/mlflow_adapter_model.py``: nothing is
 pickled). Its only artifact is the export's ``adapter/`` folder, whose ``base_model.json`` names the base
-and its weights hash; loading puts the adapter back on that base through ``pipeline.export.load_adapter_form``,
+and its weights hash; loading puts the adapter back on that base through ``pipeline.exported.load_adapter_form``,
 which refuses a base whose weights differ. Loading needs this project's package importable.
 
     model = mlflow.pyfunc.load_model(uri)      # ArtifactError if the base weights changed
@@ -31,7 +31,7 @@ class AdapterEncoder(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from pipeline.artifacts import read_json
-        from pipeline.export import load_adapter_form
+        from pipeline.exported import load_adapter_form
 
         folder = Path(context.artifacts[ARTIFACT])
         self.meta = read_json(folder / "base_model.json")

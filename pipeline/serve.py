@@ -48,7 +48,7 @@ def create_app(export_dir: Path, form: str = "onnx"):
     """A FastAPI app over ``export_dir``; loads the encoder and index once, at creation."""
     from fastapi import FastAPI, HTTPException, Query
 
-    from pipeline.export import SearchIndex, load_form
+    from pipeline.exported import SearchIndex, load_form
 
     export_dir = Path(export_dir)
     form = pick_form(export_dir, form)

@@ -48,7 +48,7 @@ class ExportedIndex:
     """The vectors and records of an export's ``index/`` folder, plus what identifies the export."""
 
     def __init__(self, export_dir: Path):
-        from pipeline.export import SearchIndex
+        from pipeline.exported import SearchIndex
 
         self.export_dir = Path(export_dir)
         manifest = require_manifest(self.export_dir, "export", "run `make export` first")
@@ -94,7 +94,7 @@ def index_vectors(index) -> np.ndarray:
 
 def sample_query_rows(data: ExportedIndex, cfg: Config) -> list[int]:
     """Rows of the export's neighbour queries (the gate's seeded corpus sample), as index rows."""
-    from pipeline.export import EDGE_TEXTS, fixed_sample
+    from pipeline.exported import EDGE_TEXTS, fixed_sample
 
     texts = [r["text"] for r in data.records]
     sample = fixed_sample(texts, cfg.export.sample_texts, cfg.seed)

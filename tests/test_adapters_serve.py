@@ -53,7 +53,7 @@ def test_served_adapters_equal_their_merged_exports_under_interleaved_requests(t
     import httpx
 
     from pipeline.adapters_serve import create_app
-    from pipeline.export import load_form
+    from pipeline.exported import load_form
 
     out_a, out_b = two_exports
     texts = _texts_b()[:12] + ["samsung tv", "a", "Ünïcödé café – 4K"]
@@ -109,7 +109,7 @@ def test_adapters_are_listed_added_at_run_time_and_a_foreign_base_is_refused(two
     from fastapi.testclient import TestClient
 
     from pipeline.adapters_serve import create_app
-    from pipeline.export import load_form
+    from pipeline.exported import load_form
 
     out_a, out_b = two_exports
     foreign = Path("exports") / "foreign"

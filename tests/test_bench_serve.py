@@ -23,7 +23,7 @@ def test_random_adapters_equal_their_merged_twins_and_the_load_generator_counts_
     from sentence_transformers import SentenceTransformer
 
     from pipeline.adapters_serve import AdapterSet, build_app
-    from pipeline.export import row_cosines
+    from pipeline.backends import row_cosines
 
     cfg = load_config(project, [])
     adapters, merged, meta = make_models(cfg, tmp_path, 3)

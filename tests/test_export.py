@@ -113,7 +113,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     assert mlflow.get_run(train_run).data.tags["exported"] == "true"
     loaded = mlflow.sentence_transformers.load_model(m["mlflow"]["model_uri"])
-    from pipeline.export import load_form
+    from pipeline.exported import load_form
 
     sample = _texts()[:5]
     a = loaded.encode(sample, normalize_embeddings=True)
@@ -249,7 +249,7 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache,
     test = _texts()
     assert m["index"]["n"] == len(test)
 
-    from pipeline.export import SearchIndex, load_form
+    from pipeline.exported import SearchIndex, load_form
 
     index = SearchIndex(out / "index")
     hits = index.search(load_form(out, "merged").encode(test[:5]), k=3)
@@ -264,7 +264,7 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache,
     assert printed["merged"]["ids"] == printed["adapter"]["ids"] and len(printed["merged"]["ids"][0]) == 2
 
     from pipeline.config import ExportConfig
-    from pipeline.export import build_index
+    from pipeline.exported import build_index
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 16)).astype(np.float32)

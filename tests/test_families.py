@@ -237,7 +237,7 @@ def test_a_model_that_ships_prompts_is_trained_evaluated_exported_and_served_wit
     from fastapi.testclient import TestClient
 
     from pipeline import prompts
-    from pipeline.export import load_form
+    from pipeline.exported import load_form
     from pipeline.serve import create_app
     from pipeline.train import PairTensors
 
@@ -272,7 +272,7 @@ def test_a_model_that_ships_prompts_is_trained_evaluated_exported_and_served_wit
     np.testing.assert_allclose(np.asarray(got["embeddings"]), plain["document"], atol=2e-4)
     hits = client.get("/search", params={"q": texts[0], "k": 3}).json()["results"]
     index = load_form(Path("exports/fam"), "onnx")
-    from pipeline.export import SearchIndex
+    from pipeline.exported import SearchIndex
 
     expected = SearchIndex(Path("exports/fam/index")).search(index.encode([texts[0]], "query"), 3)[0]
     assert [h["row"] for h in hits] == [h["row"] for h in expected]

@@ -31,7 +31,8 @@ def test_adapter_is_an_mlflow_model_that_loads_onto_its_checked_base(project, tr
 
     model = mlflow.pyfunc.load_model(adapter["model_uri"])
     texts = _texts()[:6]
-    from pipeline.export import load_form, row_cosines
+    from pipeline.backends import row_cosines
+    from pipeline.exported import load_form
 
     vectors = model.predict(texts)
     assert vectors.shape == (6, 32) and row_cosines(vectors, load_form(out, "merged").encode(texts)).min() >= 0.9999
@@ -40,9 +41,9 @@ def test_adapter_is_an_mlflow_model_that_loads_onto_its_checked_base(project, tr
         (out / "adapter" / "base_model.json").read_text())["base_fingerprint"]
 
     # the same model on a base whose weights changed since: refused, naming both fingerprints
-    from pipeline import export
+    from pipeline import exported
     from pipeline.errors import ArtifactError
 
-    monkeypatch.setattr(export, "base_fingerprint", lambda resolved: "feedfacefeedface")
+    monkeypatch.setattr(exported, "base_fingerprint", lambda resolved: "feedfacefeedface")
     with pytest.raises(ArtifactError, match="feedfacefeedface"):
         mlflow.pyfunc.load_model(f"models:/tiny-adapter/{adapter['registered_version']}")

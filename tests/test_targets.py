@@ -20,7 +20,7 @@ def _queries() -> list[str]:
 
 
 def _faiss_top(out: Path, vectors: np.ndarray, k: int) -> tuple[list[set[str]], np.ndarray]:
-    from pipeline.export import SearchIndex
+    from pipeline.exported import SearchIndex
 
     index = SearchIndex(out / "index")
     scores, rows = index.search_ids(vectors, k)
@@ -46,7 +46,7 @@ def test_qdrant_and_lancedb_loads_agree_with_faiss_and_carry_the_payload(loaded)
 
     import lancedb
 
-    from pipeline.export import load_form
+    from pipeline.exported import load_form
 
     _, out = loaded
     n = sum(1 for _ in open(out / "index" / "records.jsonl"))
@@ -83,7 +83,7 @@ def test_qdrant_and_lancedb_loads_agree_with_faiss_and_carry_the_payload(loaded)
 
 
 def test_opensearch_and_elasticsearch_bulk_files_hold_every_vector_once_with_a_cosine_mapping(loaded):
-    from pipeline.export import SearchIndex
+    from pipeline.exported import SearchIndex
     from pipeline.targets import read_bulk
 
     _, out = loaded
@@ -148,7 +148,7 @@ def test_a_collection_of_another_dimension_is_refused_with_a_clear_message(loade
 @pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
 def test_vectors_are_read_back_from_every_index_type(index_type):
     from pipeline.config import ExportConfig
-    from pipeline.export import build_index
+    from pipeline.exported import build_index
     from pipeline.targets import index_vectors
 
     rng = np.random.default_rng(0)
