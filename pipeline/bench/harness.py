@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.artifacts import PROJECT_ROOT, Layout, git_commit, library_versions, require_manifest, write_json_atomic
+from pipeline.artifacts import (PROJECT_ROOT, Layout, git_commit, library_versions, require_manifest, write_json_atomic,
+                                write_text_atomic)
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -412,13 +413,46 @@ def _parity_blocks(per_query: dict[str, list[np.ndarray]], preds: dict[str, list
     return scores, comparison
 
 
+def _parity_seed(cfg: Config, seed: int, with_base: bool, work: Path, pairs_file: Path, texts_file: Path,
+                 splits: dict, label_names: list[str], per_query: dict, preds: dict) -> dict:
+    """Both training paths for one seed, each in a worker; their (and, once, the base's) test scores are
+    appended to ``per_query`` (recall@1 per query) and ``preds`` (the chosen head's predictions)."""
+    from pipeline import eval as evaluate
+    from pipeline import metrics as M
+
+    b, test = cfg.bench, splits["test"]
+    labelled, grouped = evaluate.has_labels(test), evaluate.has_groups(test)
+    seed_cfg = cfg.model_copy(update={"seed": seed})
+    run: dict[str, Any] = {"seed": seed, "training": {}}
+    for path in ("project", "reference"):
+        precision = cfg.train.precision if path == "project" else "fp32"
+        spec = {"task": "parity", "path": path, "pairs_file": str(pairs_file), "eval_texts_file": str(texts_file),
+                "epochs": b.parity_epochs, "precision": precision, "device": "cpu",
+                "with_base": path == "project" and with_base,
+                "config": _task_config(seed_cfg, method="lora", precision=precision, device="cpu")}
+        log.info("bench: quality parity, seed %d, training the %s path ...", seed, path)
+        result = run_worker(spec, work / f"parity-{path}-s{seed}")
+        run["training"][path] = {k: result[k] for k in ("train_seconds", "steps", "pairs", "pairs_per_s",
+                                                        "final_loss", "trainable_params", "peak_rss_mb")}
+        run["training"][path]["precision"] = precision
+        sets = {path: result["embeddings"], **({"base": result["base_embeddings"]}
+                                               if "base_embeddings" in result else {})}
+        for who, files in sets.items():
+            emb = {s: np.load(f) for s, f in files.items()}
+            if grouped:
+                pq = M.group_retrieval(emb["test"], test["group"].to_numpy(), k=cfg.eval.retrieval_k)
+                per_query.setdefault(who, []).append(pq["recall@1"])
+            if labelled:
+                _, _, details = evaluate.classification_block(emb, splits, None, cfg, label_names)
+                preds.setdefault(who, []).append(details["y_pred"])
+    return run
+
+
 def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     """Train both paths on the same pairs, once per seed of ``bench.parity_seeds``; score every run with
     the project's metric code and judge parity on the seed-mean difference."""
     from pipeline import eval as evaluate
-    from pipeline import metrics as M
-    from pipeline.artifacts import read_json
-    from pipeline.prepared import load_pairs, load_split
+    from pipeline.prepared import load_labels, load_pairs, load_split
 
     b = cfg.bench
     seeds = list(b.parity_seeds)
@@ -434,10 +468,9 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     splits = {s: df.reset_index(drop=True) for s, df in splits.items()}
     texts_file = work / "parity-texts.json"
     texts_file.write_text(json.dumps({s: df["text"].tolist() for s, df in splits.items()}), encoding="utf-8")
-    label_path = layout.processed / "labels.json"
-    label_names = read_json(label_path) if label_path.exists() else []
+    label_names = load_labels(layout.processed)
     test = splits["test"]
-    labelled, grouped = evaluate.has_labels(test), evaluate.has_groups(test)
+    labelled = evaluate.has_labels(test)
     n_boot = cfg.eval.bootstrap
     if n_boot <= 0:
         raise BenchError("the parity part needs bootstrap intervals: set eval.bootstrap to a positive count "
@@ -447,30 +480,8 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     preds: dict[str, list[np.ndarray]] = {}
     runs: list[dict] = []
     for seed in seeds:
-        seed_cfg = cfg.model_copy(update={"seed": seed})
-        run: dict[str, Any] = {"seed": seed, "training": {}}
-        for path in ("project", "reference"):
-            precision = cfg.train.precision if path == "project" else "fp32"
-            spec = {"task": "parity", "path": path, "pairs_file": str(pairs_file), "eval_texts_file": str(texts_file),
-                    "epochs": b.parity_epochs, "precision": precision, "device": "cpu",
-                    "with_base": path == "project" and seed == seeds[0],
-                    "config": _task_config(seed_cfg, method="lora", precision=precision, device="cpu")}
-            log.info("bench: quality parity, seed %d, training the %s path on %d pairs ...", seed, path, len(pairs))
-            result = run_worker(spec, work / f"parity-{path}-s{seed}")
-            run["training"][path] = {k: result[k] for k in ("train_seconds", "steps", "pairs", "pairs_per_s",
-                                                            "final_loss", "trainable_params", "peak_rss_mb")}
-            run["training"][path]["precision"] = precision
-            sets = {path: result["embeddings"]}
-            if "base_embeddings" in result:
-                sets["base"] = result["base_embeddings"]
-            for who, files in sets.items():
-                emb = {s: np.load(f) for s, f in files.items()}
-                if grouped:
-                    pq = M.group_retrieval(emb["test"], test["group"].to_numpy(), k=cfg.eval.retrieval_k)
-                    per_query.setdefault(who, []).append(pq["recall@1"])
-                if labelled:
-                    _, _, details = evaluate.classification_block(emb, splits, None, cfg, label_names)
-                    preds.setdefault(who, []).append(details["y_pred"])
+        run = _parity_seed(cfg, seed, seed == seeds[0], work, pairs_file, texts_file, splits, label_names,
+                           per_query, preds)
         k = len(runs)
         run["scores"], run["comparison"] = _parity_blocks(
             {w: [per_query[w][k]] for w in ("project", "reference") if w in per_query},
@@ -649,6 +660,7 @@ def _fmt(v, digits=1) -> str:
 
 
 def markdown(report: dict) -> str:
+    """The bench report (reports/bench/<date>.md): one section per part that ran."""
     lines = [f"# Benchmark {report['date']}", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['cpu_count']} CPUs "
              f"(bf16: {report['machine']['cpu_bf16']}); torch {report['versions'].get('torch')}, "
@@ -659,6 +671,14 @@ def markdown(report: dict) -> str:
         lines += [f"Matmul peak measured in this run ({pk['matrix_size']}^3): fp32 {pk['fp32_gflops']} GFLOP/s, "
                   f"bf16 {pk['bf16_gflops']} GFLOP/s; encoder-shaped {pk['ffn_shape']}: fp32 {pk['ffn_fp32_gflops']}, "
                   f"bf16 {pk['ffn_bf16_gflops']}.", ""]
+    for section in (_md_train, _md_encode, _md_memory, _md_parity, _md_faiss, _md_gpu):
+        lines += section(report)
+    lines += ["FLOP model: " + report["flop_model"]["description"], ""]
+    return "\n".join(lines)
+
+
+def _md_train(report: dict) -> list[str]:
+    lines: list[str] = []
     if report.get("train"):
         t = report["train"]
         lines += ["## Training", "",
@@ -683,6 +703,11 @@ def markdown(report: dict) -> str:
         lines += [f"| `{r['op']}` | {r['self_ms_per_step']:,.1f} | {100 * r['share']:.1f}% | {r['calls_per_step']:g} |"
                   for r in prof["top"]]
         lines.append("")
+    return lines
+
+
+def _md_encode(report: dict) -> list[str]:
+    lines: list[str] = []
     if report.get("encode"):
         lines += ["## Encoding", "", f"{report['data']['encode_texts']} test-split texts.", "",
                   "| path | backend | batch | texts/s (runs) | real tok/s | padding | useful GFLOP/s | % of peak | "
@@ -703,6 +728,11 @@ def markdown(report: dict) -> str:
         lines += ["Encode cost of 1M texts at the measured rate: " + "; ".join(
             f"{c['name']} {c['hours_per_1m']} h" for c in report["encode_cost_per_1m"]) +
             f" (about {report['encode_cost_per_1m'][0]['real_tokens_per_text']} real tokens per text).", ""]
+    return lines
+
+
+def _md_memory(report: dict) -> list[str]:
+    lines: list[str] = []
     mem_rows = [r for r in report.get("train", []) if r["path"] == "project" and "rss_before_train_mb" in r
                 and not r["name"].endswith(" levers off")] + report.get("memory", [])
     if report.get("memory"):
@@ -718,58 +748,74 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r.get('train_state_mb'))} | {_fmt(r.get('rss_before_train_mb'))} | "
                          f"{r['peak_rss_mb']:,.0f} | {_fmt(r.get('train_added_rss_mb'))} |")
         lines.append("")
+    return lines
+
+
+def _md_parity(report: dict) -> list[str]:
     par = report.get("parity")
-    if par:
-        seeds = par.get("seeds", [])
-        lines += ["## Quality parity", "",
-                  f"LoRA on the same {par['pairs']} pairs, {par['epochs']} epoch(s), trained once per seed "
-                  f"({', '.join(map(str, seeds))}); test split of {par['test_texts']} texts, classifier fitted on "
-                  f"{par['classifier_train_texts']} train texts. Scores are means over the seeds; their 95% CIs "
-                  f"resample seeds and test items ({par['bootstrap']} resamples).", "",
-                  "| model | recall@1 | macro-F1 | train pairs/s |", "|---|---|---|---|"]
-        for who in ("project", "reference", "base"):
-            s = par["scores"].get(who)
-            if not s:
-                continue
-            lines.append(f"| {who} | {_value_ci(s, 'recall@1')} | {_value_ci(s, 'macro_f1')} | "
-                         f"{_fmt(par['training'].get(who, {}).get('pairs_per_s'))} |")
-        if len(par.get("runs", [])) > 1:
-            lines += ["", "| seed | project recall@1 | reference recall@1 | recall@1 difference | macro-F1 difference |",
-                      "|---|---|---|---|---|"]
-            for run in par["runs"]:
-                sc, c = run["scores"], run["comparison"]
-                lines.append(f"| {run['seed']} | {sc.get('project', {}).get('recall@1', '-')} | "
-                             f"{sc.get('reference', {}).get('recall@1', '-')} | {_diff_ci(c, 'recall@1')} | "
-                             f"{_diff_ci(c, 'macro_f1')} |")
-        c = par["comparison"]
-        diffs = [f"{m} {_diff_ci(c, m)}" for m in ("recall@1", "macro_f1") if f"{m}_diff" in c]
-        lines += ["", f"Project - reference, mean over {len(seeds) or 1} seed(s): {'; '.join(diffs)}. "
-                      f"**Parity: {'yes' if par['parity'] else 'NO'}** ({par['rule']}).", ""]
+    if not par:
+        return []
+    lines: list[str] = []
+    seeds = par.get("seeds", [])
+    lines += ["## Quality parity", "",
+              f"LoRA on the same {par['pairs']} pairs, {par['epochs']} epoch(s), trained once per seed "
+              f"({', '.join(map(str, seeds))}); test split of {par['test_texts']} texts, classifier fitted on "
+              f"{par['classifier_train_texts']} train texts. Scores are means over the seeds; their 95% CIs "
+              f"resample seeds and test items ({par['bootstrap']} resamples).", "",
+              "| model | recall@1 | macro-F1 | train pairs/s |", "|---|---|---|---|"]
+    for who in ("project", "reference", "base"):
+        s = par["scores"].get(who)
+        if not s:
+            continue
+        lines.append(f"| {who} | {_value_ci(s, 'recall@1')} | {_value_ci(s, 'macro_f1')} | "
+                     f"{_fmt(par['training'].get(who, {}).get('pairs_per_s'))} |")
+    if len(par.get("runs", [])) > 1:
+        lines += ["", "| seed | project recall@1 | reference recall@1 | recall@1 difference | macro-F1 difference |",
+                  "|---|---|---|---|---|"]
+        for run in par["runs"]:
+            sc, c = run["scores"], run["comparison"]
+            lines.append(f"| {run['seed']} | {sc.get('project', {}).get('recall@1', '-')} | "
+                         f"{sc.get('reference', {}).get('recall@1', '-')} | {_diff_ci(c, 'recall@1')} | "
+                         f"{_diff_ci(c, 'macro_f1')} |")
+    c = par["comparison"]
+    diffs = [f"{m} {_diff_ci(c, m)}" for m in ("recall@1", "macro_f1") if f"{m}_diff" in c]
+    lines += ["", f"Project - reference, mean over {len(seeds) or 1} seed(s): {'; '.join(diffs)}. "
+                  f"**Parity: {'yes' if par['parity'] else 'NO'}** ({par['rule']}).", ""]
+    return lines
+
+
+def _md_faiss(report: dict) -> list[str]:
     fa = report.get("faiss")
-    if fa:
-        lines += [f"## FAISS ({fa.get('data', 'uniform')} synthetic unit vectors)", "",
-                  "| n | index | params | build s | ms/query (batch) | ms (single) | recall@k | memory MB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for res in fa["results"]:
-            for r in res["rows"]:
-                params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-                lines.append(f"| {res['n']:,} | {r['index']} | {params} | {r['build_s']:.2f} | "
-                             f"{r['batch_ms_per_query']:.3f} | {r['single_query_ms']:.2f} | {r['recall_at_k']:.3f} | "
-                             f"{r['memory_mb']:,.0f} |")
-            if res.get("hnsw_skipped"):
-                est = res.get("hnsw_build_s_extrapolated")
-                lines.append(f"| {res['n']:,} | hnsw | not built ({res['hnsw_skipped']}) | "
-                             + (f"~{est:,.0f} (extrapolated n log n from {res['hnsw_extrapolated_from_n']:,})"
-                                if est else "-") + " | - | - | - | - |")
-        lines += ["", f"Recommendation (recall target {fa['recall_target']}, exact search while one query takes "
-                      f"<= {fa['flat_max_ms']} ms; {fa['note']}):", ""]
-        for rec in fa["recommendation"]:
-            params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
-            lines.append(f"- {rec['n']:,} vectors: **{rec['index']}** {params} — {rec['reason']}; flat stays under "
-                         f"budget up to about {rec['flat_under_budget_up_to_n']:,} vectors.")
-        lines.append("")
+    if not fa:
+        return []
+    lines: list[str] = []
+    lines += [f"## FAISS ({fa.get('data', 'uniform')} synthetic unit vectors)", "",
+              "| n | index | params | build s | ms/query (batch) | ms (single) | recall@k | memory MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for res in fa["results"]:
+        for r in res["rows"]:
+            params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+            lines.append(f"| {res['n']:,} | {r['index']} | {params} | {r['build_s']:.2f} | "
+                         f"{r['batch_ms_per_query']:.3f} | {r['single_query_ms']:.2f} | {r['recall_at_k']:.3f} | "
+                         f"{r['memory_mb']:,.0f} |")
+        if res.get("hnsw_skipped"):
+            est = res.get("hnsw_build_s_extrapolated")
+            lines.append(f"| {res['n']:,} | hnsw | not built ({res['hnsw_skipped']}) | "
+                         + (f"~{est:,.0f} (extrapolated n log n from {res['hnsw_extrapolated_from_n']:,})"
+                            if est else "-") + " | - | - | - | - |")
+    lines += ["", f"Recommendation (recall target {fa['recall_target']}, exact search while one query takes "
+                  f"<= {fa['flat_max_ms']} ms; {fa['note']}):", ""]
+    for rec in fa["recommendation"]:
+        params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
+        lines.append(f"- {rec['n']:,} vectors: **{rec['index']}** {params} — {rec['reason']}; flat stays under "
+                     f"budget up to about {rec['flat_under_budget_up_to_n']:,} vectors.")
+    lines.append("")
+    return lines
+
+
+def _md_gpu(report: dict) -> list[str]:
     gpu = report.get("gpu", {})
-    lines += ["## GPU", ""]
+    lines = ["## GPU", ""]
     if gpu.get("skipped"):
         lines += [f"Skipped: {gpu['skipped']}.", ""]
     else:
@@ -782,8 +828,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | {rate} | {r['useful_gflops']:,.1f} | "
                          f"{_fmt(100 * r['peak_fraction'] if r['peak_fraction'] else None, 2)}% | {_fmt(r['peak_gpu_mb'])} |")
         lines.append("")
-    lines += ["FLOP model: " + report["flop_model"]["description"], ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -797,14 +842,12 @@ FLOP_MODEL = ("forward = 2 x (encoder-layer matmul weights) x real tokens + 4 x 
 
 
 def run(cfg: Config) -> Path:
-    import torch
-
+    """Every part of ``bench.parts`` in its own worker process; writes reports/bench/<date>.json and .md."""
     from pipeline.prepared import load_pairs, load_split
 
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
     b = cfg.bench
-    threads = cfg.train.num_threads or os.cpu_count() or 1
     out_dir = Path(cfg.paths.reports) / "bench"
     cache = Path(cfg.paths.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -828,54 +871,67 @@ def run(cfg: Config) -> Path:
         texts_file = work / "encode-texts.json"
         texts_file.write_text(json.dumps(texts), encoding="utf-8")
         report["data"] = {"train_pairs": len(pairs), "encode_texts": len(texts)}
-
-        log.info("bench: measuring matmul peaks on the CPU ...")
-        report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", threads)}
-        if "train" in b.parts:
-            report["train"], shape = bench_train(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
-            report["flop_model"]["shape"] = shape
-        if "profile" in b.parts:
-            report["profile"] = bench_profile(cfg, work, pairs_file, "cpu")
-        if "encode" in b.parts:
-            report["encode"] = bench_encode(cfg, work, texts_file, report["peaks"]["cpu"], "cpu")
-            report["encode_cost_per_1m"] = encode_cost(report["encode"])
-        report["ratios"] = ratios(report.get("train", []), report.get("encode", []))
-        if "memory" in b.parts and b.memory_shapes:
-            report["memory"] = bench_memory(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
-        report["ratios"].update(memory_ratios(report.get("memory", [])))
-        if "parity" in b.parts and b.parity_pairs > 0:
-            report["parity"] = bench_parity(cfg, work, layout)
-        if "faiss" in b.parts and b.faiss_sizes:
-            report["faiss"] = bench_faiss(cfg, work)
-        if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench/serve.py)
-            import pipeline.bench.serve as bench_serve
-
-            report["serve"] = bench_serve.run(cfg, work, texts)
-        if "gpu" not in b.parts:
-            report["gpu"] = {"skipped": "bench.parts does not include gpu"}
-        elif not torch.cuda.is_available():
-            report["gpu"] = {"skipped": "no CUDA device visible (torch.cuda.is_available() is False)"}
-        else:
-            log.info("bench: CUDA found, measuring the GPU ...")
-            peaks = measure_peaks(b.gpu_matmul_size, "cuda", threads)
-            gpu = {"peaks": peaks}
-            gpu["train"], _ = bench_train(cfg, work, pairs_file, peaks, "cuda")
-            gpu["encode"] = bench_encode(cfg, work, texts_file, peaks, "cuda")
-            gpu["encode_cost_per_1m"] = encode_cost(gpu["encode"])
-            gpu["ratios"] = ratios(gpu["train"], gpu["encode"])
-            report["gpu"] = gpu
+        _cpu_parts(cfg, report, work, pairs_file, texts_file, layout, texts)
+        report["gpu"] = _gpu_part(cfg, work, pairs_file, texts_file)
         report["seconds"] = round(time.perf_counter() - started, 1)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / f"{date}.json", report)
-        md = out_dir / f"{date}.md"
-        tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-        from pipeline.bench.serve import markdown as serve_markdown
-
-        tmp.write_text(markdown(report) + serve_markdown(report.get("serve")), encoding="utf-8")
-        os.replace(tmp, md)
+        _write_report(out_dir, date, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("bench: wrote %s and %s (%.0fs)", out_dir / f"{date}.json", out_dir / f"{date}.md", report["seconds"])
     for k, v in report["ratios"].items():
         log.info("bench:   %s = %.2fx", k, v)
     return out_dir / f"{date}.json"
+
+
+def _cpu_parts(cfg: Config, report: dict, work: Path, pairs_file: Path, texts_file: Path, layout: Layout,
+               texts: list[str]) -> None:
+    """The parts measured on the CPU, each into ``report`` under its name."""
+    b = cfg.bench
+    log.info("bench: measuring matmul peaks on the CPU ...")
+    report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", cfg.train.num_threads or os.cpu_count() or 1)}
+    if "train" in b.parts:
+        report["train"], shape = bench_train(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
+        report["flop_model"]["shape"] = shape
+    if "profile" in b.parts:
+        report["profile"] = bench_profile(cfg, work, pairs_file, "cpu")
+    if "encode" in b.parts:
+        report["encode"] = bench_encode(cfg, work, texts_file, report["peaks"]["cpu"], "cpu")
+        report["encode_cost_per_1m"] = encode_cost(report["encode"])
+    report["ratios"] = ratios(report.get("train", []), report.get("encode", []))
+    if "memory" in b.parts and b.memory_shapes:
+        report["memory"] = bench_memory(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
+    report["ratios"].update(memory_ratios(report.get("memory", [])))
+    if "parity" in b.parts and b.parity_pairs > 0:
+        report["parity"] = bench_parity(cfg, work, layout)
+    if "faiss" in b.parts and b.faiss_sizes:
+        report["faiss"] = bench_faiss(cfg, work)
+    if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench/serve.py)
+        import pipeline.bench.serve as bench_serve
+
+        report["serve"] = bench_serve.run(cfg, work, texts)
+
+
+def _gpu_part(cfg: Config, work: Path, pairs_file: Path, texts_file: Path) -> dict:
+    """Training and encoding on the GPU, where there is one; else why not."""
+    import torch
+
+    b = cfg.bench
+    if "gpu" not in b.parts:
+        return {"skipped": "bench.parts does not include gpu"}
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device visible (torch.cuda.is_available() is False)"}
+    log.info("bench: CUDA found, measuring the GPU ...")
+    peaks = measure_peaks(b.gpu_matmul_size, "cuda", cfg.train.num_threads or os.cpu_count() or 1)
+    gpu = {"peaks": peaks}
+    gpu["train"], _ = bench_train(cfg, work, pairs_file, peaks, "cuda")
+    gpu["encode"] = bench_encode(cfg, work, texts_file, peaks, "cuda")
+    gpu["encode_cost_per_1m"] = encode_cost(gpu["encode"])
+    gpu["ratios"] = ratios(gpu["train"], gpu["encode"])
+    return gpu
+
+
+def _write_report(out_dir: Path, date: str, report: dict) -> None:
+    from pipeline.bench.serve import markdown as serve_markdown
+
+    write_json_atomic(out_dir / f"{date}.json", report)
+    write_text_atomic(out_dir / f"{date}.md", markdown(report) + serve_markdown(report.get("serve")))
