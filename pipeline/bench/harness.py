@@ -755,14 +755,13 @@ def _md_parity(report: dict) -> list[str]:
     par = report.get("parity")
     if not par:
         return []
-    lines: list[str] = []
     seeds = par.get("seeds", [])
-    lines += ["## Quality parity", "",
-              f"LoRA on the same {par['pairs']} pairs, {par['epochs']} epoch(s), trained once per seed "
-              f"({', '.join(map(str, seeds))}); test split of {par['test_texts']} texts, classifier fitted on "
-              f"{par['classifier_train_texts']} train texts. Scores are means over the seeds; their 95% CIs "
-              f"resample seeds and test items ({par['bootstrap']} resamples).", "",
-              "| model | recall@1 | macro-F1 | train pairs/s |", "|---|---|---|---|"]
+    lines = ["## Quality parity", "",
+             f"LoRA on the same {par['pairs']} pairs, {par['epochs']} epoch(s), trained once per seed "
+             f"({', '.join(map(str, seeds))}); test split of {par['test_texts']} texts, classifier fitted on "
+             f"{par['classifier_train_texts']} train texts. Scores are means over the seeds; their 95% CIs "
+             f"resample seeds and test items ({par['bootstrap']} resamples).", "",
+             "| model | recall@1 | macro-F1 | train pairs/s |", "|---|---|---|---|"]
     for who in ("project", "reference", "base"):
         s = par["scores"].get(who)
         if not s:
@@ -788,10 +787,9 @@ def _md_faiss(report: dict) -> list[str]:
     fa = report.get("faiss")
     if not fa:
         return []
-    lines: list[str] = []
-    lines += [f"## FAISS ({fa.get('data', 'uniform')} synthetic unit vectors)", "",
-              "| n | index | params | build s | ms/query (batch) | ms (single) | recall@k | memory MB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines = [f"## FAISS ({fa.get('data', 'uniform')} synthetic unit vectors)", "",
+             "| n | index | params | build s | ms/query (batch) | ms (single) | recall@k | memory MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for res in fa["results"]:
         for r in res["rows"]:
             params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
