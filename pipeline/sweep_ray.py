@@ -94,7 +94,11 @@ def run_children(s: SweepConfig, jobs: list, run_one: Callable[[Any], Outcome], 
     """Run ``run_one(job)`` for every job as a Ray Tune trial; returns each job's outcome by run name.
 
     A job is pipeline/sweep.py's ChildJob (``name``, ``point``, ``log_path`` are read here)."""
-    from ray import tune
+    try:
+        from ray import tune
+    except ImportError as exc:
+        raise ConfigError(f"sweep.executor=ray needs Ray Tune ({exc}); install the extra: "
+                          "pip install -e '.[ray]'") from exc
 
     started_here = _connect(s)
     resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
