@@ -326,6 +326,8 @@ def cached_onnx(st_model, cache_root: Path, max_seq_length: int, fuse: bool = Tr
         with atomic_dir(folder) as tmp, _eager_attention(model, fusable):
             meta = export_onnx(model, tmp, max_seq_length, sample)
             meta["fused"] = fusable and fuse_transformer(tmp, model)
+            if meta["fused"]:
+                (tmp / ONNX_FILE).unlink()  # only the fused graph runs; one model-sized file per weights is enough
             write_json_atomic(tmp / ONNX_META, meta)
         log.info("backends: traced the model to ONNX in %s (fused: %s)", folder, meta["fused"])
     meta = read_json(folder / ONNX_META)
@@ -368,9 +370,11 @@ def select(cfg, st_model, probe_texts: Sequence[str], *, device="cpu", max_seq_l
     """The fastest form of ``st_model`` that ``embed.backend`` allows and that matches ``torch-fp32`` on
     ``probe_texts`` (per row cosine >= ``embed.gate_min_cos``); returns (encoder, record).
 
-    ``record``: {requested, name, gate_min_cos, probe_texts, candidates: {name: {min_cos, passed,
-    texts_per_s} or {error}}}. ``torch-fp32`` is the reference and always qualifies, so with
-    ``embed.backend: onnx`` a failing ONNX form raises ConfigError instead of quietly running PyTorch.
+    ``record``: {requested, name, gate_min_cos, probe_texts, device, candidates: {name: {min_cos, passed,
+    texts_per_s} or {passed: false, error}}}. ``torch-fp32`` is the reference and always qualifies. Under
+    ``auto`` a form that cannot be built (an architecture the ONNX trace does not cover) is recorded with its
+    error and logged; with ``embed.backend: onnx`` that error, or a failed gate, stops here instead of
+    quietly running PyTorch.
     """
     e = cfg.embed
     probe = [t for t in dict.fromkeys(probe_texts) if t][: e.probe_texts]
@@ -379,15 +383,20 @@ def select(cfg, st_model, probe_texts: Sequence[str], *, device="cpu", max_seq_l
     max_seq_length = int(max_seq_length or st_model.max_seq_length)
     batch_size = int(batch_size or cfg.eval.batch_size)
     found = candidates(cfg, st_model, device, max_seq_length, batch_size)
-    if e.backend == "onnx":
-        found = [c for c in found if c[0].startswith("onnx")] + [c for c in found if c[0] == "torch-fp32"]
     record: dict = {"requested": e.backend, "gate_min_cos": e.gate_min_cos, "probe_texts": len(probe),
                     "device": str(device), "candidates": {}}
     reference = None
     built: dict[str, Encoder] = {}
-    for name, build in sorted(found, key=lambda c: c[0] != "torch-fp32"):  # the reference first
-        encoder = build()
-        vectors = encoder.encode(probe)
+    for name, build in found:  # torch-fp32, the reference, first
+        try:
+            encoder = build()
+            vectors = encoder.encode(probe)
+        except Exception as exc:  # noqa: BLE001  recorded and logged; fatal unless another form may run
+            if e.backend != "auto" or reference is None:
+                raise
+            log.warning("backends: %s cannot run (%s: %s); left out", name, type(exc).__name__, exc)
+            record["candidates"][name] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            continue
         reference = vectors if reference is None else reference
         cos = row_cosines(vectors, reference)
         entry = {"min_cos": round(float(cos.min()), 6), "passed": bool(cos.min() >= e.gate_min_cos)}
@@ -399,7 +408,7 @@ def select(cfg, st_model, probe_texts: Sequence[str], *, device="cpu", max_seq_l
     chosen = _choose(record, built, e.backend)
     record["name"] = chosen
     log.info("backends: %s (requested %s; %s)", chosen, e.backend, ", ".join(
-        f"{n} min cos {c['min_cos']:.6f}{'' if c['passed'] else ' FAILED'}"
+        f"{n} min cos {c.get('min_cos', float('nan')):.6f}{'' if c['passed'] else ' FAILED'}"
         + (f" {c['texts_per_s']:.0f} texts/s" if 'texts_per_s' in c else "") for n, c in record["candidates"].items()))
     return built[chosen], record
 
@@ -410,7 +419,7 @@ def _choose(record: dict, built: dict, requested: str) -> str:
         # torch-fp32 is in an onnx run only as the reference; a failed ONNX form must not hide behind it
         own = {n: c for n, c in passed.items() if n.startswith(requested)}
         if not own:
-            failed = {n: c["min_cos"] for n, c in record["candidates"].items() if n.startswith(requested)}
+            failed = {n: c.get("min_cos") for n, c in record["candidates"].items() if n.startswith(requested)}
             raise ConfigError(f"embed.backend={requested}: no {requested} form matches torch-fp32 on the probe "
                               f"(min cosine {failed} < embed.gate_min_cos={record['gate_min_cos']}); "
                               "use embed.backend=auto or torch")

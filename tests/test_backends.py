@@ -83,6 +83,35 @@ def test_a_form_that_fails_the_gate_is_never_chosen(tiny, tmp_path, monkeypatch)
         backends.select(_cfg(tmp_path, "onnx"), tiny, TEXTS)
 
 
+def test_a_form_that_cannot_be_built_is_recorded_under_auto_and_fatal_when_asked_for(tiny, tmp_path, monkeypatch):
+    real = backends.candidates
+
+    def broken():
+        raise RuntimeError("unsupported operator in the trace")
+
+    monkeypatch.setattr(backends, "candidates", lambda cfg, *a, **kw: [c for c in real(cfg, *a, **kw)
+                                                                      if c[0] == "torch-fp32"] + [("onnx-fp32", broken)])
+    encoder, record = backends.select(_cfg(tmp_path, "auto"), tiny, TEXTS)
+    assert encoder.name == "torch-fp32" and record["candidates"]["onnx-fp32"] == {
+        "passed": False, "error": "RuntimeError: unsupported operator in the trace"}
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        backends.select(_cfg(tmp_path, "onnx"), tiny, TEXTS)
+
+
+def test_bf16_weights_are_a_candidate_where_the_cpu_has_bf16(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: True)
+    encoder, record = backends.select(_cfg(tmp_path, "torch"), tiny, TEXTS)
+    bf16 = record["candidates"]["torch-bf16"]
+    assert 0 < bf16["min_cos"] <= 1 and bf16["passed"] == (bf16["min_cos"] >= record["gate_min_cos"])
+    assert next(tiny.parameters()).dtype.is_floating_point and str(next(tiny.parameters()).dtype) == "torch.float32"
+    if encoder.name == "torch-bf16":  # a copy runs in bf16; the caller's model stays fp32
+        assert str(next(encoder.model.parameters()).dtype) == "torch.bfloat16"
+    # train.precision=fp32 asks for fp32 arithmetic: no bf16 form then
+    cfg = _cfg(tmp_path, "torch").model_copy(update={"train": _cfg(tmp_path, "torch").train.model_copy(
+        update={"precision": "fp32"})})
+    assert "torch-bf16" not in backends.select(cfg, tiny, TEXTS)[1]["candidates"]
+
+
 def test_the_onnx_trace_is_cached_by_weights(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "onnx")
     backends.select(cfg, tiny, TEXTS)

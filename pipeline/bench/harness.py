@@ -7,7 +7,8 @@
   longest pair, bf16 autocast where the CPU has it, masked in-batch loss) against
   ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` with the same model, LoRA settings,
   batch size, pairs, learning rate and number of steps; full fine-tuning once more for peak memory;
-- encoding: the project's corpus encoder against ``SentenceTransformer.encode`` in fp32;
+- encoding: the encoder form the embed stage selects (``embed.backend``, :mod:`pipeline.backends`) against
+  ``SentenceTransformer.encode`` in fp32, at one batch size (``bench.encode_batch_size``) on the same texts;
 - quality parity: both training paths on the same pairs, both scored with the project's metric code
   (same-product retrieval recall@1, logistic-regression macro-F1) with paired bootstrap CIs;
 - FAISS: flat / IVF / HNSW build and query latency and recall against flat on synthetic vectors, with an
