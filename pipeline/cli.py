@@ -18,7 +18,8 @@ import tempfile
 import time
 import traceback
 
-STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe", "targets")
+STAGES = ("prepare", "train", "embed", "eval", "export", "sweep", "suite", "serve", "bench", "probe", "targets",
+          "embed-corpus")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,6 +163,10 @@ def _dispatch(args, cfg) -> int | None:
         if not cfg.export.targets:
             raise ConfigError("targets: export.targets is empty; e.g. export.targets=[qdrant,lancedb,opensearch]")
         targets.run(cfg, Layout(cfg).export())
+    elif stage == "embed-corpus":  # shards + IVF index over any CSV/Parquet/JSONL (pipeline/corpus.py)
+        from pipeline import corpus
+
+        corpus.run(cfg, force=args.force)
     elif stage == "probe":
         from pipeline import probe
 
