@@ -310,7 +310,8 @@ class BenchConfig(Section):
     # Part "scale" (pipeline/bench/scale.py), off by default because it embeds up to a million texts.
     scale: bool = False
     scale_memory_rows: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])  # flat-memory check sizes
-    scale_memory_shape: Literal["bert-tiny", "bert-base"] = "bert-tiny"  # random-weight encoder: memory, not quality
+    # random-weight encoder of the memory check (micro: 2 x 32-wide layers): it measures memory, not quality
+    scale_memory_shape: Literal["micro", "bert-tiny", "bert-base"] = "micro"
     scale_throughput_texts: int = Field(4000, ge=1)  # real titles the real model embeds per worker count
     scale_workers: list[PositiveInt] = Field(default_factory=lambda: [1, 2])  # Ray encoder actors
     scale_index_rows: int = Field(1_000_000, ge=100)  # real embeddings plus perturbed copies up to this many

@@ -256,12 +256,13 @@ def done_shard(folder: Path, index: int, fingerprint: str) -> dict | None:
 
 def encode_and_write(encoder, folder: Path, cfg: Config, index: int, ids: list[str], texts: list[str],
                      fingerprint: str) -> dict:
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
     vectors = encoder.encode(texts)
     if vectors.shape[0] != len(ids):
         raise RuntimeError(f"encoder returned {vectors.shape[0]} vectors for {len(ids)} texts")
-    return write_shard(folder, index, index * cfg.corpus.shard_rows, ids, vectors, fingerprint=fingerprint,
+    info = write_shard(folder, index, index * cfg.corpus.shard_rows, ids, vectors, fingerprint=fingerprint,
                        seconds=time.perf_counter() - started)
+    return {**info, "started": wall, "ended": time.time()}
 
 
 def read_vectors(folder: Path, info: dict) -> tuple[list[str], np.ndarray]:
@@ -439,6 +440,7 @@ def corpus_manifest(cfg: Config, fp: str, files: list[Path], fmt: str, ident: di
     encoded_now = [i for i in infos if not i.get("resumed")]
     busy = sum(i["seconds"] for i in encoded_now)
     workers = sorted({i["pid"] for i in encoded_now})
+    window = (max(i["ended"] for i in encoded_now) - min(i["started"] for i in encoded_now)) if encoded_now else 0
     extra = {
         "rows": rows, "dim": infos[0]["dim"], "format": fmt, "shard_rows": cfg.corpus.shard_rows,
         "executor": cfg.corpus.executor, "workers": cfg.corpus.workers if cfg.corpus.executor == "ray" else 1,
@@ -449,6 +451,9 @@ def corpus_manifest(cfg: Config, fp: str, files: list[Path], fmt: str, ident: di
         # per_worker: rows over the seconds the workers spent encoding and writing them.
         "throughput": {"seconds": round(seconds, 2), "texts_per_s_run": round(rows / seconds, 1) if seconds else None,
                        "texts_per_s_per_worker": round(sum(i["rows"] for i in encoded_now) / busy, 1) if busy else None,
+                       # total: rows over the span from the first shard's start to the last one's end (no start-up)
+                       "texts_per_s_total": round(len(encoded_now) and sum(i["rows"] for i in encoded_now) / window, 1)
+                       if window > 0 else None,
                        "worker_pids": len(workers), "resumed_shards": len(infos) - len(encoded_now)},
         "memory": {"driver_peak_rss_mb": round(peak_rss_mb(), 1),
                    "worker_peak_rss_mb": max((i.get("peak_rss_mb") or 0) for i in infos)},

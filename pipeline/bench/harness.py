@@ -841,6 +841,11 @@ def run(cfg: Config) -> Path:
             report["parity"] = bench_parity(cfg, work, layout)
         if "faiss" in b.parts and b.faiss_sizes:
             report["faiss"] = bench_faiss(cfg, work)
+        if b.scale:  # embed-corpus and its IVF index up to a million rows (pipeline/bench/scale.py)
+            from pipeline.bench import scale as bench_scale
+
+            titles = [t for s in ("train", "val", "test") for t in load_split(layout.processed, s)["text"].tolist()]
+            report["scale"] = bench_scale.run(cfg, work, titles)
         if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench/serve.py)
             from pipeline.bench import serve as bench_serve
 
@@ -865,7 +870,10 @@ def run(cfg: Config) -> Path:
         tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
         from pipeline.bench.serve import markdown as serve_markdown
 
-        tmp.write_text(markdown(report) + serve_markdown(report.get("serve")), encoding="utf-8")
+        from pipeline.bench.scale import markdown as scale_markdown
+
+        tmp.write_text(markdown(report) + serve_markdown(report.get("serve")) + scale_markdown(report.get("scale")),
+                       encoding="utf-8")
         os.replace(tmp, md)
     finally:
         shutil.rmtree(work, ignore_errors=True)
