@@ -309,6 +309,8 @@ class BenchConfig(Section):
     gpu_matmul_size: int = Field(8192, ge=64)
     # Part "scale" (pipeline/bench/scale.py), off by default because it embeds up to a million texts.
     scale: bool = False
+    scale_parts: list[Literal["throughput", "memory", "index"]] = Field(  # which of the three to run
+        default_factory=lambda: ["throughput", "memory", "index"])
     scale_memory_rows: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])  # flat-memory check sizes
     # random-weight encoder of the memory check (micro: 2 x 32-wide layers): it measures memory, not quality
     scale_memory_shape: Literal["micro", "bert-tiny", "bert-base"] = "micro"

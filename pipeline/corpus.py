@@ -345,7 +345,7 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=c.workers),
                             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker or None,
-                            fn_constructor_args=(cfg.model_dump_json(), [str(f) for f in files], fmt,
+                            fn_constructor_args=(cfg.model_dump_json(), [str(f.resolve()) for f in files], fmt,
                                                  str(folder.resolve()), fingerprint, factory))
         for row in ds.iter_rows():
             info = json.loads(row["info"])

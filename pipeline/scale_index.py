@@ -94,16 +94,19 @@ def new_index(spec: str, quantizer, dim: int, nlist: int, nbits: int):
     return faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtypes[spec], ip)
 
 
-def usable_candidates(specs: list[str], dim: int, nbits: int) -> list[str]:
-    """The candidates this dimension allows (PQ's m must divide it), smallest code first."""
+def usable_candidates(specs: list[str], dim: int, nbits: int, train_rows: int | None = None) -> list[str]:
+    """The candidates this dimension allows (PQ's m must divide it, and PQ needs 2**nbits training rows),
+    smallest code first."""
     for spec in specs:
         new_index_check(spec)
-    usable = [s for s in specs if not (s.startswith("pq") and dim % int(s[2:]))]
+    usable = [s for s in specs if not (s.startswith("pq") and (dim % int(s[2:]) or
+                                                              (train_rows is not None and train_rows < 2 ** nbits)))]
     if not usable:
-        raise ConfigError(f"corpus.index.candidates: none of {specs} fits dimension {dim} (PQ's m must divide it)")
+        raise ConfigError(f"corpus.index.candidates: none of {specs} fits dimension {dim} with {train_rows} "
+                          f"training rows (PQ's m must divide the dimension; PQ needs {2 ** nbits} rows); add sq8")
     if len(usable) < len(specs):
-        log.warning("embed-corpus: index candidates %s skipped: m does not divide dimension %d",
-                    sorted(set(specs) - set(usable)), dim)
+        log.warning("embed-corpus: index candidates %s skipped: PQ's m does not divide dimension %d, or fewer "
+                    "than %d training rows", sorted(set(specs) - set(usable)), dim, 2 ** nbits)
     return sorted(usable, key=lambda s: code_bytes(s, dim, nbits))
 
 
@@ -179,7 +182,7 @@ def tune(cfg: Config, folder: Path, queries: np.ndarray, out: Path, *, query_not
     quantizer = train_quantizer(train, nlist, ix.seed)
     quantizer_s = time.perf_counter() - t0
     tried, chosen = [], None
-    for spec in usable_candidates(ix.candidates, dim, ix.nbits):
+    for spec in usable_candidates(ix.candidates, dim, ix.nbits, len(train)):
         log.info("embed-corpus: index candidate IVF%d,%s on %d rows ...", nlist, spec, rows)
         index, row = try_candidate(spec, quantizer, train, folder, queries, truth, ix, nlist)
         tried.append(row)

@@ -161,6 +161,7 @@ def test_index_is_built_and_searchable(project):
     out = corpus.output_folder(_cfg(project, "corpus.input=offers.csv"))
     manifest = json.loads((out / "index" / "manifest.json").read_text())
     assert manifest["rows"] == len(df) and manifest["chosen"]["index_bytes"] > 0
+    assert [c["spec"] for c in manifest["candidates"]] == ["sq8"]  # PQ needs 256 training rows: skipped
     _, vecs, _ = _read(out)
     _, rows = scale_index.search(out, vecs[:5], 3)
     assert rows.shape == (5, 3) and rows.min() >= 0 and rows.max() < len(df)

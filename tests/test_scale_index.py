@@ -86,3 +86,4 @@ def test_bad_candidate_is_a_config_error(setup):
     with pytest.raises(ConfigError, match="fits"):
         usable_candidates(["pq5"], 32, 8)
     assert usable_candidates(["sq8", "pq5", "pq8"], 32, 8) == ["pq8", "sq8"]
+    assert usable_candidates(["sq8", "pq8"], 32, 8, train_rows=255) == ["sq8"]  # k-means needs 256 points

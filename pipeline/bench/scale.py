@@ -112,7 +112,9 @@ def bench_memory(cfg: Config, work: Path, titles: list[str]) -> list[dict]:
         data = write_titles(work / f"titles-{n}.parquet", titles, n)
         log.info("bench: scale memory, embed-corpus on %d rows (%s, random weights) ...", n, b.scale_memory_shape)
         m = run_stage(cfg, work, f"memory-{n}", [f"corpus.input={data}", "corpus.encoder=base", f"model.base={model}",
-                                                 "corpus.index.enabled=false", "corpus.executor=local"])
+                                                 "corpus.index.enabled=false", "corpus.executor=local",
+                                                 # one thread: a tiny model's second thread only spin-waits
+                                                 "train.num_threads=1"])
         rows.append(_row(f"memory-{n}", m))
         (work / f"titles-{n}.parquet").unlink()
     return rows
@@ -208,6 +210,8 @@ def run(cfg: Config, work: Path, titles: list[str]) -> dict:
     # Each part is saved as it finishes, so a long run that is stopped still leaves what it measured.
     partial = Path(cfg.paths.reports) / "bench" / f"{time.strftime('%Y-%m-%d')}-scale.partial.json"
     for part, fn in (("throughput", bench_throughput), ("memory", bench_memory), ("index", bench_index)):
+        if part not in cfg.bench.scale_parts:
+            continue
         out[part] = fn(cfg, work, titles)
         write_json_atomic(partial, out)
     return out
@@ -219,10 +223,12 @@ def markdown(block: dict | None) -> str:
     lines = ["", "## Scale (embed-corpus, IVF index)", "",
              "| run | rows | executor | workers | texts/s per worker | texts/s total | peak RSS MiB (driver / worker) |",
              "|---|---|---|---|---|---|---|"]
-    for r in block["memory"] + block["throughput"]:
+    for r in block.get("memory", []) + block.get("throughput", []):
         lines.append(f"| {r['run']} | {r['rows']:,} | {r['executor']} | {r['workers']} | {r['texts_per_s_per_worker']} "
                      f"| {r['texts_per_s_total']} | {r['driver_peak_rss_mb']} / {r['worker_peak_rss_mb']} |")
-    ix = block["index"]
+    ix = block.get("index")
+    if not ix:
+        return "\n".join(lines + [""])
     c, f = ix["chosen"], ix["flat"]
     lines += ["", f"Index on {ix['rows']:,} vectors ({ix['real_vectors']:,} real title embeddings + perturbed copies, "
               f"noise {ix['noise']}/dim, mean cosine copy-to-original {ix['mean_cosine_copy_to_original']}); "
