@@ -87,3 +87,19 @@ def test_bad_candidate_is_a_config_error(setup):
         usable_candidates(["pq5"], 32, 8)
     assert usable_candidates(["sq8", "pq5", "pq8"], 32, 8) == ["pq8", "sq8"]
     assert usable_candidates(["sq8", "pq8"], 32, 8, train_rows=255) == ["sq8"]  # k-means needs 256 points
+
+
+def test_bench_perturbed_copies_are_unit_vectors_near_their_original(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.bench.scale import perturbed, write_titles
+
+    base = _vectors(50)
+    out = perturbed(base, np.arange(200), 0.02, np.random.default_rng(0))
+    np.testing.assert_allclose(out[:50], base, atol=1e-6)  # the first copy is the real embedding itself
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(out[50:] * base[np.arange(50, 200) % 50], axis=1)
+    assert np.all(cos < 1.0 - 1e-4) and np.all(cos > 0.5)  # moved, but still closest to their original
+    table = pq.read_table(write_titles(tmp_path / "t.parquet", ["a", "b", "c"], 7, chunk=3))
+    assert table.column("text").to_pylist() == ["a", "b", "c", "a", "b", "c", "a"]
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(7)]
