@@ -10,16 +10,16 @@ MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow data train embed eval sweep suite export serve serve-adapters targets ui bench clean probe
+.PHONY: help install test test-slow data train embed eval sweep suite export serve serve-adapters targets ui bench clean probe embed-corpus
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) ARGS=\"key=value ...\""
 
-install: ## create .venv and install the package with its dev extras (CPU torch here, CUDA where present)
+install: ## create .venv and install the package with its dev and ray extras (CPU torch here, CUDA where present)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 
 test: ## fast test suite (tiny in-code BERT + a small real-MiniLM end-to-end run)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -59,6 +59,9 @@ targets: ## load an export into search engines (ARGS="export.targets=[qdrant,lan
 
 ui: ## MLflow UI on 127.0.0.1:$(MLFLOW_PORT) over the project's tracking store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+embed-corpus: ## embed any CSV/Parquet/JSONL in shards + IVF index (ARGS="corpus.input=FILE corpus.executor=ray")
+	$(RUN) embed-corpus $(CFG) $(ARGS)
 
 bench: ## speed and memory benchmarks -> reports/bench/
 	$(RUN) bench $(CFG) $(ARGS)

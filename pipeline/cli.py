@@ -118,7 +118,7 @@ def _dispatch(args, cfg) -> int | None:
     from pipeline import stages
 
     stage = args.stage
-    if stage in ("prepare", "embed"):
+    if stage in ("prepare", "embed", "embed-corpus"):
         stages.run(stage, cfg, force=args.force)
     elif stage in ("train", "sweep", "suite"):
         stages.run(stage, cfg, overwrite=args.overwrite)

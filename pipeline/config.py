@@ -333,6 +333,54 @@ class BenchConfig(Section):
     serve_concurrency: int = Field(4, ge=1)  # client threads of the load generator
     serve_timeout_s: float = Field(300.0, gt=0)  # a load run stops here even with requests left
     gpu_matmul_size: int = Field(8192, ge=64)
+    # Part "scale" (pipeline/bench/scale.py), off by default because it embeds up to a million texts.
+    scale: bool = False
+    scale_parts: list[Literal["throughput", "memory", "index"]] = Field(  # which of the three to run
+        default_factory=lambda: ["throughput", "memory", "index"])
+    scale_memory_rows: list[int] = Field(default_factory=lambda: [100_000, 1_000_000])  # flat-memory check sizes
+    # random-weight encoder of the memory check (micro: 2 x 32-wide layers): it measures memory, not quality
+    scale_memory_shape: Literal["micro", "bert-tiny", "bert-base"] = "micro"
+    scale_throughput_texts: int = Field(4000, ge=1)  # real titles the real model embeds per worker count
+    scale_workers: list[PositiveInt] = Field(default_factory=lambda: [1, 2])  # Ray encoder actors
+    scale_index_rows: int = Field(1_000_000, ge=100)  # real embeddings plus perturbed copies up to this many
+    scale_noise: float = Field(0.02, gt=0)  # per-dimension noise of a perturbed copy, before renormalising
+
+
+class ScaleIndexConfig(Section):
+    """The IVF index ``embed-corpus`` builds over the shards (pipeline/scale_index.py): trained on a sample,
+    filled shard by shard, its settings chosen as the smallest index that reaches ``recall_target``."""
+
+    enabled: bool = True  # the index is what makes a large corpus searchable; off: shards only
+    recall_target: float = Field(0.95, gt=0, le=1)  # recall@k against exact search the chosen settings must reach
+    k: int = Field(10, ge=1)  # the k of recall@k (the contract's retrieval_k)
+    # Candidates tried smallest first: "pq<m>" is IVF-PQ with m sub-quantisers of nbits each, "sq8"/"sq4"/"fp16"
+    # IVF with scalar quantisation; the first that reaches the target at some nprobe wins.
+    candidates: list[str] = Field(default_factory=lambda: ["pq48", "pq96", "sq8"], min_length=1)
+    nbits: int = Field(8, ge=4, le=12)  # bits per PQ code: 8 is the fast, well-tested FAISS path
+    nlist: int | None = Field(None, ge=1)  # inverted lists; None: about 4 * sqrt(rows), FAISS's usual advice
+    nprobes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # tried in order
+    train_rows: int = Field(100_000, ge=100)  # sample the quantisers train on: memory stays bounded by this
+    queries: int = Field(1000, ge=1)  # sampled corpus rows the recall is measured with
+    seed: int = 0  # the training and query samples
+
+
+class CorpusConfig(Section):
+    """``embed-corpus`` (pipeline/corpus.py): embed a CSV/Parquet/JSONL file or folder of any size in shards."""
+
+    input: str | None = None  # a file or a folder of files (all of one format); required by the stage
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"  # auto: from the file extension
+    id_column: str | None = None  # None: the row number is the id
+    text_column: str = "text"
+    encoder: Literal["run", "base"] = "run"  # run: runs/<run>/model (the trained model); base: model.base
+    shard_rows: int = Field(50_000, ge=1)  # rows per shard: the unit of resume and what one worker holds
+    batch_size: int = Field(256, ge=1)  # texts per encoder call (pipeline/encoding.py caps CPU batches by tokens)
+    output: str | None = None  # default runs/<run>/corpus (encoder run) or runs/base-corpus/<input stem> (base)
+    executor: Literal["local", "ray"] = "local"  # ray: a Ray Data job, shards spread over an actor pool
+    ray_address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None: start a local one
+    workers: int = Field(2, ge=1)  # encoder actors (one model each): one per GPU or per CPU slice
+    cpus_per_worker: float = Field(1.0, gt=0)  # torch threads per actor follow this
+    gpus_per_worker: float = Field(0.0, ge=0)  # 1: one actor per GPU
+    index: ScaleIndexConfig = Field(default_factory=ScaleIndexConfig)
 
 
 class PromptsConfig(Section):
@@ -375,6 +423,7 @@ class Config(Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     @property

@@ -17,6 +17,7 @@ MODULES = {
     "prepare": "pipeline.prepare",
     "train": "pipeline.train",
     "embed": "pipeline.embed",
+    "embed-corpus": "pipeline.corpus",
     "eval": "pipeline.eval",
     "export": "pipeline.export",
     "targets": "pipeline.targets",

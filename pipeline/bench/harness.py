@@ -904,6 +904,12 @@ def _cpu_parts(cfg: Config, report: dict, work: Path, pairs_file: Path, texts_fi
         report["parity"] = bench_parity(cfg, work, layout)
     if "faiss" in b.parts and b.faiss_sizes:
         report["faiss"] = bench_faiss(cfg, work)
+    if b.scale:  # embed-corpus and its IVF index up to a million rows (pipeline/bench/scale.py)
+        import pipeline.bench.scale as bench_scale
+        from pipeline.prepared import SPLITS, load_split
+
+        titles = [t for s in SPLITS for t in load_split(layout.processed, s)["text"].tolist()]
+        report["scale"] = bench_scale.run(cfg, work, titles)
     if b.serve_adapter_counts:  # one base + many adapters vs merged models (pipeline/bench/serve.py)
         import pipeline.bench.serve as bench_serve
 
@@ -930,7 +936,9 @@ def _gpu_part(cfg: Config, work: Path, pairs_file: Path, texts_file: Path) -> di
 
 
 def _write_report(out_dir: Path, date: str, report: dict) -> None:
+    from pipeline.bench.scale import markdown as scale_markdown
     from pipeline.bench.serve import markdown as serve_markdown
 
     write_json_atomic(out_dir / f"{date}.json", report)
-    write_text_atomic(out_dir / f"{date}.md", markdown(report) + serve_markdown(report.get("serve")))
+    write_text_atomic(out_dir / f"{date}.md", markdown(report) + serve_markdown(report.get("serve"))
+                      + scale_markdown(report.get("scale")))
