@@ -61,7 +61,7 @@ def run_stage(cfg: Config, work: Path, name: str, overrides: list[str]) -> dict:
     with open(folder / "stage.log", "w", encoding="utf-8") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     if proc.returncode != 0:
-        from pipeline.bench.harness import BenchError
+        from pipeline.bench.common import BenchError
 
         tail = (folder / "stage.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         raise BenchError(f"embed-corpus ({name}) failed (exit {proc.returncode}):\n" + "\n".join(tail))
@@ -100,7 +100,7 @@ def micro_encoder(tokenizer_from: str, folder: Path) -> Path:
 
 
 def bench_memory(cfg: Config, work: Path, titles: list[str]) -> list[dict]:
-    from pipeline.bench.harness import random_encoder
+    from pipeline.bench.common import random_encoder
 
     b = cfg.bench
     folder = work / f"enc-{b.scale_memory_shape}"
