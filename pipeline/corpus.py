@@ -23,7 +23,6 @@ the rows before it (CSV/JSONL have no row index); that scan is cheap next to enc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -34,10 +33,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline import encoding, prompts
-from pipeline.artifacts import (MANIFEST, Layout, clean_stale, make_manifest, read_json, read_manifest,
+from pipeline import prompts
+from pipeline.artifacts import (MANIFEST, Layout, digest, clean_stale, make_manifest, read_json, read_manifest,
                                 require_manifest, write_json_atomic)
 from pipeline.config import Config
+from pipeline.identity import backend_key
 from pipeline.errors import ConfigError, DataError
 from pipeline.memory import peak_rss_mb
 from pipeline.shards import SHARDS, done_shard, write_shard
@@ -53,24 +53,17 @@ ARROW_FORMAT = {"csv": "csv", "parquet": "parquet", "jsonl": "json"}
 
 @dataclass
 class Encoder:
-    """``encode(texts)`` -> float32 (n, dim) L2-normalised document embeddings."""
+    """``encode(texts)`` -> float32 (n, dim) L2-normalised document embeddings, through the encoder form
+    pipeline/backends.py chose (``backend`` records which and why)."""
 
-    st_model: object
+    form: object  # a pipeline.backends encoder: encode(texts) -> normalised float32 rows
     used: prompts.Prompts
-    max_seq_length: int
-    batch_size: int
-    device: object
-    dtype: object
+    dim: int
     identity: dict
-
-    @property
-    def dim(self) -> int:
-        return int(self.st_model.get_embedding_dimension())
+    backend: dict
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return encoding.encode_texts(self.st_model, self.used.apply(texts, "document"),
-                                     max_seq_length=self.max_seq_length, batch_size=self.batch_size,
-                                     device=self.device, dtype=self.dtype)
+        return self.form.encode(self.used.apply(texts, "document"))
 
 
 def encoder_identity(cfg: Config) -> dict:
@@ -91,25 +84,37 @@ def encoder_identity(cfg: Config) -> dict:
             "max_seq_length": cfg.train.max_seq_length, "prompts": prompts.for_run(cfg).record()}
 
 
-def make_encoder(cfg: Config, *, threads: int | None = None, device: str | None = None) -> Encoder:
-    """The corpus encoder: the trained run's model (LoRA merged) or the base model, document prompts applied."""
+def make_encoder(cfg: Config, *, threads: int | None = None, device: str | None = None, backend: str | None = None,
+                 probe_texts: list[str] | None = None) -> Encoder:
+    """The corpus encoder: the trained run's model (LoRA merged) or the base model, document prompts applied,
+    in the form ``backend`` names, or else the fastest form that passes the gate on ``probe_texts``
+    (:func:`pipeline.backends.select`). The driver selects once and every worker builds the same form, so
+    the executors write the same vectors."""
     import torch
 
-    from pipeline.model import load_encoder, load_trained, pick_device, pick_dtype
+    from pipeline import backends
+    from pipeline.model import load_base, load_trained, pick_device
 
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     dev = pick_device(device or cfg.train.device)
-    dtype = pick_dtype(cfg.train.precision, dev)
     ident = encoder_identity(cfg)
     if ident["encoder"] == "run":
         st = load_trained(Layout(cfg).model_dir(), device=dev, merge=True, expected_base=cfg.model.base)
         used = prompts.Prompts(**ident["prompts"])
     else:
-        st = load_encoder(cfg.model.base, device=dev, revision=cfg.model.revision,
-                          trust_remote_code=cfg.model.trust_remote_code, max_seq_length=ident["max_seq_length"])
+        st = load_base(cfg.model, device=dev, max_seq_length=ident["max_seq_length"])
         used = prompts.for_run(cfg, st)
-    return Encoder(st, used, ident["max_seq_length"], cfg.corpus.batch_size, dev, dtype, ident)
+    max_len, batch = int(ident["max_seq_length"]), cfg.corpus.batch_size
+    if backend is not None:
+        forms = dict(backends.candidates(cfg, st, dev, max_len, batch))
+        if backend not in forms:
+            raise ConfigError(f"embed-corpus: encoder form '{backend}' is not available here (have {sorted(forms)})")
+        form, record = forms[backend](), {"name": backend, "chosen_by": "the driver's gate"}
+    else:
+        form, record = backends.select(cfg, st, used.apply(probe_texts or [], "document"), device=dev,
+                                       max_seq_length=max_len, batch_size=batch)
+    return Encoder(form, used, int(st.get_embedding_dimension()), ident, record)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,8 +236,7 @@ def encode_and_write(encoder, folder: Path, cfg: Config, index: int, ids: list[s
 EncoderFactory = Callable[..., object]
 
 
-def run_local(cfg: Config, ds, folder: Path, n_shards: int, fingerprint: str,
-              factory: EncoderFactory = make_encoder) -> list[dict]:
+def run_local(cfg: Config, ds, folder: Path, n_shards: int, fingerprint: str, encoder) -> list[dict]:
     from tqdm.auto import tqdm
 
     infos: dict[int, dict] = {i: {**s, "resumed": True} for i in range(n_shards)
@@ -242,7 +246,6 @@ def run_local(cfg: Config, ds, folder: Path, n_shards: int, fingerprint: str,
         log.info("embed-corpus: %d of %d shards already done; resuming at shard %d", len(infos), n_shards,
                  pending[0] if pending else n_shards)
     if pending:
-        encoder = factory(cfg, threads=cfg.train.num_threads)
         bar = tqdm(total=len(pending), desc="embed-corpus", unit="shard")
         for index, ids, texts in iter_shards(ds, cfg, pending[0]):
             if index in infos:
@@ -258,11 +261,11 @@ class ShardWorker:
     """A Ray Data actor: holds one encoder; each call takes shard numbers, reads, encodes and writes them."""
 
     def __init__(self, cfg_json: str, files: list[str], fmt: str, folder: str, fingerprint: str,
-                 factory: EncoderFactory = make_encoder):
+                 factory: EncoderFactory = make_encoder, backend: str | None = None):
         self.cfg = Config.model_validate_json(cfg_json)
         self.ds = open_dataset([Path(f) for f in files], fmt, self.cfg)
         self.folder, self.fingerprint = Path(folder), fingerprint
-        self.encoder = factory(self.cfg, threads=max(1, int(self.cfg.corpus.cpus_per_worker)))
+        self.encoder = factory(self.cfg, threads=max(1, int(self.cfg.corpus.cpus_per_worker)), backend=backend)
 
     def __call__(self, batch: dict) -> dict:
         out = []
@@ -274,7 +277,7 @@ class ShardWorker:
 
 
 def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: int, fingerprint: str,
-            factory: EncoderFactory = make_encoder) -> list[dict]:
+            factory: EncoderFactory = make_encoder, backend: str | None = None) -> list[dict]:
     """The same shards as a Ray Data job: shard numbers -> map_batches(actor pool of encoders) -> shards."""
     import ray
 
@@ -284,11 +287,9 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
     pending = [i for i in range(n_shards) if i not in infos]
     if not pending:
         return [infos[i] for i in range(n_shards)]
-    started_here = not ray.is_initialized()
-    if started_here:
-        # An existing cluster by address, or a local one on this machine's loopback only.
-        ray.init(address=c.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if c.ray_address else {"_node_ip_address": "127.0.0.1"}))
+    from pipeline import raycluster
+
+    started_here = raycluster.connect(c.ray_address)  # an existing cluster, or a loopback-only local one
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -296,7 +297,7 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=c.workers),
                             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker or None,
                             fn_constructor_args=(cfg.model_dump_json(), [str(f.resolve()) for f in files], fmt,
-                                                 str(folder.resolve()), fingerprint, factory))
+                                                 str(folder.resolve()), fingerprint, factory, backend))
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos[info["index"]] = info
@@ -326,9 +327,8 @@ def fingerprint_of(cfg: Config, files: list[Path], fmt: str, ident: dict) -> str
     """Input files (name, size, mtime), columns, shard size and the encoder: what every shard depends on."""
     c = cfg.corpus
     stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    payload = [stats, fmt, c.id_column, c.text_column, c.shard_rows, c.batch_size, ident,
-               cfg.train.precision]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest([stats, fmt, c.id_column, c.text_column, c.shard_rows, c.batch_size, ident, cfg.train.precision,
+                   backend_key(cfg)])
 
 
 def _drop_stale_shards(folder: Path, n_shards: int) -> None:
@@ -362,12 +362,17 @@ def run(cfg: Config, *, force: bool = False, factory: EncoderFactory = make_enco
     log.info("embed-corpus: %d rows of %s in %d shards of %d -> %s (%s executor)", rows, cfg.corpus.input,
              n_shards, cfg.corpus.shard_rows, shards, cfg.corpus.executor)
     started = time.perf_counter()
+    # The encoder form is chosen once, here, on the first shard's texts; Ray workers build the same form.
+    encoder = factory(cfg, threads=cfg.train.num_threads, probe_texts=read_shard(ds, cfg, 0)[1])
+    backend = getattr(encoder, "backend", None)
     if cfg.corpus.executor == "ray":
-        infos = run_ray(cfg, files, fmt, shards, n_shards, fp, factory)
+        del encoder  # the workers hold their own
+        infos = run_ray(cfg, files, fmt, shards, n_shards, fp, factory, (backend or {}).get("name"))
     else:
-        infos = run_local(cfg, ds, shards, n_shards, fp, factory)
+        infos = run_local(cfg, ds, shards, n_shards, fp, encoder)
     seconds = time.perf_counter() - started
-    write_json_atomic(out / MANIFEST, corpus_manifest(cfg, fp, files, fmt, ident, infos, rows, seconds))
+    manifest = corpus_manifest(cfg, fp, files, fmt, ident, infos, rows, seconds)
+    write_json_atomic(out / MANIFEST, {**manifest, "backend": backend})
     log.info("embed-corpus: %d vectors in %s (%.0f texts/s this run, peak RSS %.0f MiB)", rows, out,
              read_json(out / MANIFEST)["throughput"]["texts_per_s_run"] or 0, peak_rss_mb())
     return _index(cfg, out, fp)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline import raycluster
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import SweepConfig
 from pipeline.errors import ConfigError
@@ -37,26 +38,6 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 Outcome = tuple[dict | None, dict | None]  # (record, None) for a finished child, (None, failure) otherwise
-
-
-def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Start a one-machine Ray cluster that listens on the loopback interface only."""
-    import ray
-    from ray._private import ray_constants
-
-    # ray.init turns _node_ip_address=127.0.0.1 into the address other machines reach (and every Ray
-    # server listens there) unless multi-node clusters are off, which this flag of the pinned Ray
-    # (pyproject: ray==2.60.0) says; tests/test_sweep_ray.py checks where the cluster listens.
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 _node_ip_address=LOOPBACK)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-    node_ip = ray.util.get_node_ip_address()
-    if node_ip != LOOPBACK:
-        log.warning("sweep: the local Ray cluster listens on %s, not only on %s", node_ip, LOOPBACK)
 
 
 def _connect(s: SweepConfig) -> bool:
@@ -69,7 +50,7 @@ def _connect(s: SweepConfig) -> bool:
         log.info("sweep: connecting to the Ray cluster at %s", s.ray_address)
         ray.init(address=s.ray_address)
         return True
-    start_local_cluster()
+    raycluster.start_local()
     have = ray.cluster_resources()
     for key, need in (("CPU", s.cpus_per_trial), ("GPU", s.gpus_per_trial)):
         if need and have.get(key, 0) < need:

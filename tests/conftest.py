@@ -127,6 +127,20 @@ def mlflow_client():
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One loopback-only Ray cluster with two CPUs for every Ray test (starting one costs seconds); its
+    workers import the checkout and the tests' own helpers."""
+    ray = pytest.importorskip("ray")
+    from pipeline import raycluster
+
+    path = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    raycluster.start_local(num_cpus=2, num_gpus=0, log_to_driver=False,
+                           runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()
+
+
 def serve_in_thread(app):
     """Start an ASGI app on a free loopback port in a daemon thread; returns (server, thread, base URL).
     Waits at most 30 s for it to start."""

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, cli, make_corpus
+from tests.conftest import cli, make_corpus
 
+# One encoder form (torch fp32), so that vectors compare at 0.9999; choosing among forms is tests/test_backends.py's.
 BASE = ["corpus.encoder=base", "corpus.text_column=title", "corpus.id_column=pid", "corpus.shard_rows=40",
-        "corpus.index.enabled=false", "tracking.enabled=false"]
+        "corpus.index.enabled=false", "tracking.enabled=false", "embed.backend=torch", "train.precision=fp32"]
 
 
 def _corpus(tmp: Path) -> pd.DataFrame:
@@ -97,8 +98,9 @@ def test_local_shards_match_direct_encoding_and_resume(project):
     assert manifest["rows"] == len(df) and len(manifest["shards"]) == -(-len(df) // 40)
     assert [s["first_row"] for s in manifest["shards"]] == list(range(0, len(df), 40))
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    direct = corpus.make_encoder(cfg).encode(df["title"].tolist()[:40])
+    direct = corpus.make_encoder(cfg, probe_texts=df["title"].tolist()[:8]).encode(df["title"].tolist()[:40])
     assert np.min(np.sum(direct * vecs[:40], axis=1)) >= 0.9999
+    assert manifest["backend"]["name"] == "torch-fp32"  # the form the gate chose is recorded
 
     # A run that dies after two shards leaves two complete shards and no manifest; the rerun encodes the rest.
     cfg2 = _cfg(project, "corpus.input=offers.csv", "corpus.output=again")
@@ -169,16 +171,6 @@ def test_index_is_built_and_searchable(project):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ray Data executor: one local cluster for the module, loopback only, two CPUs.
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    path = os.pathsep.join([str(REPO), str(REPO / "tests")])  # the workers unpickle this module's factories
-    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_writes_the_local_vectors_even_when_a_worker_dies(project, ray_cluster, tmp_path):

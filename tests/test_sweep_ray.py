@@ -20,13 +20,6 @@ SMALL = ["sweep.ranks=[2]", "sweep.alpha_multipliers=[2]", "sweep.isolate=false"
 RAY = ["sweep.executor=ray", "sweep.cpus_per_trial=1", "sweep.max_concurrent=2"]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    sweep_ray.start_local_cluster(num_cpus=2, num_gpus=0)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(autouse=True)
 def _own_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
