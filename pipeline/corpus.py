@@ -364,10 +364,10 @@ def run(cfg: Config, *, force: bool = False, factory: EncoderFactory = make_enco
     started = time.perf_counter()
     # The encoder form is chosen once, here, on the first shard's texts; Ray workers build the same form.
     encoder = factory(cfg, threads=cfg.train.num_threads, probe_texts=read_shard(ds, cfg, 0)[1])
-    backend = getattr(encoder, "backend", None)
+    backend = encoder.backend
     if cfg.corpus.executor == "ray":
         del encoder  # the workers hold their own
-        infos = run_ray(cfg, files, fmt, shards, n_shards, fp, factory, (backend or {}).get("name"))
+        infos = run_ray(cfg, files, fmt, shards, n_shards, fp, factory, backend["name"])
     else:
         infos = run_local(cfg, ds, shards, n_shards, fp, encoder)
     seconds = time.perf_counter() - started

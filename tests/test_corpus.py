@@ -54,6 +54,8 @@ class FailAfter:
         inner, budget = make_encoder(cfg, **kw), [self.shards]
 
         class Failing:
+            backend = inner.backend
+
             def encode(self, texts):
                 if budget[0] == 0:
                     raise RuntimeError("simulated crash")
@@ -75,6 +77,8 @@ class CrashOnce:
         inner, marker = make_encoder(cfg, **kw), self.marker
 
         class Crashing:
+            backend = inner.backend
+
             def encode(self, texts):
                 try:
                     fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
