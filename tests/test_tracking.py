@@ -18,7 +18,7 @@ def test_unreachable_server_fails_fast_before_training(project, capsys, monkeypa
     assert cli("prepare", "--config", str(project)) == 0
     from pipeline import train
 
-    monkeypatch.setattr(train, "load_encoder", _no_training)
+    monkeypatch.setattr(train, "load_base", _no_training)
     uri = f"http://127.0.0.1:{free_port()}"
     capsys.readouterr()
     assert cli("train", "--config", str(project), f"tracking.uri={uri}") == 2
