@@ -276,6 +276,15 @@ class ShardWorker:
         return {"shard": np.array([o["index"] for o in out]), "info": np.array([json.dumps(o) for o in out])}
 
 
+def worker_args(cfg: Config, files: list[Path], fmt: str, folder: Path, fingerprint: str, factory, backend) -> tuple:
+    """What each :class:`ShardWorker` is built with. Workers start in a directory of their own, so every
+    path is absolute: the config's project folders (``runs/<run>/model``, ``cache/``), the inputs, the output."""
+    paths = {k: (str(Path(v).resolve()) if isinstance(v, str) else v) for k, v in cfg.paths.model_dump().items()}
+    sent = cfg.model_copy(update={"paths": cfg.paths.model_copy(update=paths)})
+    return (sent.model_dump_json(), [str(f.resolve()) for f in files], fmt, str(folder.resolve()), fingerprint,
+            factory, backend)
+
+
 def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: int, fingerprint: str,
             factory: EncoderFactory = make_encoder, backend: str | None = None) -> list[dict]:
     """The same shards as a Ray Data job: shard numbers -> map_batches(actor pool of encoders) -> shards."""
@@ -296,8 +305,7 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=c.workers),
                             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker or None,
-                            fn_constructor_args=(cfg.model_dump_json(), [str(f.resolve()) for f in files], fmt,
-                                                 str(folder.resolve()), fingerprint, factory, backend))
+                            fn_constructor_args=worker_args(cfg, files, fmt, folder, fingerprint, factory, backend))
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos[info["index"]] = info

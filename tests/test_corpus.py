@@ -193,3 +193,19 @@ def test_ray_writes_the_local_vectors_even_when_a_worker_dies(project, ray_clust
         assert ids == ids_l == df["pid"].tolist()  # same ids, none lost or duplicated
         assert np.min(np.sum(v * v_l, axis=1)) >= 0.9999
         assert manifest["executor"] == "ray"
+
+
+def test_ray_workers_find_the_project_folders_from_their_own_directory(project, monkeypatch, tmp_path):
+    """Workers start in a directory of their own: the config they get names the run and cache folders absolutely."""
+    from pipeline import corpus
+    from pipeline.artifacts import Layout
+
+    from pipeline.config import Config
+
+    cfg = _cfg(project, "corpus.encoder=run")
+    here = Layout(cfg).model_dir().resolve()
+    args = corpus.worker_args(cfg, [Path("offers.csv")], "csv", Path("out/shards"), "fp", corpus.make_encoder, None)
+    sent = Config.model_validate_json(args[0])
+    monkeypatch.chdir(tmp_path)
+    assert Layout(sent).model_dir() == here and Path(sent.paths.cache).is_absolute()
+    assert all(Path(p).is_absolute() for p in args[1]) and Path(args[3]).is_absolute()
