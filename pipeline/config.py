@@ -284,7 +284,7 @@ class SuiteConfig(Section):
 
 
 class BenchConfig(Section):
-    """Sizes of ``make bench`` (pipeline/bench.py); tiny values give the quick mode the tests run."""
+    """Sizes of ``make bench`` (pipeline/bench/); tiny values give the quick mode the tests run."""
 
     parts: list[Literal["train", "profile", "encode", "parity", "memory", "faiss", "gpu"]] = Field(
         default_factory=lambda: ["train", "profile", "encode", "parity", "memory", "faiss", "gpu"])
@@ -299,7 +299,7 @@ class BenchConfig(Section):
     lever_ablation: bool = True  # also time the project path with pipeline/speed.py's levers off
     # Part "memory": LoRA vs full fine-tuning peak memory on larger encoder shapes built with random weights
     # (memory does not depend on the weights' values), where the optimiser state outweighs the activations.
-    # qwen3-*: a decoder embedder's shape, LoRA with and without gradient checkpointing (pipeline/bench.py)
+    # qwen3-*: a decoder embedder's shape, LoRA with and without gradient checkpointing (pipeline/bench/common.py)
     memory_shapes: list[Literal["bert-tiny", "bert-base", "bert-large", "qwen3-tiny", "qwen3-0.6b"]] = Field(
         default_factory=lambda: ["bert-base"])
     memory_steps: int = Field(3, ge=1)  # timed steps per shape and method, after one warm-up step
