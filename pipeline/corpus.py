@@ -58,7 +58,6 @@ class Encoder:
 
     form: object  # a pipeline.backends encoder: encode(texts) -> normalised float32 rows
     used: prompts.Prompts
-    dim: int
     identity: dict
     backend: dict
 
@@ -114,7 +113,7 @@ def make_encoder(cfg: Config, *, threads: int | None = None, device: str | None 
     else:
         form, record = backends.select(cfg, st, used.apply(probe_texts or [], "document"), device=dev,
                                        max_seq_length=max_len, batch_size=batch)
-    return Encoder(form, used, int(st.get_embedding_dimension()), ident, record)
+    return Encoder(form, used, ident, record)
 
 
 # ---------------------------------------------------------------------------------------------------------------
