@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "sentence_transformers", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     previous_handler = None
     try:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (e.g. called from a worker): keep the default
         pass
     try:
-        from pipeline.config import load_config
+        from pipeline.core.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         if args.run:
@@ -127,8 +127,8 @@ def _dispatch(args, cfg) -> int | None:
         if cfg.export.targets:
             stages.run("targets", cfg, export_dir=out)
     elif stage == "targets":  # load an existing export into export.targets without exporting again
-        from pipeline.artifacts import Layout
-        from pipeline.errors import ConfigError
+        from pipeline.core.artifacts import Layout
+        from pipeline.core.errors import ConfigError
 
         if not cfg.export.targets:
             raise ConfigError("targets: export.targets is empty; e.g. export.targets=[qdrant,lancedb,opensearch]")

@@ -10,21 +10,21 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 
 # name -> module whose ``run(cfg, **options)`` is the stage
 MODULES = {
-    "prepare": "pipeline.prepare",
-    "train": "pipeline.train",
-    "embed": "pipeline.embed",
-    "embed-corpus": "pipeline.corpus",
-    "eval": "pipeline.eval",
-    "export": "pipeline.export",
-    "targets": "pipeline.targets",
-    "sweep": "pipeline.sweep",
-    "suite": "pipeline.suite",
-    "serve": "pipeline.serve",
-    "probe": "pipeline.probe",
+    "prepare": "pipeline.prepare.stage",
+    "train": "pipeline.train.stage",
+    "embed": "pipeline.embed.stage",
+    "embed-corpus": "pipeline.scale.stage",
+    "eval": "pipeline.evaluate.stage",
+    "export": "pipeline.export.stage",
+    "targets": "pipeline.export.targets",
+    "sweep": "pipeline.experiments.sweep",
+    "suite": "pipeline.experiments.suite",
+    "serve": "pipeline.serve.stage",
+    "probe": "pipeline.experiments.forgetting",
     "bench": "pipeline.bench",
 }
 

@@ -130,11 +130,13 @@ def mlflow_client():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One loopback-only Ray cluster with two CPUs for every Ray test (starting one costs seconds); its
-    workers import the checkout and the tests' own helpers."""
+    workers import the checkout and the tests' own helpers (test modules are imported by their basename
+    from their own folder, so each folder of tests/ is on the workers' path)."""
     ray = pytest.importorskip("ray")
-    from pipeline import raycluster
+    from pipeline.core import raycluster
 
-    path = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    test_dirs = [d for d in (REPO / "tests").iterdir() if d.is_dir() and not d.name.startswith((".", "_"))]
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), *map(str, sorted(test_dirs))])
     raycluster.start_local(num_cpus=2, num_gpus=0, log_to_driver=False,
                            runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray

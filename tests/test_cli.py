@@ -235,7 +235,7 @@ def test_adapter_on_another_base_is_refused_at_embed_and_eval(project, capsys, t
     cfg = ["--config", str(project), OFF, "eval.lexical=false"]
     assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
     info = json.loads((Path("runs") / RUN / "model" / "model_info.json").read_text())
-    from pipeline.model import base_fingerprint
+    from pipeline.model.encoder import base_fingerprint
 
     other = base_fingerprint(str(other_tiny_model_dir))
     assert other != info["base_fingerprint"]
@@ -267,7 +267,7 @@ def test_run_trained_by_a_live_process_is_refused(project, capsys):
 # --- errors nobody anticipated ---------------------------------------------------------------------------
 
 def test_unexpected_exception_is_one_line_with_the_traceback_saved(project, capsys, monkeypatch):
-    from pipeline import prepare_labelled as prepare
+    from pipeline.prepare import labelled as prepare
 
     def broken(*a, **k):
         raise ValueError("pairs went sideways\nsecond line")

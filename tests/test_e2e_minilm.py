@@ -31,9 +31,9 @@ def test_minilm_lora_on_pricerunner_slice(tmp_path, monkeypatch):
     # brute-force numpy on the base model: same embeddings (bf16 autocast aside), same recall@1.
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.metrics import retrieval_per_query
-    from pipeline.model import resolve_base
-    from pipeline.prepared import load_split
+    from pipeline.search.metrics import retrieval_per_query
+    from pipeline.model.encoder import resolve_base
+    from pipeline.contracts.prepared_data import load_split
 
     test = load_split(Path("data/processed/pricerunner"), "test")
     emb_manifest = json.loads(Path("runs/e2e/embeddings/manifest.json").read_text())

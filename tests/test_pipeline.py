@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from tests.conftest import RUN, cli
 
 

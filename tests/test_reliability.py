@@ -86,7 +86,7 @@ def test_remote_code_only_when_the_config_says_so():
     offenders = [f"{p.name}:{c.lineno}" for p in SOURCES for c, _ in _calls(p)
                  if _keyword(c, "trust_remote_code") is True]
     assert offenders == []
-    from pipeline.config import Config
+    from pipeline.core.config import Config
 
     assert Config().model.trust_remote_code is False
 
@@ -126,8 +126,8 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(project, capsys, tm
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.identity import run_fingerprint
-    from pipeline.config import load_config
+    from pipeline.contracts.identity import run_fingerprint
+    from pipeline.core.config import load_config
 
     cfg_args = ["--config", str(project), "tracking.enabled=false"]
     assert cli("prepare", *cfg_args) == 0

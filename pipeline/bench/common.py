@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 class BenchError(PipelineError):
@@ -38,7 +38,7 @@ def random_encoder(shape: str, tokenizer_from: str, folder: Path) -> Path:
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel, Qwen3Config, Qwen3Model
 
-    from pipeline.model import resolve_base
+    from pipeline.model.encoder import resolve_base
 
     tok = AutoTokenizer.from_pretrained(resolve_base(tokenizer_from))
     torch.manual_seed(0)

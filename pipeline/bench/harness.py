@@ -7,7 +7,7 @@
   longest pair, bf16 autocast where the CPU has it, masked in-batch loss) against
   ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` with the same model, LoRA settings,
   batch size, pairs, learning rate and number of steps; full fine-tuning once more for peak memory;
-- encoding: the encoder form the embed stage selects (``embed.backend``, :mod:`pipeline.backends`) against
+- encoding: the encoder form the embed stage selects (``embed.backend``, :mod:`pipeline.model.backends`) against
   ``SentenceTransformer.encode`` in fp32, at one batch size (``bench.encode_batch_size``) on the same texts;
 - quality parity: both training paths on the same pairs, both scored with the project's metric code
   (same-product retrieval recall@1, logistic-regression macro-F1) with paired bootstrap CIs;
@@ -40,9 +40,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.artifacts import (PROJECT_ROOT, Layout, git_commit, library_versions, require_manifest, write_json_atomic,
+from pipeline.core.artifacts import (PROJECT_ROOT, Layout, git_commit, library_versions, require_manifest, write_json_atomic,
                                 write_text_atomic)
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.bench.common import DECODER_SHAPES, BenchError, random_encoder
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def measure_peaks(size: int, device: str, threads: int, hidden: int = 384) -> di
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from pipeline.model import cpu_has_bf16
+    from pipeline.model.encoder import cpu_has_bf16
 
     model = ""
     try:
@@ -263,7 +263,7 @@ def bench_profile(cfg: Config, work: Path, pairs_file: Path, device: str) -> lis
 
 
 def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device: str) -> list[dict]:
-    """The encoder form the embed stage selects (``embed.backend``, pipeline/backends.py) against
+    """The encoder form the embed stage selects (``embed.backend``, pipeline/model/backends.py) against
     ``SentenceTransformer.encode`` fp32, both at ``bench.encode_batch_size`` rows on the same texts; each
     project row carries the speed ratio and the per-row cosine to the reference."""
     b = cfg.bench
@@ -304,13 +304,13 @@ def bench_encode(cfg: Config, work: Path, texts_file: Path, peaks: dict, device:
 def seed_item_bootstrap_ci(stat: Callable[[int, np.ndarray], float], n_seeds: int, n_items: int, n: int,
                            seed: int) -> tuple[float, float]:
     """95% CI of ``mean over seeds of stat(seed index, item indices)`` with both the training runs and the
-    test items resampled (:func:`pipeline.metrics.bootstrap_two_level`).
+    test items resampled (:func:`pipeline.search.metrics.bootstrap_two_level`).
 
     With one training run this is the usual item bootstrap. With several it also carries the spread
     between training seeds, which a short parity run needs: one seed's item-level interval claims far more
     certainty than there is (the seeds' spread is in reports/examples/bench/, part "parity").
     """
-    from pipeline.metrics import bootstrap_two_level, percentile_ci
+    from pipeline.search.metrics import bootstrap_two_level, percentile_ci
 
     return percentile_ci(bootstrap_two_level(stat, n_seeds, n_items, n, seed))
 
@@ -322,7 +322,7 @@ def _parity_blocks(per_query: dict[str, list[np.ndarray]], preds: dict[str, list
     per_query[who]: one (n_queries,) recall@1 array per training seed; preds[who]: one (n_items,) array of
     predicted labels per training seed (empty dicts where the split has no groups / no labels).
     """
-    from pipeline.metrics import macro_f1_from_codes
+    from pipeline.search.metrics import macro_f1_from_codes
 
     scores: dict[str, dict] = {}
     comparison: dict[str, Any] = {}
@@ -367,8 +367,8 @@ def _parity_seed(cfg: Config, seed: int, with_base: bool, work: Path, pairs_file
                  splits: dict, label_names: list[str], per_query: dict, preds: dict) -> dict:
     """Both training paths for one seed, each in a worker; their (and, once, the base's) test scores are
     appended to ``per_query`` (recall@1 per query) and ``preds`` (the chosen head's predictions)."""
-    from pipeline import eval as evaluate
-    from pipeline import metrics as M
+    from pipeline.evaluate import stage as evaluate
+    from pipeline.search import metrics as M
 
     b, test = cfg.bench, splits["test"]
     labelled, grouped = evaluate.has_labels(test), evaluate.has_groups(test)
@@ -401,8 +401,8 @@ def _parity_seed(cfg: Config, seed: int, with_base: bool, work: Path, pairs_file
 def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     """Train both paths on the same pairs, once per seed of ``bench.parity_seeds``; score every run with
     the project's metric code and judge parity on the seed-mean difference."""
-    from pipeline import eval as evaluate
-    from pipeline.prepared import load_labels, load_pairs, load_split
+    from pipeline.evaluate import stage as evaluate
+    from pipeline.contracts.prepared_data import load_labels, load_pairs, load_split
 
     b = cfg.bench
     seeds = list(b.parity_seeds)
@@ -791,7 +791,7 @@ FLOP_MODEL = ("forward = 2 x (encoder-layer matmul weights) x real tokens + 4 x 
 
 def run(cfg: Config) -> Path:
     """Every part of ``bench.parts`` in its own worker process; writes reports/bench/<date>.json and .md."""
-    from pipeline.prepared import load_pairs, load_split
+    from pipeline.contracts.prepared_data import load_pairs, load_split
 
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
@@ -855,7 +855,7 @@ def _cpu_parts(cfg: Config, report: dict, work: Path, pairs_file: Path, texts_fi
         report["faiss"] = bench_faiss(cfg, work)
     if b.scale:  # embed-corpus and its IVF index up to a million rows (pipeline/bench/scale.py)
         import pipeline.bench.scale as bench_scale
-        from pipeline.prepared import SPLITS, load_split
+        from pipeline.contracts.prepared_data import SPLITS, load_split
 
         titles = [t for s in SPLITS for t in load_split(layout.processed, s)["text"].tolist()]
         report["scale"] = bench_scale.run(cfg, work, titles)

@@ -11,7 +11,7 @@
 3. Index: every real title embedded with the same model, plus perturbed copies up to
    ``bench.scale_index_rows`` (a copy is a real embedding plus N(0, scale_noise^2) per dimension, renormalised:
    perturbed in embedding space, not new texts). Queries are fresh perturbed copies that are not in the index.
-   pipeline/scale_index.py picks the smallest IVF candidate reaching ``corpus.index.recall_target``.
+   pipeline/scale/index.py picks the smallest IVF candidate reaching ``corpus.index.recall_target``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.artifacts import MANIFEST, PROJECT_ROOT, make_manifest, read_json, write_json_atomic
-from pipeline.config import Config
+from pipeline.core.artifacts import MANIFEST, PROJECT_ROOT, make_manifest, read_json, write_json_atomic
+from pipeline.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def micro_encoder(tokenizer_from: str, folder: Path) -> Path:
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from pipeline.model import resolve_base
+    from pipeline.model.encoder import resolve_base
 
     tok = AutoTokenizer.from_pretrained(resolve_base(tokenizer_from))
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def perturbed(base: np.ndarray, rows: np.ndarray, noise: float, rng) -> np.ndarr
 
 def perturbed_corpus(cfg: Config, folder: Path, base: np.ndarray, rows: int, shard_rows: int = 50_000) -> Path:
     """A corpus folder (shards + manifest, the embed-corpus format) of real and perturbed vectors."""
-    from pipeline.shards import SHARDS, write_shard
+    from pipeline.contracts.shards import SHARDS, write_shard
 
     shards = []
     for i, start in enumerate(range(0, rows, shard_rows)):
@@ -164,8 +164,8 @@ def perturbed_corpus(cfg: Config, folder: Path, base: np.ndarray, rows: int, sha
 
 
 def bench_index(cfg: Config, work: Path, titles: list[str]) -> dict:
-    from pipeline import scale_index
-    from pipeline.shards import iter_corpus
+    from pipeline.scale import index as scale_index
+    from pipeline.contracts.shards import iter_corpus
 
     b = cfg.bench
     data = write_titles(work / "all-titles.parquet", titles, len(titles))
@@ -198,7 +198,7 @@ def bench_index(cfg: Config, work: Path, titles: list[str]) -> dict:
 
 def run(cfg: Config, work: Path, titles: list[str]) -> dict:
     """The three measurements; ``titles`` are the real texts (the prepared splits' texts)."""
-    from pipeline.artifacts import Layout, read_manifest
+    from pipeline.core.artifacts import Layout, read_manifest
 
     work = Path(work) / "scale"
     if cfg.corpus.encoder == "run" and read_manifest(Layout(cfg).model_dir()) is None:

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.adapters_serve import EmbedRequest  # at module level: FastAPI resolves the body annotation here
-from pipeline.artifacts import PROJECT_ROOT, write_json_atomic
-from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.serve.adapters import EmbedRequest  # at module level: FastAPI resolves the body annotation here
+from pipeline.core.artifacts import PROJECT_ROOT, write_json_atomic
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -54,7 +54,7 @@ def make_models(cfg: Config, folder: Path, n: int) -> tuple[list[Path], list[Pat
 
     import torch
 
-    from pipeline.model import apply_lora, base_fingerprint, inner_model, load_base, resolve_base, set_inner_model
+    from pipeline.model.encoder import apply_lora, base_fingerprint, inner_model, load_base, resolve_base, set_inner_model
 
     max_len = cfg.train.max_seq_length
     base = load_base(cfg.model, max_seq_length=max_len)
@@ -143,8 +143,8 @@ def merged_app(models: list, max_seq_length: int, window_ms: float = 5.0):
 
     from fastapi import FastAPI, HTTPException
 
-    from pipeline import encoding
-    from pipeline.adapters_serve import Batcher
+    from pipeline.model import tokens as encoding
+    from pipeline.serve.adapters import Batcher
 
     def encode(name: str, texts: list[str]):
         return encoding.encode_texts(models[int(name[1:])], texts, max_seq_length=max_seq_length, batch_size=64,
@@ -179,7 +179,7 @@ def serve_main(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     started = time.perf_counter()
     if spec["mode"] == "adapters":
-        from pipeline.adapters_serve import AdapterSet, build_app
+        from pipeline.serve.adapters import AdapterSet, build_app
 
         aset = AdapterSet(spec["base_meta"])
         for i, folder in enumerate(spec["dirs"]):
@@ -197,7 +197,7 @@ def serve_main(spec: dict) -> None:
     else:
         from sentence_transformers import SentenceTransformer
 
-        from pipeline import encoding
+        from pipeline.model import tokens as encoding
 
         models = [SentenceTransformer(folder, device="cpu") for folder in spec["dirs"]]
         for m in models:

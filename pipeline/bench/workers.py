@@ -28,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline import speed
-from pipeline.memory import current_rss_mb, peak_rss_mb
+from pipeline.train import speed
+from pipeline.core.memory import current_rss_mb, peak_rss_mb
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ from pipeline.memory import current_rss_mb, peak_rss_mb
 
 def encoder_shape(st_model) -> dict[str, int]:
     """Matmul weight counts of the encoder stack: {dense, lora, hidden, layers}."""
-    from pipeline.model import inner_model
+    from pipeline.model.encoder import inner_model
 
     inner = inner_model(st_model)
     dense = lora = 0
@@ -129,13 +129,13 @@ def window_stats(stamps: list[dict], warmup: int, steps: int, repeats: int, shap
 
 
 def _config(spec):
-    from pipeline.config import Config
+    from pipeline.core.config import Config
 
     return Config.model_validate(spec["config"])
 
 
 def _setup_torch(cfg, device_pref: str, precision: str):
-    from pipeline.model import pick_device, pick_dtype
+    from pipeline.model.encoder import pick_device, pick_dtype
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -161,7 +161,7 @@ def _read_pairs(path: str):
 
 
 def _load(cfg, device):
-    from pipeline.model import load_base
+    from pipeline.model.encoder import load_base
 
     return load_base(cfg.model, device=device, max_seq_length=cfg.train.max_seq_length)
 
@@ -175,7 +175,7 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
     replays the first ``s`` batches of epoch 0, so each timed window sees exactly the same batches
     (length-grouped batches differ a lot in length, and other batches would measure other texts).
     """
-    from pipeline.train import Batches, make_optimizer, make_scheduler, run_steps
+    from pipeline.train.stage import Batches, make_optimizer, make_scheduler, run_steps
 
     optimizer = make_optimizer(st_model, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
@@ -211,7 +211,7 @@ def reference_trainer(st_model, pairs, cfg, *, precision: str, device, max_steps
     optimizers = (None, None)
     if t.method == "lora" and t.lora.loraplus_lr_ratio:
         # Same optimiser groups as the project path; the trainer builds its schedule around them.
-        from pipeline.train import make_optimizer
+        from pipeline.train.stage import make_optimizer
 
         optimizers = (make_optimizer(st_model, t), None)
     return SentenceTransformerTrainer(model=st_model, args=args, train_dataset=dataset, loss=loss,
@@ -222,8 +222,8 @@ def add_reference_lora(st_model, lora) -> None:
     """LoRA the way a sentence-transformers user adds it: ``model.add_adapter`` with a PEFT config."""
     from peft import LoraConfig
 
-    from pipeline.families import resolve
-    from pipeline.model import inner_model
+    from pipeline.model.families import resolve
+    from pipeline.model.encoder import inner_model
 
     modules = resolve(inner_model(st_model), lora.target_modules).modules  # the same names as the project path
     st_model.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -256,8 +256,8 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
     levers: dict = {}
 
     if spec["path"] == "project":
-        from pipeline.model import apply_lora, enable_gradient_checkpointing
-        from pipeline.train import PairTensors
+        from pipeline.model.encoder import apply_lora, enable_gradient_checkpointing
+        from pipeline.train.stage import PairTensors
 
         data = PairTensors(pairs, st_model, t.max_seq_length)
         if t.method == "lora":
@@ -319,10 +319,11 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
 def task_encode(spec: dict, out_dir: Path) -> dict:
     """Embed the same texts ``repeats`` times with one path; saves the last embeddings for an agreement check.
 
-    The project path is the encoder form the embed stage would choose (pipeline/backends.py, ``embed.backend``),
+    The project path is the encoder form the embed stage would choose (pipeline/model/backends.py, ``embed.backend``),
     gated and timed on the first ``embed.probe_texts`` texts; the reference is ``SentenceTransformer.encode``.
     """
-    from pipeline import backends, encoding
+    from pipeline.model import backends
+    from pipeline.model import tokens as encoding
 
     cfg = _config(spec)
     if not spec.get("levers", True):
@@ -363,7 +364,7 @@ def task_encode(spec: dict, out_dir: Path) -> dict:
 
 def task_parity(spec: dict, out_dir: Path) -> dict:
     """Train one path on the parity pairs, then embed the evaluation texts with the project's encoder."""
-    from pipeline import encoding
+    from pipeline.model import tokens as encoding
 
     cfg = _config(spec)
     t = cfg.train
@@ -388,9 +389,9 @@ def task_parity(spec: dict, out_dir: Path) -> dict:
     losses: list[float] = []
     started = time.perf_counter()
     if spec["path"] == "project":
-        from pipeline.batching import epoch_batches
-        from pipeline.model import apply_lora
-        from pipeline.train import PairTensors
+        from pipeline.train.batching import epoch_batches
+        from pipeline.model.encoder import apply_lora
+        from pipeline.train.stage import PairTensors
 
         data = PairTensors(pairs, st_model, t.max_seq_length)
         apply_lora(st_model, t.lora)

@@ -3,7 +3,7 @@
 import json, logging, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline import bench_serve
 cfg = load_config("configs/default.yaml", ["bench.serve_requests=150"])
 texts = ["samsung galaxy s21 5g 128gb black", "lg 55 inch oled tv 4k", "bosch serie 4 fridge freezer", "intel core i7 12700k cpu",

@@ -1,0 +1,1 @@
+"""What stages write and read: prepared data, artefact identities, pair kinds, export folders, embedding shards."""

@@ -1,0 +1,77 @@
+"""Which contrastive objective a corpus gets, decided from its shape (``pairs.objective: auto``).
+
+A corpus comes in one of three shapes, and each has an objective that uses what it knows:
+
+- **group**: texts with entity ids (offers of one product, tickets of one case). Positives are two texts
+  of one entity, plus text -> label name where there are labels; two texts of one label but different
+  entities stay negatives, because telling entities apart is the task.
+- **label**: texts with labels but no entity ids (intents, topics). Positives are two texts of one label,
+  plus text -> label name; texts of one label are never each other's negatives (the same-label mask),
+  texts of other labels are.
+- **pairs**: given query -> positive rows (``data.format: pairs`` and the Walmart-Amazon reader).
+
+An explicit ``pairs.objective`` wins over ``auto``; one the data cannot support is an error. The choice
+and its reason are written to the prepare manifest, and the train stage reads the resolved mask from
+there, so every later artefact records the same decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.core.config import PAIR_FORMATS, Config
+from pipeline.core.errors import DataError
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str  # group | label | pairs
+    reason: str
+    same_label_pairs: float  # share of train texts paired with another text of their label
+    mask_same_label: bool  # same-label texts are never in-batch negatives of each other
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pick(cfg: Config, has_groups: bool, has_labels: bool) -> tuple[str, str]:
+    wanted = cfg.pairs.objective
+    if cfg.data.format in PAIR_FORMATS:
+        if wanted not in ("auto", "pairs"):
+            raise DataError(f"pairs.objective={wanted} needs a labelled corpus; data.format "
+                            f"'{cfg.data.format}' gives query -> positive pairs (use auto or pairs)")
+        return "pairs", "the corpus is query -> positive pairs"
+    if wanted == "pairs":
+        raise DataError("pairs.objective=pairs needs data.format: pairs (query and positive columns)")
+    if wanted == "group" and not has_groups:
+        raise DataError("pairs.objective=group needs entity ids (data.group_column), and the corpus has none")
+    if wanted == "label" and not has_labels:
+        raise DataError("pairs.objective=label needs labels (data.label_column), and the corpus has none")
+    if wanted != "auto":
+        return wanted, "set in the config"
+    if has_groups:
+        return "group", "the corpus has entity ids (groups)"
+    if has_labels:
+        return "label", "the corpus has labels and no entity ids"
+    raise DataError("the corpus has neither entity ids nor labels, so there is nothing to learn from: name "
+                    "data.group_column or data.label_column, or give query -> positive rows with data.format: pairs")
+
+
+def resolve(cfg: Config, *, has_groups: bool, has_labels: bool) -> Objective:
+    """The objective for a corpus of this shape under ``cfg`` (explicit settings win over the defaults)."""
+    name, reason = _pick(cfg, has_groups, has_labels)
+    same_label = cfg.pairs.same_label_pairs
+    if same_label is None:
+        same_label = 1.0 if name == "label" else 0.0
+    mask = cfg.train.mask_same_label
+    if mask is None:
+        mask = name == "label"
+    return Objective(name=name, reason=reason, same_label_pairs=float(same_label), mask_same_label=bool(mask))
+
+
+def mask_same_label(cfg: Config, prep_manifest: dict) -> bool:
+    """The same-label mask a training run uses: the config's explicit value, else the prepared data's
+    objective (older prepared folders without one: off, as before objectives existed)."""
+    if cfg.train.mask_same_label is not None:
+        return cfg.train.mask_same_label
+    return bool((prep_manifest.get("objective") or {}).get("mask_same_label", False))

@@ -1,0 +1,76 @@
+"""The prepared-data contract: what ``prepare`` writes under ``data/processed/<dataset>/`` and how every
+later stage reads it. A leaf module: stages read their inputs through it, never through ``prepare``.
+
+Labelled corpora (``manifest.json`` ``kind: labelled``):
+
+- ``train.jsonl``, ``val.jsonl``, ``test.jsonl``: one record per text (id, text, group, label);
+- ``labels.json``: the sorted label names (empty when the corpus has none);
+- ``pairs.jsonl``: training pairs built from the train split (anchor, positive, kind, group, label, and
+  negative columns when negatives were mined).
+
+Pair corpora (``kind: pairs``):
+
+- ``queries.jsonl``: the test queries (id, text, relevant: gallery ids); ``val_queries.jsonl`` the same
+  for the val split; ``gallery.jsonl``: the whole search space (id, text);
+- ``pairs.jsonl`` as above, without labels.
+
+The manifest lists ``text_files`` (what embed encodes) and ``texts_fingerprint`` (their hash: the key of
+the base model's embedding cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.core.artifacts import digest, read_json, sha256_file
+
+SPLITS = ("train", "val", "test")
+LABELLED_TEXT_FILES = [f"{s}.jsonl" for s in SPLITS]
+PAIR_TEXT_FILES = ["queries.jsonl", "gallery.jsonl"]
+VAL_QUERIES = "val_queries.jsonl"  # queries of the val split: training chooses its checkpoint on them
+PAIRS = "pairs.jsonl"
+LABELS = "labels.json"
+PAIR_COLUMNS = {"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
+                "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str}
+
+
+def is_pairs(manifest: dict) -> bool:
+    """True for a pair corpus (queries and a gallery), False for a labelled one (three splits)."""
+    return manifest.get("kind") == "pairs"
+
+
+def text_files(manifest: dict) -> list[str]:
+    """The files embed encodes, in the order it encodes them."""
+    return manifest.get("text_files", LABELLED_TEXT_FILES)
+
+
+def texts_fingerprint(folder: Path, names: list[str]) -> str:
+    """Hash of the files whose texts embed encodes (not the pairs): the base-embedding cache key."""
+    return digest([[name, sha256_file(Path(folder) / name)] for name in names])
+
+
+def load_split(folder: Path, split: str) -> pd.DataFrame:
+    """One split of a labelled corpus: columns id, text, group, label (label None where unknown)."""
+    return pd.read_json(Path(folder) / f"{split}.jsonl", lines=True,
+                        dtype={"id": str, "group": str, "label": str, "text": str})
+
+
+def load_pairs(folder: Path) -> pd.DataFrame:
+    """The training pairs: one row per (anchor, positive[, negative])."""
+    return pd.read_json(Path(folder) / PAIRS, lines=True, dtype=PAIR_COLUMNS)
+
+
+def load_labels(folder: Path) -> list[str]:
+    path = Path(folder) / LABELS
+    return read_json(path) if path.exists() else []
+
+
+def load_queries(folder: Path, name: str = "queries.jsonl") -> pd.DataFrame:
+    """Queries of a pair corpus: id, text, relevant (a list of gallery ids)."""
+    return pd.read_json(Path(folder) / name, lines=True, dtype={"id": str, "text": str})
+
+
+def load_gallery(folder: Path) -> pd.DataFrame:
+    return pd.read_json(Path(folder) / "gallery.jsonl", lines=True, dtype={"id": str, "text": str})

@@ -1,0 +1,1 @@
+"""Orchestrators that drive stages: sweeps, the suite of corpora, the forgetting probe."""

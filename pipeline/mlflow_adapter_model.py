@@ -1,7 +1,0 @@
-"""MLflow "models from code" entry for the adapter model (see pipeline/mlflow_adapter.py)."""
-
-import mlflow
-
-from pipeline.mlflow_adapter import AdapterEncoder
-
-mlflow.models.set_model(AdapterEncoder())

@@ -1,0 +1,1 @@
+"""Stage prepare: raw corpus -> leak-free train/val/test splits and training pairs."""

@@ -1,0 +1,26 @@
+"""prepare: the user's corpus -> leak-free splits and contrastive training pairs under
+``data/processed/<dataset>/`` (the file contract is :mod:`pipeline.contracts.prepared_data`).
+
+Two implementations behind one stage: labelled corpora (texts with a group and/or a label;
+:mod:`pipeline.prepare.labelled`) and pair corpora (query -> matching record; :mod:`pipeline.prepare.pairs`),
+chosen by ``data.format``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.artifacts import Layout, clean_stale
+from pipeline.core.config import PAIR_FORMATS, Config
+
+
+def run(cfg: Config, *, force: bool = False) -> Path:
+    """Prepare the corpus of ``cfg`` unless its outputs are up to date; returns the processed folder."""
+    clean_stale(Layout(cfg).processed.parent, Layout(cfg).raw)
+    if cfg.data.format in PAIR_FORMATS:
+        from pipeline.prepare import pairs as prepare_pairs
+
+        return prepare_pairs.prepare(cfg, force=force)
+    from pipeline.prepare import labelled as prepare_labelled
+
+    return prepare_labelled.prepare(cfg, force=force)

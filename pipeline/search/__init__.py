@@ -1,0 +1,1 @@
+"""Library: vector and lexical search, ranking and classification metrics, the bootstrap."""

@@ -1,0 +1,1 @@
+"""Stage serve: HTTP /embed and /search over an export; one base serving many adapters."""

@@ -1,0 +1,105 @@
+"""serve: a small HTTP service over one export, bound to 127.0.0.1 only.
+
+``GET /health``, ``POST /embed`` ({"texts": [...]} -> normalised vectors) and
+``GET /search?q=...&k=...`` (the k nearest corpus records with cosine scores). Queries are embedded with
+the ONNX form by default (onnxruntime + tokenizers, no torch on the request path) or the form named by
+``export.serve_form``; every form was proven equal to the merged model by the export gate, so queries
+and index vectors agree whichever form embeds them. ``/search`` embeds ``q`` with the model's query prompt,
+``/embed`` with its document prompt unless the request says ``"role": "query"`` (pipeline/model/prompts.py). Run it with ``make serve`` (port ``SERVE_PORT``) or ``python -m pipeline serve --run NAME``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from pipeline.core.artifacts import Layout, require_manifest
+from pipeline.core.config import Config
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"  # a demo service without authentication: never listen beyond this machine
+MAX_TEXTS = 256
+MAX_CHARS = 10_000
+MAX_K = 100
+
+
+# At module level: FastAPI resolves the (postponed) annotation of a request body by name from here.
+class EmbedRequest(BaseModel):
+    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+    # which prompt the export's model gets (pipeline/model/prompts.py): search queries are "query"
+    role: Literal["query", "document"] = "document"
+
+
+def pick_form(export_dir: Path, wanted: str) -> str:
+    """The wanted form if the export has it, else the merged model (always present)."""
+    manifest = require_manifest(export_dir, "export", "run `make export` first")
+    if manifest.get("forms", {}).get(wanted):
+        return wanted
+    log.warning("serve: export %s has no %s form; serving the merged model", export_dir, wanted)
+    return "merged"
+
+
+def create_app(export_dir: Path, form: str = "onnx"):
+    """A FastAPI app over ``export_dir``; loads the encoder and index once, at creation."""
+    from fastapi import FastAPI, HTTPException, Query
+
+    from pipeline.contracts.export_folder import SearchIndex, load_form
+
+    export_dir = Path(export_dir)
+    form = pick_form(export_dir, form)
+    manifest = require_manifest(export_dir, "export", "run `make export` first")
+    encoder = load_form(export_dir, form)
+    index = SearchIndex(export_dir / "index")
+    # onnxruntime sessions and torch modules are not documented as safe for concurrent calls; FastAPI
+    # runs sync endpoints in a thread pool, so requests take turns on the encoder.
+    lock = threading.Lock()
+
+    app = FastAPI(title=f"embedding search: {manifest['run_name']}",
+                  description="Embeddings and nearest-neighbour search over an exported, gate-checked encoder.")
+
+    def embed(texts: list[str], role: str):
+        if any(len(t) > MAX_CHARS for t in texts):
+            raise HTTPException(413, f"each text must have at most {MAX_CHARS} characters")
+        with lock:
+            return encoder.encode(texts, role)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "run": manifest["run_name"], "form": form, "dim": int(index.meta["dim"]),
+                "index": {"type": index.meta["type"], "items": int(index.meta["n"]), "corpus": index.meta["corpus"]},
+                "gate": {k: manifest["gate"].get(k) for k in ("merged_vs_reference_min_cos", "onnx_vs_torch_min_cos")}}
+
+    @app.post("/embed")
+    def embed_endpoint(req: EmbedRequest) -> dict:
+        vectors = embed(req.texts, req.role)
+        return {"form": form, "role": req.role, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+
+    @app.get("/search")
+    def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
+        started = time.perf_counter()
+        hits = index.search(embed([q], "query"), k)[0]  # the index holds documents
+        return {"query": q, "k": k, "form": form, "results": hits,
+                "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
+
+    return app
+
+
+def run(cfg: Config) -> None:
+    import uvicorn
+
+    if cfg.export.serve_adapters:  # one base, many adapters
+        from pipeline.serve import adapters as adapters_serve
+
+        return adapters_serve.run(cfg)
+
+    export_dir = Layout(cfg).export()
+    require_manifest(export_dir, f"export of run '{cfg.resolved_run_name}'",
+                     "run `make export` (or pass --run NAME of an exported run)")
+    app = create_app(export_dir, cfg.export.serve_form)
+    log.info("serve: %s on http://%s:%d (try /search?q=...&k=5)", export_dir, HOST, cfg.export.serve_port)
+    uvicorn.run(app, host=HOST, port=cfg.export.serve_port, log_level="info")
