@@ -78,3 +78,17 @@ def test_fusion_ranks_as_qdrant_does():
         theirs = reciprocal_rank_fusion(lists, limit=5, ranking_constant_k=k, weights=[w, 1.0])
         assert [p.id for p in theirs] == [d for d in ids[0] if d >= 0]
         assert np.allclose([p.score for p in theirs], scores[0][: len(theirs)])
+
+
+def test_dense_search_deepens_when_one_document_fills_the_first_hits():
+    rng = np.random.default_rng(1)
+    query = rng.normal(size=(1, 8)).astype(np.float32)
+    query /= np.linalg.norm(query)
+    near = query + 0.01 * rng.normal(size=(50, 8)).astype(np.float32)  # 50 passages of document 0
+    far = rng.normal(size=(10, 8)).astype(np.float32)
+    passages = np.vstack([near, far])
+    passages /= np.linalg.norm(passages, axis=1, keepdims=True)
+    doc_of = np.array([0] * 50 + list(range(1, 11)))
+    ids, _ = ir.dense_search(passages, doc_of, query, k=5)
+    sims = (query @ passages[50:].T)[0]
+    assert ids[0, 0] == 0 and ids[0, 1:].tolist() == (1 + np.argsort(-sims)[:4]).tolist()
