@@ -64,6 +64,21 @@ def is_retrieval(manifest: dict) -> bool:
     return manifest.get("kind") == "retrieval"
 
 
+def encoder_length(manifest: dict) -> int | None:
+    """The token length a retrieval set's texts are encoded at (prepare chose it from the texts and the
+    model); None for other corpora, which use ``train.max_seq_length``."""
+    return int(manifest["lengths"]["encoder"]) if is_retrieval(manifest) and manifest.get("lengths") else None
+
+
+def with_encoder_length(cfg, manifest: dict):
+    """``cfg`` with ``train.max_seq_length`` set to a retrieval set's encoder length (unchanged otherwise), so
+    train, the model info it writes, embed and export all truncate where prepare measured."""
+    length = encoder_length(manifest)
+    if length is None or length == cfg.train.max_seq_length:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_seq_length": length})})
+
+
 def text_files(manifest: dict) -> list[str]:
     """The files embed encodes, in the order it encodes them."""
     return manifest.get("text_files", LABELLED_TEXT_FILES)

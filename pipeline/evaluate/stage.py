@@ -43,7 +43,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import DataError
 from pipeline.model.families import lora_block
 from pipeline.model.encoder import check_base_matches, read_model_info
-from pipeline.contracts.prepared_data import SPLITS, VAL_QUERIES, is_pairs, load_gallery, load_labels, load_queries, load_split
+from pipeline.contracts.prepared_data import SPLITS, VAL_QUERIES, is_pairs, is_retrieval, load_gallery, load_labels, load_queries, load_split
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def run(cfg: Config) -> Path:
     check_base_matches(layout.model_dir(), info, cfg.model.base)
     clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical", Path(cfg.paths.cache) / "base-scores")
     cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
-    score = _score_pairs if is_pairs(prep) else _score_labelled
+    score = _score_retrieval if is_retrieval(prep) else _score_pairs if is_pairs(prep) else _score_labelled
     scored = score(cfg, layout, prep, emb_manifest, train_manifest, info)
     payload = {**_common_payload(cfg, info, prep, emb_manifest, train_manifest), **scored.pop("payload")}
     out = _write_outputs(cfg, layout, payload, scored, train_manifest)
@@ -486,6 +486,23 @@ def _score_pairs(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, tr
         "test_items": int(len(queries)), "gallery_items": int(len(gallery)), "retrieval_queries": int(len(queries)),
     }
     return {"payload": payload, "report_tail": _pairs_report_tail(payload)}
+
+
+def _score_retrieval(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict,
+                     info: dict) -> dict:
+    """A retrieval set: the test queries against the whole corpus (pipeline/evaluate/retrieval.py), adapted,
+    base, BM25 and the hybrid, with the verdicts of the other corpora."""
+    from pipeline.evaluate import retrieval
+
+    scored = retrieval.score_models(cfg, layout.processed, emb_manifest)
+    t = scored["test"]
+    payload = retrieval.payload_parts(cfg, scored, prep)
+    val_figures = retrieval.validation_figures(scored)
+    payload["verdict"] = verdict_block(cfg, info["method"], {"retrieval": t["adapted"]}, {"retrieval": t["base"]},
+                                       {"retrieval": t["lexical"]}, None, val_figures, train_curve(train_manifest))
+    notes = prep.get("notes", {})
+    payload["notes"] = {"classification": notes.get("classification", ""), "retrieval": notes.get("retrieval", "")}
+    return {"payload": payload, "report_tail": retrieval.report_tail(payload)}
 
 
 def _pairs_report_tail(payload: dict) -> str:

@@ -44,7 +44,8 @@ from pipeline.model.encoder import (apply_lora, base_fingerprint, count_paramete
                             load_base, lora_b_norm, pick_device, pick_dtype, resolve_base, training_model_kwargs,
                             write_model_info)
 from pipeline.contracts.identity import run_fingerprint
-from pipeline.contracts.prepared_data import load_pairs
+from pipeline.contracts.prepared_data import load_pairs, with_encoder_length
+from pipeline.train import retrieval as retrieval_sets
 
 log = logging.getLogger(__name__)
 PROBE_TEXTS = 32
@@ -79,6 +80,10 @@ class PairTensors:
         self.lengths = np.array([len(self.ids[a]) + len(self.ids[p]) for a, p in zip(self.anchor, self.positive)])
         self.lengths += np.array([len(self.ids[k]) if k >= 0 else 0 for k in self.negative], dtype=self.lengths.dtype)
         self.real_tokens = int(self.lengths.sum())
+        # retrieval sets: document id -> text id of its training text, for the judged-relevant mask
+        self.doc_text_id = {d: text_id[t] for col, texts in (("positive_id", positives), ("negative_id", negs))
+                            if col in pairs for d, t in zip(pairs[col], texts) if isinstance(d, str) and t is not None}
+        self.relevant: retrieval_sets.RelevantMask | None = None
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -183,6 +188,9 @@ def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer,
         torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
         torch.as_tensor(a_ids), torch.as_tensor(data.positive_is_label[idx]), t.mask_same_label,
     ).to(device)
+    if data.relevant is not None:  # a retrieval set: no judged-relevant document of the anchor's query
+        mask = mask | data.relevant(idx, p_ids).to(device)
+        mask.fill_diagonal_(False)
     neg_rows = idx[data.negative[idx] >= 0]
     neg_mask = hard_negative_mask(
         torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(a_ids),
@@ -190,6 +198,8 @@ def training_step(st_model, data: PairTensors, idx: np.ndarray, t, *, optimizer,
         torch.as_tensor(data.negative_label[neg_rows]), torch.as_tensor(data.negative[neg_rows]),
         torch.as_tensor(data.negative_is_label[neg_rows]), t.mask_same_label,
     ).to(device)
+    if data.relevant is not None:
+        neg_mask = neg_mask | data.relevant(idx, data.negative[neg_rows]).to(device)
     loss = contrastive_loss_with_negatives(a_emb, p_emb, n_emb if len(neg_rows) else None, scale=t.scale,
                                            mask=mask, negative_mask=neg_mask, symmetric=t.symmetric)
     if not torch.isfinite(loss):
@@ -267,6 +277,7 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
     main = dist is None or dist.is_main
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
+    cfg = with_encoder_length(cfg, prep)  # a retrieval set: the length prepare chose from its texts
     fp = run_fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
     clean_stale(run_dir)
@@ -391,7 +402,9 @@ class _Setup:
         self.model = load_base(cfg.model, device=self.device, max_seq_length=t.max_seq_length,
                                model_kwargs=training_model_kwargs(t, self.device))
         self.prompts = prompts.for_run(cfg, self.model)
-        self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length, self.prompts)
+        pairs = load_pairs(layout.processed)
+        self.data = PairTensors(pairs, self.model, t.max_seq_length, self.prompts)
+        self.data.relevant = retrieval_sets.relevant_mask(layout.processed, pairs, self.data.doc_text_id)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
         self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
         self.vset = (validation.load(layout.processed, prep, max_texts=t.validation.max_texts, seed=cfg.seed)

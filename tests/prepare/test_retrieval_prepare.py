@@ -25,7 +25,7 @@ def beir_project(tmp_path, monkeypatch, tiny_model_dir):
     make_beir(tmp_path / "beir")
     cfg = {"seed": 0, "model": {"base": str(tiny_model_dir)},
            "data": {"name": "tinybeir", "format": "beir", "path": "beir"},
-           "train": {"batch_size": 8, "epochs": 1, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
+           "train": {"batch_size": 8, "epochs": 3, "lr": 5e-3, "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
            "eval": {"bootstrap": 50, "batch_size": 32}, "tracking": {"experiment": "tests"}}
     (tmp_path / "configs").mkdir()
     path = tmp_path / "configs" / "beir.yaml"
