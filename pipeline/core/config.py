@@ -134,7 +134,7 @@ class PairsConfig(Section):
     max_pairs: int | None = None
     # Retrieval sets: judged documents per train query that become training pairs (highest grade first, then a
     # seeded draw); None: all. Dense judgments (tens per query) otherwise make most pairs repeat a few queries.
-    positives_per_query: int | None = Field(4, ge=1)
+    positives_per_query: int | None = Field(2, ge=1)
     label_template: str = "{label}"
     hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
 

@@ -67,17 +67,20 @@ def _neg(doc_id: str) -> tuple:
 
 # ------------------------------------------------------------------------------------------------- dense
 
-def dense_search(passages: np.ndarray, doc_of: np.ndarray, queries: np.ndarray, k: int, *,
-                 block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k documents per query, a document scored by its best passage. Exact.
+def dense_search(passages: np.ndarray | None, doc_of: np.ndarray, queries: np.ndarray, k: int, *,
+                 block: int = 256, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k documents per query, a document scored by its best passage. Exact over the index's answers.
 
-    passages: (n_passages, dim) normalised; doc_of: (n_passages,) document row of each passage; queries:
-    (n_queries, dim). Returns (ids, scores), (n_queries, k) each, ids -1 past the number of documents.
+    passages: (n_passages, dim) normalised (an exact flat index is built over them), or None with ``index``: a
+    FAISS index already holding them (an export's flat, IVF or HNSW index); doc_of: (n_passages,) document row of
+    each passage; queries: (n_queries, dim). Returns (ids, scores), (n_queries, k) each, ids -1 past the number
+    of documents.
     """
     import faiss
 
-    index = faiss.IndexFlatIP(passages.shape[1])
-    index.add(np.ascontiguousarray(passages, dtype=np.float32))
+    if index is None:
+        index = faiss.IndexFlatIP(passages.shape[1])
+        index.add(np.ascontiguousarray(passages, dtype=np.float32))
     doc_of = np.asarray(doc_of)
     n_docs = int(doc_of.max()) + 1 if len(doc_of) else 0
     k_docs = min(k, n_docs)
