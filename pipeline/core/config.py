@@ -312,7 +312,8 @@ class SuiteConfig(Section):
     name: str = "default"
     # One config per corpus, each run with its own settings as an ordinary run named suite-<name>-<file stem>.
     configs: list[str] = Field(default_factory=lambda: ["configs/default.yaml", "configs/walmart_amazon.yaml",
-                                                        "configs/clinc150.yaml"], min_length=1)
+                                                        "configs/clinc150.yaml", "configs/nfcorpus.yaml"],
+                               min_length=1)
     overrides: list[str] = Field(default_factory=list)  # key=value applied to every corpus config (quick runs)
 
 
