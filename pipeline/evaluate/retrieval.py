@@ -20,8 +20,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.contracts.prepared_data import load_corpus, load_passages, load_qrels, load_retrieval_queries
+from pipeline.core.artifacts import Layout
 from pipeline.core.config import Config
 from pipeline.core.errors import DataError
+from pipeline.evaluate.scores import Scored, Scores
+from pipeline.evaluate.verdicts import train_curve, verdict_block
 from pipeline.search import ir, scoring
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,19 @@ def score_models(cfg: Config, folder: Path, emb_manifest: dict) -> dict:
     return out
 
 
+def score(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Scored:
+    """A retrieval set's payload (adapted, base, BM25, hybrid, the verdicts) and its report section."""
+    scored = score_models(cfg, layout.processed, emb_manifest)
+    t = scored["test"]
+    payload = payload_parts(cfg, scored, prep)
+    models = {name: Scores(per_query=t[name]) for name in ("adapted", "base", "lexical")}
+    payload["verdict"] = verdict_block(cfg, info["method"], models, None, validation_figures(scored),
+                                       train_curve(train_manifest))
+    notes = prep.get("notes", {})
+    payload["notes"] = {"classification": notes.get("classification", ""), "retrieval": notes.get("retrieval", "")}
+    return Scored(payload, report_tail=report_tail(payload))
+
+
 def block(per_query: dict[str, np.ndarray], cfg: Config) -> dict:
     means, ci = scoring.summarize(per_query, cfg)
     return {"retrieval": means, "ci": {"retrieval": ci}}
@@ -143,7 +159,7 @@ def payload_parts(cfg: Config, scored: dict, prep: dict) -> dict:
 
 def report_tail(payload: dict) -> str:
     """report.md's retrieval-set section: the four rows with CIs, the fusion, the paired changes."""
-    from pipeline.evaluate.stage import delta_table
+    from pipeline.evaluate.pairs import delta_table
 
     def cell(b, k):
         v, ci = b["retrieval"].get(k), b.get("ci", {}).get("retrieval", {}).get(k)

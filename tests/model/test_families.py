@@ -240,7 +240,7 @@ def test_a_model_that_ships_prompts_is_trained_evaluated_exported_and_served_wit
     from pipeline.model import prompts
     from pipeline.contracts.export_folder import load_form
     from pipeline.serve.stage import create_app
-    from pipeline.train.stage import PairTensors
+    from pipeline.train.loop import PairTensors
 
     base = build("qwen3", family_root, prompts=PROMPTS)
     monkeypatch.chdir(tmp_path)
