@@ -20,7 +20,7 @@ FILLER = ["study", "patients", "results", "trial", "effect", "cohort", "risk", "
 
 
 def make_beir(folder: Path, *, docs_per_topic: int = 8, queries_per_topic: int = 6, long_every: int = 3,
-              seed: int = 0, crlf: bool = True, splits=("train", "dev", "test")) -> Path:
+              seed: int = 0, crlf: bool = True, splits=("train", "dev", "test"), short_words: int = 12) -> Path:
     """corpus.jsonl, queries.jsonl and qrels/<split>.tsv; every third document is long enough to be cut into
     passages by a 32-token model. Query q of a topic is judged relevant (grade 2 for its first document, 1 for
     the others) to that topic's documents; queries are spread over ``splits`` round robin."""
@@ -31,7 +31,7 @@ def make_beir(folder: Path, *, docs_per_topic: int = 8, queries_per_topic: int =
     for t, (topic, words) in enumerate(TOPICS.items()):
         ids = []
         for i in range(docs_per_topic):
-            n = 60 if i % long_every == 0 else 12
+            n = 60 if long_every and i % long_every == 0 else short_words
             body = " ".join(rng.choice(words + FILLER, n))
             doc_id = f"D{t}-{i}"
             docs.append({"_id": doc_id, "title": f"{topic} {words[i % 4]} report {i}", "text": body,

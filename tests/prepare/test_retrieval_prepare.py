@@ -163,3 +163,14 @@ def test_a_document_table_without_the_named_columns_is_one_line(beir_project, ca
     Path("configs/bad.yaml").write_text(yaml.safe_dump(cfg))
     msg = _fails_cleanly(capsys, "prepare", "--config", "configs/bad.yaml", OFF)
     assert "column 'content' (text) not found" in msg and "doc_id, heading, body" in msg
+
+
+def test_short_documents_keep_a_short_encoder_length_and_no_passages(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    make_beir(tmp_path / "short", long_every=0, short_words=3)  # no long document: a title and three words
+    cfg = {"model": {"base": str(tiny_model_dir)}, "data": {"name": "short", "format": "beir", "path": "short"}}
+    Path("short.yaml").write_text(yaml.safe_dump(cfg))
+    out = _prepare(Path("short.yaml"))
+    lengths = json.loads((out / "manifest.json").read_text())["lengths"]
+    assert lengths["encoder"] < lengths["model_max"] and lengths["passages_total"] == 48
+    assert lengths["documents_in_passages"] == 0
