@@ -47,3 +47,16 @@ def test_export_serves_documents_dense_lexical_and_the_validation_chosen_hybrid(
     scores = [r["score"] for r in got["dense"]["results"]]
     assert scores == sorted(scores, reverse=True) and np.isfinite(scores).all()
     assert client.get("/search", params={"q": query, "mode": "nope"}).status_code == 422
+
+
+def test_qdrant_ranks_documents_as_serve_does(beir_project):
+    from pipeline.export import targets
+    from pipeline.core.config import load_config
+
+    args = ("--config", str(beir_project), OFF)
+    run_stages(*args)
+    assert cli("export", *args, "--force", "export.quantize_int8=false", "export.onnx=false") == 0
+    cfg = load_config(beir_project, [OFF])
+    report = targets.run(cfg, Path("exports/tinybeir-lora-r4-a8-s0"), ["qdrant"])
+    q = report["qdrant"]
+    assert q["count"] == q["documents"] == 48 and q["min_overlap"] == 1.0, q
