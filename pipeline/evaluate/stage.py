@@ -161,7 +161,8 @@ def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) 
     training run's MLflow run; the report files as its artefacts."""
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
         flat = {}
-        for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
+        for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"]),
+                              ("hybrid.", payload.get("hybrid", {}))):
             for kind in ("classification", "retrieval"):
                 for k, v in block.get(kind, {}).items():
                     if isinstance(v, (int, float)) and not k.endswith("_C"):

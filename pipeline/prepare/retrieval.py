@@ -133,7 +133,7 @@ def _ceil8(n: float) -> int:
     return int(8 * math.ceil(n / 8))
 
 
-def choose_lengths(cfg: Config, tok, model_max: int, doc_lengths: np.ndarray, query_lengths: np.ndarray,
+def choose_lengths(cfg: Config, model_max: int, doc_lengths: np.ndarray, query_lengths: np.ndarray,
                    prompt_tokens: dict[str, int]) -> dict:
     """Query, document and encoder lengths (tokens, special tokens and prompts included)."""
     lc = cfg.data.lengths
@@ -294,7 +294,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     check_judged(queries, qrels, rs.source)
     tok, model_max, prompt_tokens = _tokenizer(cfg)
     full = (rs.corpus["title"] + " " + rs.corpus["text"]).str.strip().tolist()
-    lengths = choose_lengths(cfg, tok, model_max, _token_lengths(tok, full), _token_lengths(tok, queries["text"].tolist()),
+    lengths = choose_lengths(cfg, model_max, _token_lengths(tok, full), _token_lengths(tok, queries["text"].tolist()),
                              prompt_tokens)
     passages = make_passages(rs.corpus, tok, lengths, prompt_tokens["document"])
     lengths["passages_total"] = int(len(passages))
