@@ -72,3 +72,22 @@ def as_pairs(beir: Path, out: Path, *, by: str = "id") -> tuple[Path, Path]:
     corpus.rename(columns={"_id": "doc_id", "title": "heading", "text": "body"})[["doc_id", "heading", "body"]].to_json(
         table, orient="records", lines=True)
     return pairs, table
+
+
+def as_hf_dataset(beir: Path, out: Path) -> Path:
+    """The same set as a local Hugging Face dataset with corpus / queries / default (qrels) configs, as MTEB's
+    retrieval datasets are laid out (datasets reads the configs from README.md, offline)."""
+    beir, out = Path(beir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.read_json(beir / "corpus.jsonl", lines=True, dtype={"_id": str})[["_id", "title", "text"]].to_parquet(
+        out / "corpus.parquet")
+    pd.read_json(beir / "queries.jsonl", lines=True, dtype={"_id": str}).to_parquet(out / "queries.parquet")
+    splits = []
+    for f in sorted((beir / "qrels").glob("*.tsv")):
+        pd.read_csv(f, sep="\t", dtype={"query-id": str, "corpus-id": str}).to_parquet(out / f"qrels-{f.stem}.parquet")
+        splits.append(f"      - split: {f.stem}\n        path: qrels-{f.stem}.parquet")
+    (out / "README.md").write_text(
+        "---\nconfigs:\n  - config_name: corpus\n    data_files:\n      - split: corpus\n        path: corpus.parquet\n"
+        "  - config_name: queries\n    data_files:\n      - split: queries\n        path: queries.parquet\n"
+        "  - config_name: default\n    data_files:\n" + "\n".join(splits) + "\n---\n")
+    return out

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.contracts import prepared_data as P
 from tests.conftest import cli
-from tests.retrieval_data import as_pairs, make_beir
+from tests.retrieval_data import as_hf_dataset, as_pairs, make_beir
 from tests.test_cli import _fails_cleanly
 
 OFF = "tracking.enabled=false"
@@ -107,6 +107,20 @@ def test_pairs_with_a_document_table_prepare_the_same_set_as_beir(beir_project, 
     assert judged(beir_out) == judged(pairs_out)
     assert P.load_corpus(beir_out).equals(P.load_corpus(pairs_out))
     assert P.load_passages(beir_out).equals(P.load_passages(pairs_out))
+
+
+def test_an_hf_dataset_in_beir_form_prepares_the_same_set(beir_project, tmp_path):
+    beir_out = _prepare(beir_project)
+    hf = as_hf_dataset(Path("beir"), tmp_path / "hf_set")
+    cfg = yaml.safe_load(beir_project.read_text())
+    cfg["data"] = {"name": "tinyhf", "format": "beir", "path": f"hf:{hf}"}
+    config = tmp_path / "configs" / "hf.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    hf_out = _prepare(config)
+    for split in P.SPLITS:
+        assert P.load_qrels(beir_out, split) == P.load_qrels(hf_out, split)
+    assert P.load_retrieval_queries(beir_out).equals(P.load_retrieval_queries(hf_out))
+    assert P.load_corpus(beir_out).equals(P.load_corpus(hf_out))
 
 
 # ---------------------------------------------------------------------------------------- bad input
