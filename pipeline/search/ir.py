@@ -200,21 +200,20 @@ class Fusion:
 
 def fuse(runs: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float], k: int,
          depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fuse runs (each (ids, scores), best first) into one of ``depth`` documents per query."""
+    """Fuse runs (each (ids, scores), best first) into one of ``depth`` documents per query; ties by document row."""
     n = len(runs[0][0])
     ids = np.full((n, depth), -1, dtype=np.int64)
     scores = np.zeros((n, depth), dtype=np.float32)
+    parts = [(r_ids, 1.0 / ((np.arange(r_ids.shape[1]) + 1.0) / w + k - 1.0)) for (r_ids, _), w in zip(runs, weights)
+             if w > 0]
     for q in range(n):
-        total: dict[int, float] = {}
-        for (r_ids, _), w in zip(runs, weights):
-            if w <= 0:
-                continue
-            for pos, doc in enumerate(r_ids[q]):
-                if doc >= 0:
-                    total[int(doc)] = total.get(int(doc), 0.0) + 1.0 / ((pos + 1.0) / w + k - 1.0)
-        best = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:depth]
-        ids[q, : len(best)] = [d for d, _ in best]
-        scores[q, : len(best)] = [s for _, s in best]
+        docs = np.concatenate([r[q] for r, _ in parts])
+        gain = np.concatenate([g for _, g in parts])
+        keep = docs >= 0
+        found, inverse = np.unique(docs[keep], return_inverse=True)
+        total = np.bincount(inverse, weights=gain[keep], minlength=len(found))
+        order = np.lexsort((found, -total))[:depth]
+        ids[q, : len(order)], scores[q, : len(order)] = found[order], total[order]
     return ids, scores
 
 
