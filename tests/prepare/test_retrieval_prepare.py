@@ -188,3 +188,12 @@ def test_short_documents_keep_a_short_encoder_length_and_no_passages(tmp_path, m
     lengths = json.loads((out / "manifest.json").read_text())["lengths"]
     assert lengths["encoder"] < lengths["model_max"] and lengths["passages_total"] == 48
     assert lengths["documents_in_passages"] == 0
+
+
+def test_mined_negatives_come_from_the_corpus_and_are_never_judged_relevant_to_the_query(beir_project):
+    out = _prepare(beir_project, "pairs.hard_negatives.enabled=true", "pairs.hard_negatives.relative_margin=0")
+    pairs = P.load_pairs(out)
+    relevant = P.load_relevant(out, "train")
+    mined = pairs[pairs["negative_id"].notna()]
+    assert len(mined) > 0 and set(mined["negative_id"]) <= set(P.load_corpus(out)["id"])
+    assert not any(n in relevant[q] for q, n in zip(mined["query_id"], mined["negative_id"]))
