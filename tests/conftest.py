@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DATA_MIRROR") or REPO.parent / "shared" / "data")  # as prepare finds it
 
 CATEGORIES = {
     "mobile phones": ["apple iphone", "samsung galaxy", "nokia", "motorola moto"],

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.contracts.document_index import is_document_index
 from pipeline.core.artifacts import read_json, require_manifest, write_json_atomic
 from pipeline.core.config import Config
 from pipeline.core.errors import ExportError
@@ -179,6 +180,21 @@ def load_qdrant(data: ExportedIndex, cfg: Config, name: str, rows: Sequence[int]
             "count": count, **check}
 
 
+def load_qdrant_documents(data: ExportedIndex, cfg: Config, name: str) -> dict:
+    """A retrieval set's export: one point per document with its passages and BM25 weights, queried as serve's
+    hybrid (pipeline/export/qdrant_documents.py)."""
+    from pipeline.export import qdrant_documents
+
+    client, where = _qdrant_client(cfg, data.export_dir / "targets" / "qdrant")
+    try:
+        result = qdrant_documents.load(client, data, cfg, name, ID_NAMESPACE)
+        count = int(client.count(name, exact=True).count)
+    finally:
+        client.close()
+    return {"engine": "qdrant", "where": where, "collection": name, "dim": data.dim, "metric": "cosine",
+            "count": count, **result}
+
+
 # ----------------------------------------------------------------------------------------------- LanceDB
 
 def _lance_batch(data: ExportedIndex, rows: range):
@@ -300,7 +316,9 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
     report_path = Path(export_dir) / "targets" / TARGETS_FILE
     report = read_json(report_path) if report_path.exists() else {}
     for target in targets:
-        if target == "qdrant":
+        if target == "qdrant" and is_document_index(Path(export_dir) / "index"):
+            result = load_qdrant_documents(data, cfg, name)  # a retrieval set: documents, BM25 and the hybrid
+        elif target == "qdrant":
             result = load_qdrant(data, cfg, name, rows)
         elif target == "lancedb":
             result = load_lancedb(data, cfg, name, rows)
@@ -309,7 +327,7 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
         k = result["k"]
         log.info("targets: %s %s: %d vectors, top-%d overlap with FAISS %.3f", target, result["where"],
                  result["count"], k, result[f"overlap@{k}"])
-        if result["count"] != len(data.records):
+        if result["count"] != result.get("documents", len(data.records)):
             raise ExportError(f"{target} holds {result['count']} vectors after the load, the export "
                               f"{len(data.records)}: another writer shares '{name}'? Set export.target_options.name")
         if result[f"overlap@{k}"] < cfg.export.target_options.min_overlap:

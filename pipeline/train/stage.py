@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from pipeline.contracts import pair_kinds as objectives
 from pipeline.contracts.identity import run_fingerprint
-from pipeline.contracts.prepared_data import load_pairs
+from pipeline.contracts.prepared_data import load_pairs, with_encoder_length
+from pipeline.train import retrieval as retrieval_sets
 from pipeline.core import recovery, tracking
 from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, require_manifest,
                                      skip_or_refuse, write_json_atomic)
@@ -117,6 +118,7 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
     main = dist is None or dist.is_main
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
+    cfg = with_encoder_length(cfg, prep)  # a retrieval set: the length prepare chose from its texts
     fp = run_fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
     clean_stale(run_dir)
@@ -173,7 +175,9 @@ class _Setup:
         self.model = load_base(cfg.model, device=self.device, max_seq_length=t.max_seq_length,
                                model_kwargs=training_model_kwargs(t, self.device))
         self.prompts = prompts.for_run(cfg, self.model)
-        self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length, self.prompts)
+        pairs = load_pairs(layout.processed)
+        self.data = PairTensors(pairs, self.model, t.max_seq_length, self.prompts)
+        self.data.relevant = retrieval_sets.relevant_mask(layout.processed, pairs, self.data.doc_text_id)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
         self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
         self.vset = (validation.load(layout.processed, prep, max_texts=t.validation.max_texts, seed=cfg.seed)
