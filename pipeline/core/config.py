@@ -7,8 +7,6 @@ scalars (``16`` is an int, ``[query,value]`` a list, ``true`` a bool) and then v
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.hashing import digest
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -439,8 +438,7 @@ class Config(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: what a stage's output depends on."""
         dump = self.model_dump(mode="json")
-        payload = {s: dump[s] for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return digest({s: dump[s] for s in sections})
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -25,7 +25,6 @@ The merged model is then logged to the run's MLflow run with the sentence_transf
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ import numpy as np
 import yaml
 
 from pipeline.model import prompts
-from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json,
+from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, digest, hash_tree, make_manifest, read_json,
                                 require_manifest, sha256_file, skip_or_refuse, write_json_atomic)
 # The ONNX trace, int8 quantisation and ONNX encoder are shared with the embed stage (pipeline/model/backends.py).
 from pipeline.model.backends import ONNX_FILE, ONNX_INT8_FILE, OnnxEncoder, export_onnx, quantize_int8, row_cosines
@@ -295,7 +294,7 @@ def fingerprint(cfg: Config, train_manifest: dict, prep: dict, metrics_path: Pat
     metrics_hash = sha256_file(metrics_path) if metrics_path.exists() else None
     payload = [EXPORT_VERSION, train_manifest["fingerprint"], prep["fingerprint"], ecfg, metrics_hash,
                cfg.tracking.enabled]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def _folder_mb(path: Path) -> float:
