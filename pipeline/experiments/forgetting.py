@@ -64,7 +64,8 @@ def _cached_embeddings(folder: Path, key: str, pcfg: Config, make_model, process
         return folder
     st_model = make_model()
     used = prompts_of(st_model)
-    encoder, backend = backends.select_for_files(pcfg, st_model, processed, files, device, max_len, used)
+    encoder, backend = backends.select_for_files(pcfg, st_model, processed, files, device, max_len, used,
+                                                 backends.texts_to_embed(processed, files, label_texts, used))
     with atomic_dir(folder) as tmp:
         timing = backends.embed_files(encoder, processed, files, label_texts, tmp, used, stage)
         write_json_atomic(tmp / MANIFEST, make_manifest(stage, pcfg, fingerprint=key, inputs={"files": files},
