@@ -18,7 +18,7 @@ An explicit list of names is used as given, after checking that each one matches
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 PRESETS = {"qv": ("q", "v"), "qkv": ("q", "k", "v"), "qkvo": ("q", "k", "v", "o"),
            "qkv+ffn": ("q", "k", "v", "ffn"), "all-linear": ("q", "k", "v", "o", "ffn")}
@@ -59,6 +59,7 @@ class Targets:
     adapted_modules: int  # modules matched by ``modules``
     fused_qkv: bool
     mapped_by: str  # "table", "module names" or "config"
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full beside the adapter
 
     def record(self) -> dict:
         return asdict(self)
