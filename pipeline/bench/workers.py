@@ -338,7 +338,7 @@ def task_encode(spec: dict, out_dir: Path) -> dict:
     if spec["path"] == "project":
         # No prompts on either path (the reference is SentenceTransformer.encode without a prompt name), and no
         # text count: the bench times the form a large job would get, so every form is tried.
-        encoder, backend = backends.select(cfg, st_model, texts, device=device, max_seq_length=cfg.train.max_seq_length,
+        encoder, backend = backends.select(cfg, st_model, texts, max_seq_length=cfg.train.max_seq_length,
                                            batch_size=batch_size)
 
         def embed(items):

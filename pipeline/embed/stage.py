@@ -48,7 +48,7 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, max_
     st_model = load_base(cfg.model, device=device, max_seq_length=max_seq_length)
     used = prompts.for_run(cfg, st_model)
     files, labels = text_files(prep), label_texts(cfg, layout.processed)
-    encoder, backend = backends.select_for_files(cfg, st_model, layout.processed, files, device, max_seq_length, used,
+    encoder, backend = backends.select_for_files(cfg, st_model, layout.processed, files, max_seq_length, used,
                                                  backends.texts_to_embed(layout.processed, files, labels, used))
     with atomic_dir(out) as tmp:
         timing = backends.embed_files(encoder, layout.processed, files, labels, tmp, used, "embed base")
@@ -94,7 +94,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
             used = prompts.of_record(info.get("prompts"))
             files, labels = text_files(prep), label_texts(cfg, layout.processed)
             encoder, extra["backend"] = backends.select_for_files(
-                cfg, st_model, layout.processed, files, device, max_len, used,
+                cfg, st_model, layout.processed, files, max_len, used,
                 backends.texts_to_embed(layout.processed, files, labels, used))
             extra["timing"] = backends.embed_files(encoder, layout.processed, files, labels, tmp, used,
                                                    f"embed {info['method']}")

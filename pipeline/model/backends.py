@@ -95,19 +95,19 @@ class OnnxEncoder:
 
     Two ways to tokenise, one way to run: :meth:`from_folder` (an export's ``onnx/``) uses the ``tokenizers``
     library directly, not transformers, so a search service over the ONNX form does not pull in torch, with
-    truncation, padding side and pad id from ``onnx_config.json``; :meth:`on_model` (embed's ``onnx-fp32``
-    form) uses the loaded model's own Hugging Face tokenizer, so ids are those of the PyTorch path. Texts run
+    truncation, padding side and pad id from ``onnx_config.json``; embed's ``onnx-fp32`` form (:func:`candidates`)
+    uses the loaded model's own Hugging Face tokenizer, so ids are those of the PyTorch path. Texts run
     longest first in batches of at most ``batch_size`` rows and ``token_budget`` padded tokens; the prompts
     recorded for the model are prepended per role. ``observer``, when set, is called with each batch's
     attention mask (rows, width): the bench counts tokens with it.
     """
 
-    def __init__(self, name: str, session, tokenize: Callable[[list[str]], list[list[int]]], *, meta: dict,
-                 pad_id: int, padding_side: str, used: prompts.Prompts, batch_size: int = 64,
-                 token_budget: int | None = None):
+    def __init__(self, name: str, session, tokenize: Callable[[list[str]], list[list[int]]], meta: dict, *,
+                 used: prompts.Prompts, batch_size: int = 64, token_budget: int | None = None):
         self.name, self.session, self.tokenize, self.meta = name, session, tokenize, meta
-        self.pad_id, self.padding_side, self.prompts = pad_id, padding_side, used
-        self.batch_size, self.token_budget = batch_size, token_budget
+        # the tokenizer's own pad id and side, recorded in onnx_config.json when the graph was traced
+        self.pad_id, self.padding_side = int(meta["pad_token_id"]), meta.get("padding_side", "right")
+        self.prompts, self.batch_size, self.token_budget = used, batch_size, token_budget
         self.inputs = list(meta["inputs"])
         self.observer: Callable[[np.ndarray], None] | None = None
 
@@ -126,16 +126,8 @@ class OnnxEncoder:
             return [e.ids for e in tokenizer.encode_batch(texts)]
 
         return cls(name or ("onnx-int8" if file == ONNX_INT8_FILE else "onnx-fp32"),
-                   onnx_session(folder / file, threads), tokenize, meta=meta,
-                   pad_id=int(meta["pad_token_id"]), padding_side=meta.get("padding_side", "right"),
+                   onnx_session(folder / file, threads), tokenize, meta,
                    used=prompts.of_record(meta.get("prompts")), batch_size=batch_size)
-
-    @classmethod
-    def on_model(cls, name: str, session, st_model, meta: dict, *, max_seq_length: int, batch_size: int,
-                 token_budget: int | None, used: prompts.Prompts) -> "OnnxEncoder":
-        pad, side = encoding.pad_info(st_model)
-        return cls(name, session, lambda texts: encoding.tokenize(st_model, texts, max_seq_length), meta=meta,
-                   pad_id=pad, padding_side=side, used=used, batch_size=batch_size, token_budget=token_budget)
 
     @property
     def dim(self) -> int:
@@ -437,9 +429,10 @@ def candidates(cfg, st_model, device, max_seq_length: int, batch_size: int,
 
         def build_onnx() -> Encoder:
             path, meta = cached_onnx(st_model, cache, max_seq_length, cfg.embed.onnx_fusion, cfg.embed.onnx_cache_mb)
-            return OnnxEncoder.on_model("onnx-fp32", onnx_session(path, cfg.train.num_threads), st_model, meta,
-                                        max_seq_length=max_seq_length, batch_size=batch_size,
-                                        token_budget=cfg.embed.onnx_token_budget, used=used or prompts.Prompts())
+            return OnnxEncoder("onnx-fp32", onnx_session(path, cfg.train.num_threads),
+                               lambda texts: encoding.tokenize(st_model, texts, max_seq_length), meta,
+                               used=used or prompts.Prompts(), batch_size=batch_size,
+                               token_budget=cfg.embed.onnx_token_budget)
         cached = (onnx_cache_folder(st_model, cache, cfg.embed.onnx_fusion) / ONNX_META).exists()
         out.append(Candidate("onnx-fp32", build_onnx, 0.0 if cached else estimated_trace_seconds(st_model, cache)))
     return out
@@ -474,7 +467,7 @@ def worth_trying(c: Candidate, n_texts: int | None, reference_seconds_per_text: 
 
 
 def select(cfg, st_model, probe_texts: Sequence[str], *, used: prompts.Prompts | None = None,
-           n_texts: int | None = None, device="cpu", max_seq_length: int | None = None,
+           n_texts: int | None = None, max_seq_length: int | None = None,
            batch_size: int | None = None) -> tuple[Encoder, dict]:
     """The fastest form of ``st_model`` that ``embed.backend`` allows and that matches ``torch-fp32`` on
     ``probe_texts`` (as documents; per row cosine >= ``embed.gate_min_cos``); returns (encoder, record).
@@ -486,7 +479,7 @@ def select(cfg, st_model, probe_texts: Sequence[str], *, used: prompts.Prompts |
     cannot be built (an architecture the ONNX trace does not cover) is recorded with its error and logged;
     with ``embed.backend: onnx`` that error, or a failed gate, stops here instead of quietly running PyTorch.
     """
-    e = cfg.embed
+    e, device = cfg.embed, st_model.device  # every form runs where the caller put the model
     probe = [t for t in dict.fromkeys(probe_texts) if t][: e.probe_texts]
     if not probe:
         raise ConfigError("backends.select: no probe texts to check the encoder forms on")
@@ -567,13 +560,13 @@ def texts_to_embed(processed: Path, files: list[str], label_texts: list[str], us
     return n
 
 
-def select_for_files(cfg, st_model, processed: Path, files: list[str], device, max_seq_length: int,
+def select_for_files(cfg, st_model, processed: Path, files: list[str], max_seq_length: int,
                      used: prompts.Prompts, n_texts: int | None = None) -> tuple[Encoder, dict]:
     """(encoder, record) from :func:`select`, gated on a seeded sample of the first text file."""
     texts = pd.Series(_file_texts(processed, files[0]), dtype=object)
     probe = texts.sample(min(len(texts), cfg.embed.probe_texts), random_state=cfg.seed).tolist()
-    return select(cfg, st_model, probe, used=used, n_texts=n_texts, device=device,
-                  max_seq_length=max_seq_length, batch_size=cfg.eval.batch_size)
+    return select(cfg, st_model, probe, used=used, n_texts=n_texts, max_seq_length=max_seq_length,
+                  batch_size=cfg.eval.batch_size)
 
 
 def embed_files(encoder: Encoder, processed: Path, files: list[str], label_texts: list[str], out: Path,

@@ -114,7 +114,7 @@ def make_encoder(cfg: Config, *, threads: int | None = None, device: str | None 
             raise ConfigError(f"embed-corpus: encoder form '{backend}' is not available here (have {sorted(forms)})")
         form, record = forms[backend](), {"name": backend, "chosen_by": "the driver's gate"}
     else:
-        form, record = backends.select(cfg, st, probe_texts or [], used=used, n_texts=n_texts, device=dev,
+        form, record = backends.select(cfg, st, probe_texts or [], used=used, n_texts=n_texts,
                                        max_seq_length=max_len, batch_size=batch)
     return Encoder(form, ident, record)
 
