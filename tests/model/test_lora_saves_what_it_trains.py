@@ -80,19 +80,23 @@ def test_the_run_reloads_itself_and_records_it(head_root, tmp_path, monkeypatch)
     assert manifest["model"]["trainable_params"] == manifest["train"]["saved_params"]
 
 
-def test_a_run_whose_save_loses_a_trained_weight_is_an_error(head_root, tmp_path, monkeypatch, capsys):
-    """The reload check itself: a save that drops the trained head (what the old save did) fails the run
-    and leaves no model folder behind."""
+@pytest.mark.parametrize("broken, message", [
+    ("trained_outer_state", "trained 2,592 parameters but its adapter holds 1,536"),  # the head is not saved
+    ("load_outer_modules", "does not reproduce the trained model"),  # saved, but not loaded back
+])
+def test_a_run_whose_save_loses_a_trained_weight_is_an_error(broken, message, head_root, tmp_path, monkeypatch,
+                                                              capsys):
+    """Both checks after training: the saved-parameter count, and the reload compared with the trained model on
+    a probe. Either failure stops the run and leaves no model folder behind."""
     from pipeline.model import encoder
 
     base = build("bert", head_root, head="dense")
     monkeypatch.chdir(tmp_path)
     config = family_project(tmp_path, base, **{"train.lora.modules_to_save": ["Dense"]})
-    monkeypatch.setattr(encoder, "trained_outer_state", lambda st: {})  # the head is trained but not saved
+    monkeypatch.setattr(encoder, broken, lambda *a: {} if broken == "trained_outer_state" else 0)
     _stages(config, "prepare")
     assert cli("train", "--config", str(config), *QUIET) == 2
-    err = capsys.readouterr().err
-    assert "does not reproduce the trained model" in err or "saved" in err
+    assert message in capsys.readouterr().err
     assert not Path("runs/fam/model/model_info.json").exists()
 
 
