@@ -451,14 +451,15 @@ def _texts_per_second(encoder: Encoder, texts: Sequence[str], repeats: int) -> f
 def worth_trying(c: Candidate, n_texts: int | None, reference_seconds_per_text: float, probe: int, e) -> dict | None:
     """Why ``auto`` leaves candidate ``c`` out for a job of ``n_texts`` texts, or None to try it.
 
-    Trying a form costs its build (an ONNX trace) and its probe passes (the gate and ``embed.probe_repeats``
-    timed passes); the most it can give back is the share of the job's time a form ``embed.max_speedup``
-    times faster than ``torch-fp32`` would save. A form whose cost exceeds that best case cannot pay for
-    itself, so a few hundred texts on a large base are encoded without tracing anything."""
+    Trying a form costs its build (an ONNX trace) and the probe passes it brings (the gate's pass of the form
+    and of the reference, then ``embed.probe_repeats`` timed passes of each; counted at the reference's
+    speed); the most it can give back is the share of the job's time a form ``embed.max_speedup`` times
+    faster than ``torch-fp32`` would save. A form whose cost exceeds that best case cannot pay for itself,
+    so a few hundred texts on a large base are encoded without tracing anything."""
     if n_texts is None:
         return None
     best_case = n_texts * reference_seconds_per_text * (1 - 1 / e.max_speedup)
-    cost = c.build_seconds + (1 + e.probe_repeats) * probe * reference_seconds_per_text
+    cost = c.build_seconds + 2 * (1 + e.probe_repeats) * probe * reference_seconds_per_text
     if cost <= best_case:
         return None
     return {"passed": False, "skipped": f"costs ~{cost:.0f}s to build and probe, more than it could save on "
@@ -488,27 +489,17 @@ def select(cfg, st_model, probe_texts: Sequence[str], *, used: prompts.Prompts |
     found = candidates(cfg, st_model, device, max_seq_length, batch_size, used)
     record: dict = {"requested": e.backend, "gate_min_cos": e.gate_min_cos, "probe_texts": len(probe),
                     "n_texts": n_texts, "device": str(device), "candidates": {}}
-    reference, per_text = None, 0.0
-    built: dict[str, Encoder] = {}
-    for c in found:  # torch-fp32, the reference, first
-        skip = worth_trying(c, n_texts, per_text, len(probe), e) if reference is not None and e.backend == "auto" else None
-        if skip is not None:
-            log.info("backends: %s not tried: %s", c.name, skip["skipped"])
-            record["candidates"][c.name] = skip
-            continue
-        try:
-            encoder = c.build()
-            t0 = time.perf_counter()
-            vectors = encoder.encode(probe, "document")
-        except Exception as exc:  # noqa: BLE001  recorded and logged; fatal unless another form may run
-            if e.backend != "auto" or reference is None:
-                raise
-            log.warning("backends: %s cannot run (%s: %s); left out", c.name, type(exc).__name__, exc)
-            record["candidates"][c.name] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            continue
-        if reference is None:
-            reference, per_text = vectors, (time.perf_counter() - t0) / len(probe)
-        record["candidates"][c.name] = _gate_entry(encoder, vectors, reference, probe, e, len(found) > 1, built)
+    reference = found[0].build()  # torch-fp32
+    others = _worth_trying_all(found[1:], reference, probe, n_texts, e, record)
+    built: dict[str, Encoder] = {reference.name: reference}
+    record["candidates"][reference.name] = {"min_cos": 1.0, "passed": True}
+    if others:
+        ref_vectors = reference.encode(probe, "document")
+        for c in others:
+            _gate(c, ref_vectors, probe, e, record, built)
+    if len(built) > 1:  # the speed race, between forms that passed the gate only
+        for name, encoder in built.items():
+            record["candidates"][name]["texts_per_s"] = round(_texts_per_second(encoder, probe, e.probe_repeats), 1)
     chosen = _choose(record, built, e.backend)
     record["name"] = chosen
     log.info("backends: %s (requested %s; %s)", chosen, e.backend, ", ".join(
@@ -518,15 +509,48 @@ def select(cfg, st_model, probe_texts: Sequence[str], *, used: prompts.Prompts |
     return built[chosen], record
 
 
-def _gate_entry(encoder: Encoder, vectors: np.ndarray, reference: np.ndarray, probe: list[str], e, timed: bool,
-                built: dict) -> dict:
-    cos = row_cosines(vectors, reference)
-    entry = {"min_cos": round(float(cos.min()), 6), "passed": bool(cos.min() >= e.gate_min_cos)}
-    if entry["passed"]:
-        built[encoder.name] = encoder
-        if timed:
-            entry["texts_per_s"] = round(_texts_per_second(encoder, probe, e.probe_repeats), 1)
-    return entry
+# Texts the reference encodes to estimate its speed before anything else is built or probed.
+SPEED_SAMPLE = 32
+
+
+def _worth_trying_all(others: list[Candidate], reference: Encoder, probe: list[str], n_texts: int | None, e,
+                      record: dict) -> list[Candidate]:
+    """The candidates to build and gate; under ``auto`` those that cannot pay for themselves on ``n_texts``
+    texts are recorded as skipped, judged on the reference's speed over a small sample (so a small job
+    spends no more than that sample on deciding)."""
+    if e.backend != "auto" or n_texts is None or not others:
+        return others
+    sample = probe[:SPEED_SAMPLE]
+    t0 = time.perf_counter()
+    reference.encode(sample, "document")  # a first call: slower than steady state, so savings look larger
+    per_text = (time.perf_counter() - t0) / len(sample)
+    kept = []
+    for c in others:
+        skip = worth_trying(c, n_texts, per_text, len(probe), e)
+        if skip is None:
+            kept.append(c)
+        else:
+            log.info("backends: %s not tried: %s", c.name, skip["skipped"])
+            record["candidates"][c.name] = skip
+    return kept
+
+
+def _gate(c: Candidate, ref_vectors: np.ndarray, probe: list[str], e, record: dict, built: dict) -> None:
+    """Build candidate ``c`` and compare it with the reference on the probe; under ``auto`` a form that
+    cannot be built is recorded with its error, otherwise the error stops the caller."""
+    try:
+        encoder = c.build()
+        vectors = encoder.encode(probe, "document")
+    except Exception as exc:  # noqa: BLE001  recorded and logged; fatal unless another form may run
+        if e.backend != "auto":
+            raise
+        log.warning("backends: %s cannot run (%s: %s); left out", c.name, type(exc).__name__, exc)
+        record["candidates"][c.name] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return
+    cos = row_cosines(vectors, ref_vectors)
+    record["candidates"][c.name] = {"min_cos": round(float(cos.min()), 6), "passed": bool(cos.min() >= e.gate_min_cos)}
+    if record["candidates"][c.name]["passed"]:
+        built[c.name] = encoder
 
 
 def _choose(record: dict, built: dict, requested: str) -> str:
