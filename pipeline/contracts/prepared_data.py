@@ -34,6 +34,29 @@ PAIRS = "pairs.jsonl"
 LABELS = "labels.json"
 PAIR_COLUMNS = {"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
                 "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str}
+# A text without an entity id is its own group: prepare writes this prefix + the text as its group, so
+# duplicates of one text stay together and "same group" means "same text". Readers ask the helpers below.
+TEXT_GROUP_PREFIX = "t:"
+
+
+def text_groups(texts: pd.Series) -> pd.Series:
+    """The group of each text of a corpus without entity ids: the text itself, marked as such."""
+    return TEXT_GROUP_PREFIX + texts
+
+
+def is_text_group(groups: pd.Series) -> pd.Series:
+    """Per row: is this group a text standing in for a missing entity id?"""
+    return groups.astype(str).str.startswith(TEXT_GROUP_PREFIX)
+
+
+def has_groups(split: pd.DataFrame) -> bool:
+    """Does the split carry entity ids (so same-group retrieval can be scored)?"""
+    return not is_text_group(split["group"]).all()
+
+
+def has_labels(split: pd.DataFrame) -> bool:
+    """Is every text of the split labelled, with at least two labels (so classification can be scored)?"""
+    return bool(split["label"].notna().all() and split["label"].nunique() >= 2)
 
 
 def is_pairs(manifest: dict) -> bool:

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pipeline.contracts.prepared_data import has_groups
 from pipeline.search import metrics as M
 
 KNN_K = 10
@@ -139,8 +140,7 @@ def load(processed: Path, prep_manifest: dict, *, max_texts: int, seed: int) -> 
         return _pairs_set(processed, max_texts, rng)
     val = _read_jsonl(processed / "val.jsonl")
     objective = (prep_manifest.get("objective") or {}).get("name")
-    has_groups = not val["group"].astype(str).str.startswith("t:").all()
-    if has_groups and objective != "label":
+    if has_groups(val) and objective != "label":
         found = _group_set(val, max_texts, rng)
         if found is not None:
             return found
