@@ -273,7 +273,7 @@ def test_a_model_whose_onnx_trace_fails_ships_its_other_forms_with_the_reason(pr
     assert "ONNX: **not included**" in card and "unordered_map::at" in card
     with pytest.raises(ArtifactError, match="has no onnx form \\(left out: torchscript: RuntimeError"):
         load_form(out, "onnx")
-    texts = _texts()[:4]
+    texts = split_texts()[:4]
     a, b = load_form(out, "merged").encode(texts, "query"), load_form(out, "adapter").encode(texts, "query")
     assert np.min(np.sum(a * b, axis=1)) >= 0.9999
 
