@@ -9,7 +9,9 @@ optional, for the model card). Writes ``exports/<run>/`` atomically:
                 ``base_model.json`` adds its resolved path and weights hash (field note 1).
 - ``onnx/``     ``model.onnx`` (transformer, pooling and normalisation in one graph: outputs
                 ``last_hidden_state`` and ``sentence_embedding``), ``model_qint8.onnx`` (dynamic int8),
-                the tokenizer and ``onnx_config.json``; needs only onnxruntime + tokenizers to run.
+                the tokenizer and ``onnx_config.json``; needs only onnxruntime + tokenizers to run. Traced
+                with TorchScript, else with the dynamo exporter; when neither can build the architecture
+                the folder is left out and ``manifest.json`` / the card say why (the other forms ship).
 - ``index/``    a FAISS inner-product index of the corpus (embedded with the gate-checked ONNX model, or
                 ``merged/`` without ONNX), ``records.jsonl``
                 (row i of the index -> id, text, label, group, split) and ``index.json``.
@@ -18,7 +20,7 @@ optional, for the model card). Writes ``exports/<run>/`` atomically:
 The equivalence gate runs on a fixed sample of texts before anything is committed. The merged folder
 is reloaded from disk as a plain SentenceTransformer and must match the unmerged adapter (min cosine
 >= export.merged_vs_adapter_min_cos) and must differ from the base model (field note 2: a merge that
-silently did nothing); the ONNX model must match the reloaded merged model (>= export.onnx_min_cos);
+silently did nothing), in the adapted modules (and those train.lora.modules_to_save names) only; the ONNX model must match the reloaded merged model (>= export.onnx_min_cos);
 the int8 model is measured and reported only. A failed gate raises ExportError and leaves no export.
 The merged model is then logged to the run's MLflow run with the sentence_transformers flavor.
 """
