@@ -33,6 +33,8 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
     for key, default in (("weights_dtype", "fp32"), ("quantization", "none")):
         if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
             del train[key]
+    if not train["lora"]["modules_to_save"]:
+        del train["lora"]["modules_to_save"]
     base = resolve_base(cfg.model.base)
     # A preset is identified by the names it resolves to for this base: what is trained.
     resolved = families.resolve_for_base(base, cfg.train.lora.target_modules,
