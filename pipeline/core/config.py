@@ -191,6 +191,16 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None  # new MLflow runs nest under this run (set by the sweep per child)
 
 
+class ServicesConfig(Section):
+    """How long a command waits on the services it talks to (pipeline/core/services.py): Ray clusters, Qdrant,
+    the MLflow tracking server."""
+
+    # Each is checked before any work; no answer within this many seconds stops the command with one line.
+    # During a Ray job, a cluster whose GCS stays silent this long counts as gone (with GCS fault tolerance,
+    # raise it above the time a GCS restart takes).
+    timeout_s: float = Field(5.0, gt=0, le=600)
+
+
 class TargetOptions(Section):
     """Where ``export.targets`` load the exported index (pipeline/export/targets.py)."""
 
@@ -419,6 +429,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
