@@ -75,6 +75,12 @@ def test_all_stages_write_exactly_their_artefacts(project):
     lo, hi = m["ci"]["retrieval"]["recall@1"]
     assert lo <= m["retrieval"]["recall@1"] <= hi
     assert {"seconds", "pairs_per_second", "peak_rss_mb"} <= set(m["train"])
+    # throughput is over the optimiser steps alone; the validation scorings are timed apart, inside the total
+    t = tm["train"]
+    assert t["validation"]["curve"] and t["validation_seconds"] > 0 and t["step_seconds"] > 0
+    assert t["step_seconds"] + t["validation_seconds"] <= t["seconds"]
+    pairs = sum(1 for _ in open(processed / "pairs.jsonl")) * t["steps"] / t["planned_steps"]  # whole epochs here
+    assert abs(t["pairs_per_second"] * t["step_seconds"] - pairs) <= 0.01 * pairs + 1
     assert 0 < m["train"]["rss_before_train_mb"] <= m["train"]["peak_rss_mb"]
     assert "| base (untrained) |" in (report / "report.md").read_text()
 

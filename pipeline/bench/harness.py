@@ -367,11 +367,12 @@ def _parity_seed(cfg: Config, seed: int, with_base: bool, work: Path, pairs_file
                  splits: dict, label_names: list[str], per_query: dict, preds: dict) -> dict:
     """Both training paths for one seed, each in a worker; their (and, once, the base's) test scores are
     appended to ``per_query`` (recall@1 per query) and ``preds`` (the chosen head's predictions)."""
-    from pipeline.evaluate import stage as evaluate
+    from pipeline.contracts.prepared_data import has_groups, has_labels
+    from pipeline.evaluate.heads import classify
     from pipeline.search import metrics as M
 
     b, test = cfg.bench, splits["test"]
-    labelled, grouped = evaluate.has_labels(test), evaluate.has_groups(test)
+    labelled, grouped = has_labels(test), has_groups(test)
     seed_cfg = cfg.model_copy(update={"seed": seed})
     run: dict[str, Any] = {"seed": seed, "training": {}}
     for path in ("project", "reference"):
@@ -393,16 +394,14 @@ def _parity_seed(cfg: Config, seed: int, with_base: bool, work: Path, pairs_file
                 pq = M.group_retrieval(emb["test"], test["group"].to_numpy(), k=cfg.eval.retrieval_k)
                 per_query.setdefault(who, []).append(pq["recall@1"])
             if labelled:
-                _, _, details = evaluate.classification_block(emb, splits, None, cfg, label_names)
-                preds.setdefault(who, []).append(details["y_pred"])
+                preds.setdefault(who, []).append(classify(emb, splits, None, cfg, label_names).y_pred)
     return run
 
 
 def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     """Train both paths on the same pairs, once per seed of ``bench.parity_seeds``; score every run with
     the project's metric code and judge parity on the seed-mean difference."""
-    from pipeline.evaluate import stage as evaluate
-    from pipeline.contracts.prepared_data import load_labels, load_pairs, load_split
+    from pipeline.contracts.prepared_data import has_labels, load_labels, load_pairs, load_split
 
     b = cfg.bench
     seeds = list(b.parity_seeds)
@@ -420,7 +419,7 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
     texts_file.write_text(json.dumps({s: df["text"].tolist() for s, df in splits.items()}), encoding="utf-8")
     label_names = load_labels(layout.processed)
     test = splits["test"]
-    labelled = evaluate.has_labels(test)
+    labelled = has_labels(test)
     n_boot = cfg.eval.bootstrap
     if n_boot <= 0:
         raise BenchError("the parity part needs bootstrap intervals: set eval.bootstrap to a positive count "

@@ -175,10 +175,10 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
     replays the first ``s`` batches of epoch 0, so each timed window sees exactly the same batches
     (length-grouped batches differ a lot in length, and other batches would measure other texts).
     """
-    from pipeline.train.stage import Batches, make_optimizer, make_scheduler, run_steps
+    from pipeline.train.loop import Batches, Stepper, make_optimizer, make_scheduler, run_steps
 
     optimizer = make_optimizer(st_model, t)
-    scheduler = make_scheduler(optimizer, t, total_steps)
+    stepper = Stepper(st_model, data, t, optimizer, make_scheduler(optimizer, t, total_steps), device, dtype)
     batches = Batches(data.lengths, t, seed)
 
     def batch_of(step: int):
@@ -187,8 +187,7 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
         window = min(replay_window or batches.steps_per_epoch, batches.steps_per_epoch)
         return batches.at(0, step if step < replay_after else (step - replay_after) % window)
 
-    for step, idx, loss in run_steps(st_model, data, t, range(total_steps), batch_of, optimizer=optimizer,
-                                     scheduler=scheduler, device=device, dtype=dtype):
+    for step, idx, loss in run_steps(stepper, range(total_steps), batch_of):
         on_step(step, len(idx), loss)
 
 
@@ -211,7 +210,7 @@ def reference_trainer(st_model, pairs, cfg, *, precision: str, device, max_steps
     optimizers = (None, None)
     if t.method == "lora" and t.lora.loraplus_lr_ratio:
         # Same optimiser groups as the project path; the trainer builds its schedule around them.
-        from pipeline.train.stage import make_optimizer
+        from pipeline.train.loop import make_optimizer
 
         optimizers = (make_optimizer(st_model, t), None)
     return SentenceTransformerTrainer(model=st_model, args=args, train_dataset=dataset, loss=loss,
@@ -257,7 +256,7 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
 
     if spec["path"] == "project":
         from pipeline.model.encoder import apply_lora, enable_gradient_checkpointing
-        from pipeline.train.stage import PairTensors
+        from pipeline.train.loop import PairTensors
 
         data = PairTensors(pairs, st_model, t.max_seq_length)
         if t.method == "lora":
@@ -391,7 +390,7 @@ def task_parity(spec: dict, out_dir: Path) -> dict:
     if spec["path"] == "project":
         from pipeline.train.batching import epoch_batches
         from pipeline.model.encoder import apply_lora
-        from pipeline.train.stage import PairTensors
+        from pipeline.train.loop import PairTensors
 
         data = PairTensors(pairs, st_model, t.max_seq_length)
         apply_lora(st_model, t.lora)

@@ -41,13 +41,29 @@ class SplitConfig(Section):
 PAIR_FORMATS = ("walmart_amazon", "pairs")  # data.format values read as query -> positive pair corpora
 
 
+class LengthsConfig(Section):
+    """Token lengths of a retrieval set (pipeline/prepare/retrieval.py), chosen by prepare from the texts'
+    token lengths and capped at the model's maximum (its ``max_seq_length``); what was truncated or cut into
+    passages is counted in the prepare manifest. Labelled and pair corpora use ``train.max_seq_length``."""
+
+    query: int | None = Field(None, ge=8)  # None: the longest query, up to the model's maximum
+    document: int | None = Field(None, ge=8)  # None: the ``quantile`` of document lengths, up to the maximum
+    quantile: float = Field(0.95, gt=0, le=1)
+    # A document longer than the document length becomes overlapping passages (title + a window of the text);
+    # it is scored by its best passage in eval, the export's index and serve. False: truncated, as MTEB does.
+    passages: bool = True
+    stride: int | None = Field(None, ge=1)  # tokens between passage starts; None: half the document length
+
+
 class DataConfig(Section):
     """Where the corpus comes from and how its columns are named."""
 
     name: str = "pricerunner"
     # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
-    # pairs: the same file types holding query -> positive rows (pipeline/prepare/pairs.py).
-    format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
+    # pairs: the same file types holding query -> positive rows (pipeline/prepare/pairs.py); with corpus_path
+    # a retrieval set (pipeline/prepare/retrieval.py). beir: a BEIR folder (corpus.jsonl, queries.jsonl,
+    # qrels/{train,dev,test}.tsv), "mirror:<folder>", or "hf:<dataset>" with corpus / queries / qrels configs.
+    format: Literal["pricerunner", "walmart_amazon", "table", "pairs", "beir"] = "pricerunner"
     # table: a file, a folder of split files (train.csv, dev.jsonl, test.parquet ...), "hf:<dataset id or
     # path>", or "mirror:<path under the data mirror>" (copied read-only to data/raw/<name>/ first)
     path: str | None = None
@@ -61,6 +77,20 @@ class DataConfig(Section):
     query_column: str = "query"  # format pairs: the query text
     positive_column: str = "positive"  # format pairs: a relevant text for that query
     negative_column: str | None = None  # format pairs: optional given negative text per row
+    # Retrieval sets. format pairs + corpus_path: the document table (CSV/TSV/JSONL/Parquet or hf:) whose
+    # documents are the search space; the pairs' positives name its documents by id or by text.
+    corpus_path: str | None = None
+    corpus_id_column: str = "id"
+    corpus_title_column: str | None = "title"  # None: documents have no title
+    corpus_text_column: str = "text"
+    document_key: Literal["auto", "id", "text"] = "auto"  # what the positive column holds; auto: ids if all are
+    score_column: str | None = None  # format pairs + corpus: graded relevance per row (default 1)
+    # format beir with hf:<dataset>: the dataset's config names; qrels_path: qrels kept in another dataset
+    # (e.g. hf:BeIR/<name>-qrels) or folder of <split>.tsv files
+    hf_configs: dict[Literal["corpus", "queries", "qrels"], str] = Field(
+        default_factory=lambda: {"corpus": "corpus", "queries": "queries", "qrels": "default"})
+    qrels_path: str | None = None
+    lengths: LengthsConfig = Field(default_factory=LengthsConfig)
     blank_texts: Literal["drop", "error"] = "drop"
     # Own split: these fractions. Given splits lacking val and/or test: the missing ones are carved from
     # train in the same proportions, e.g. a carved val takes val / (train + val) of the train rows.
@@ -102,8 +132,17 @@ class PairsConfig(Section):
     # the label objective (pipeline/contracts/pair_kinds.py)
     same_label_pairs: float | None = None
     max_pairs: int | None = None
+    # Retrieval sets: judged documents per train query that become training pairs (highest grade first, then a
+    # seeded draw); None: all. Dense judgments (tens per query) otherwise make most pairs repeat a few queries.
+    positives_per_query: int | None = Field(2, ge=1)
     label_template: str = "{label}"
     hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
+
+
+# LoRA target presets: each names roles (q, k, v, o, ffn) that pipeline/model/families.py resolves to the
+# module names of each architecture.
+LORA_PRESETS = {"qv": ("q", "v"), "qkv": ("q", "k", "v"), "qkvo": ("q", "k", "v", "o"),
+                "qkv+ffn": ("q", "k", "v", "ffn"), "all-linear": ("q", "k", "v", "o", "ffn")}
 
 
 class LoraSettings(Section):
@@ -121,10 +160,8 @@ class LoraSettings(Section):
     @field_validator("target_modules")
     @classmethod
     def _known_preset(cls, value):
-        from pipeline.model.families import PRESETS
-
-        if isinstance(value, str) and value not in PRESETS:
-            raise ValueError(f"'{value}' is not a preset ({', '.join(PRESETS)}); give module names as a list, "
+        if isinstance(value, str) and value not in LORA_PRESETS:
+            raise ValueError(f"'{value}' is not a preset ({', '.join(LORA_PRESETS)}); give module names as a list, "
                              f"e.g. [{value}]")
         if isinstance(value, list) and not value:
             raise ValueError("is empty; name at least one module or use a preset")
@@ -289,7 +326,8 @@ class SuiteConfig(Section):
     name: str = "default"
     # One config per corpus, each run with its own settings as an ordinary run named suite-<name>-<file stem>.
     configs: list[str] = Field(default_factory=lambda: ["configs/default.yaml", "configs/walmart_amazon.yaml",
-                                                        "configs/clinc150.yaml"], min_length=1)
+                                                        "configs/clinc150.yaml", "configs/nfcorpus.yaml"],
+                               min_length=1)
     overrides: list[str] = Field(default_factory=list)  # key=value applied to every corpus config (quick runs)
 
 

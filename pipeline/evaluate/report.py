@@ -99,14 +99,19 @@ def validation_line(v: dict) -> str:
             "run unless given `--force`.")
 
 
-def verdict_lines(verdict: dict | None) -> list[str]:
-    """The opening of report.md: a verdict per headline metric against the base model and TF-IDF."""
+def lexical_label(m: dict) -> str:
+    """The lexical baseline's name: TF-IDF, or BM25 where metrics.json's ``lexical.method`` says so (retrieval sets)."""
+    return "BM25" if str((m.get("lexical") or {}).get("method", "")).startswith("bm25") else "TF-IDF"
+
+
+def verdict_lines(verdict: dict | None, lexical_name: str = "TF-IDF") -> list[str]:
+    """The opening of report.md: a verdict per headline metric against the base model and the lexical baseline."""
     if not verdict:
         return []
     vs_base, vs_lex = verdict["test"].get("vs_base", {}), verdict["test"].get("vs_lexical")
     keys = list(dict.fromkeys([*vs_base, *(vs_lex or {})]))
     lines = ["## Verdict", ""]
-    refs = [("vs base model", vs_base)] + ([("vs TF-IDF", vs_lex)] if vs_lex is not None else [])
+    refs = [("vs base model", vs_base)] + ([(f"vs {lexical_name}", vs_lex)] if vs_lex is not None else [])
     if keys:
         lines += ["| headline metric (test) | " + " | ".join(name for name, _ in refs) + " |",
                   "|---" * (len(refs) + 1) + "|"]
@@ -159,7 +164,7 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
     cls_keys = [k for k in ("macro_f1", "accuracy", "logreg_macro_f1", "knn_macro_f1", "zero_shot_macro_f1") if k in m["classification"]]
     ret_keys = [k for k in ("recall@1", "recall@10", "ndcg@10", "mrr@10", "recall_all@10") if k in m["retrieval"]]
     keys = [("classification", k) for k in cls_keys] + [("retrieval", k) for k in ret_keys]
-    lines = [f"# {m['run_name']}", "", *verdict_lines(m.get("verdict")),
+    lines = [f"# {m['run_name']}", "", *verdict_lines(m.get("verdict"), lexical_label(m)),
              f"Dataset **{m['dataset']}**, base `{m['model']['base']}`, method **{m['model']['method']}**"
              + (f" (r={m['model']['lora']['r']}, alpha={m['model']['lora']['alpha']}, "
                 f"targets {', '.join(m['model']['lora']['target_modules'])})" if m["model"]["method"] == "lora" else "")
@@ -178,7 +183,7 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
 
     lines.append(row("base (untrained)", m["baseline"], m["baseline"].get("ci", {})))
     if m["lexical"].get("classification") or m["lexical"].get("retrieval"):
-        lines.append(row("lexical TF-IDF", m["lexical"], m["lexical"].get("ci", {})))
+        lines.append(row(f"lexical {lexical_label(m)}", m["lexical"], m["lexical"].get("ci", {})))
     for o in others:
         lines.append(row(f"{o['run_name']} ({o['model']['method']})", o, o.get("ci", {})))
     lines.append(row(f"**{m['run_name']}** ({m['model']['method']})", m, m.get("ci", {})))

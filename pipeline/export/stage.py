@@ -60,6 +60,9 @@ def load_corpus(processed: Path, prep: dict, which: str) -> list[dict]:
     """Records of the prepared text files: ``all`` of them, or the ``test`` split only."""
     import pandas as pd
 
+    if prep.get("kind") == "retrieval":  # the whole corpus, as passages: every split searches all of it
+        df = pd.read_json(Path(processed) / "passages.jsonl", lines=True, dtype=str)
+        return [{"id": r["id"], "doc": r["doc"], "text": r["text"]} for r in df.to_dict("records")]
     files = prep.get("text_files", ["train.jsonl", "val.jsonl", "test.jsonl"])
     if which == "test":
         files = [f for f in files if Path(f).stem == "test"]
@@ -503,6 +506,16 @@ def _index_and_neighbours(ex: _Export, tmp: Path, encoders: dict) -> tuple[dict,
     index_meta = write_index(tmp / "index", ex.records, vectors, ex.ecfg, {
         "corpus": ex.ecfg.index_corpus, "encoder": index_encoder, "normalized": True,
         "data_fingerprint": ex.prep["fingerprint"], "files": ["index.faiss", "records.jsonl"]})
+    if ex.prep.get("kind") == "retrieval":  # documents, BM25 and the validation-chosen fusion beside the passages
+        from pipeline.contracts.document_index import write_document_index
+        from pipeline.contracts.prepared_data import load_corpus as load_documents
+
+        metrics = read_json(ex.metrics_path) if ex.metrics_path.exists() else {}
+        fusion = (metrics.get("hybrid") or {}).get("fusion")
+        index_meta["documents"] = write_document_index(tmp / "index", load_documents(ex.layout.processed).to_dict(
+            "records"), fusion)
+        write_json_atomic(tmp / "index" / "index.json", {**read_json(tmp / "index" / "index.json"),
+                                                         "documents": index_meta["documents"]})
     index_meta["size_mb"] = _folder_mb(tmp / "index")
     ex.lap("index_build_seconds")
     index = SearchIndex(tmp / "index")

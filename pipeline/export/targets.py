@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.contracts.document_index import is_document_index
 from pipeline.core import services
 from pipeline.core.artifacts import read_json, require_manifest, write_json_atomic
 from pipeline.core.config import Config
@@ -152,7 +153,7 @@ def _qdrant_client(cfg: Config, folder: Path):
 
 
 @contextlib.contextmanager
-def _qdrant_answers(cfg: Config, name: str, sent: list[int], total: int) -> Iterator[None]:
+def _qdrant_answers(cfg: Config, name: str, sent: list[int] | None = None, total: int = 0) -> Iterator[None]:
     """A Qdrant server that fails mid-load (connection lost, no answer, 5xx) or refuses the API key is
     the user's service, not a bug: one ServiceError line. ``sent[0]`` counts the vectors upserted so far."""
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -174,9 +175,10 @@ def _qdrant_answers(cfg: Config, name: str, sent: list[int], total: int) -> Iter
         problem = f"HTTP {exc.status_code} {exc.reason_phrase}"
     else:
         return
-    raise ServiceError(f"{server.named}: the Qdrant server failed during the load of '{name}' ({sent[0]} of "
-                       f"{total} vectors sent; {problem}); the points it stored are kept: rerun the same command "
-                       "to finish the load (it is idempotent)") from None
+    progress = f"{sent[0]} of {total} vectors sent; " if sent is not None else ""
+    raise ServiceError(f"{server.named}: the Qdrant server failed during the load of '{name}' ({progress}{problem}); "
+                       "the points it stored are kept: rerun the same command to finish the load (it is idempotent)"
+                       ) from None
 
 
 def _qdrant_collection(client, name: str, dim: int) -> None:
@@ -220,6 +222,22 @@ def load_qdrant(data: ExportedIndex, cfg: Config, name: str, rows: Sequence[int]
         client.close()
     return {"engine": "qdrant", "where": where, "collection": name, "dim": data.dim, "metric": "cosine",
             "count": count, **check}
+
+
+def load_qdrant_documents(data: ExportedIndex, cfg: Config, name: str) -> dict:
+    """A retrieval set's export: one point per document with its passages and BM25 weights, queried as serve's
+    hybrid (pipeline/export/qdrant_documents.py)."""
+    from pipeline.export import qdrant_documents
+
+    client, where = _qdrant_client(cfg, data.export_dir / "targets" / "qdrant")
+    try:
+        with _qdrant_answers(cfg, name):
+            result = qdrant_documents.load(client, data, cfg, name, ID_NAMESPACE)
+            count = int(client.count(name, exact=True).count)
+    finally:
+        client.close()
+    return {"engine": "qdrant", "where": where, "collection": name, "dim": data.dim, "metric": "cosine",
+            "count": count, **result}
 
 
 # ----------------------------------------------------------------------------------------------- LanceDB
@@ -343,7 +361,9 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
     report_path = Path(export_dir) / "targets" / TARGETS_FILE
     report = read_json(report_path) if report_path.exists() else {}
     for target in targets:
-        if target == "qdrant":
+        if target == "qdrant" and is_document_index(Path(export_dir) / "index"):
+            result = load_qdrant_documents(data, cfg, name)  # a retrieval set: documents, BM25 and the hybrid
+        elif target == "qdrant":
             result = load_qdrant(data, cfg, name, rows)
         elif target == "lancedb":
             result = load_lancedb(data, cfg, name, rows)
@@ -352,7 +372,7 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
         k = result["k"]
         log.info("targets: %s %s: %d vectors, top-%d overlap with FAISS %.3f", target, result["where"],
                  result["count"], k, result[f"overlap@{k}"])
-        if result["count"] != len(data.records):
+        if result["count"] != result.get("documents", len(data.records)):
             raise ExportError(f"{target} holds {result['count']} vectors after the load, the export "
                               f"{len(data.records)}: another writer shares '{name}'? Set export.target_options.name")
         if result[f"overlap@{k}"] < cfg.export.target_options.min_overlap:

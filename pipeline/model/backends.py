@@ -441,6 +441,10 @@ def select_for_files(cfg, st_model, processed: Path, files: list[str], device, m
                   max_seq_length=max_seq_length, batch_size=cfg.eval.batch_size)
 
 
+CHUNKED_FILES = {"passages.jsonl"}  # a retrieval set's documents (pipeline/contracts/prepared_data.py)
+CORPUS_CHUNK = 2048  # texts per chunk of the progress bar
+
+
 def embed_files(encoder: Encoder, processed: Path, files: list[str], label_texts: list[str], out: Path,
                 used: prompts.Prompts, who: str) -> dict:
     """Embed each prepared text file into ``out/<stem>.npy`` (float32 (n, dim), normalised, file order) in its
@@ -451,7 +455,15 @@ def embed_files(encoder: Encoder, processed: Path, files: list[str], label_texts
 
     def encode(texts, role, what):
         log.info("%s %s: %d texts (%s)", who, what, len(texts), encoder.name)
-        return encoder.encode(used.apply(texts, role))
+        texts = used.apply(texts, role)
+        if what not in CHUNKED_FILES:
+            return encoder.encode(texts)
+        # a document corpus can be large: encoded in chunks under a progress bar (the rows are the same)
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(texts), CORPUS_CHUNK)
+        return np.vstack([encoder.encode(texts[i:i + CORPUS_CHUNK]) for i in tqdm(starts, desc=f"{who} {what}",
+                                                                                unit="chunk", leave=False)])
 
     for name in files:
         texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()

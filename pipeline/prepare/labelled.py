@@ -30,7 +30,8 @@ from pipeline.core.config import Config
 from pipeline.core.errors import DataError
 from pipeline.contracts.identity import prepared_fingerprint
 from pipeline.contracts.pair_kinds import Objective, resolve as resolve_objective
-from pipeline.contracts.prepared_data import LABELLED_TEXT_FILES, LABELS, PAIRS, SPLITS, texts_fingerprint
+from pipeline.contracts.prepared_data import (LABELLED_TEXT_FILES, LABELS, PAIRS, SPLITS, has_groups, text_groups,
+                                              texts_fingerprint)
 from pipeline.prepare.sources import hash_inputs, load_records
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def clean_records(df: pd.DataFrame, cfg: Config, source: str) -> tuple[pd.DataFr
             raise DataError(f"{source}: every row is in a split that data.split_names maps to drop")
     if df["group"].isna().all():
         # Without an entity column a text is its own group, so duplicates of one text stay together.
-        df = df.assign(group="t:" + df["text"])
+        df = df.assign(group=text_groups(df["text"]))
     # With given splits a copy in another split is not a duplicate here: the cross-split rule keeps the
     # earliest split's copy, whatever the row order of the file.
     key = ["text", "group"] + (["split"] if "split" in df.columns else [])
@@ -203,7 +204,7 @@ def split_corpus(df: pd.DataFrame, cfg: Config, source: str,
     if plan["given"]:
         counts["groups_spanning_given_splits"] = _spanning_groups(df, source)
         plan["carved_rows"] = {s: int(len(splits[s])) for s in plan["carved"]}
-        _log_carve(plan, by="text" if df["group"].str.startswith("t:").all() else "group")
+        _log_carve(plan, by="group" if has_groups(df) else "text")
     return splits, plan
 
 
@@ -230,7 +231,7 @@ def _empty_split_error(name: str, splits: dict[str, pd.DataFrame], plan: dict, c
 
 def _spanning_groups(df: pd.DataFrame, source: str) -> int:
     """Groups with rows in two given splits: the user's split, so counted and warned about, not moved."""
-    if df["group"].str.startswith("t:").all():
+    if not has_groups(df):
         return 0  # text groups: the cross-split text rule already kept each text in one split
     per_group = df.groupby("group")["split"].nunique()
     spanning = per_group[per_group > 1]
@@ -364,7 +365,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     source = ", ".join(files) or cfg.data.path or cfg.data.name
     df, counts = clean_records(df, cfg, source)
     splits, split_plan = split_corpus(df, cfg, source, counts)
-    objective = resolve_objective(cfg, has_groups=not splits["train"]["group"].str.startswith("t:").all(),
+    objective = resolve_objective(cfg, has_groups=has_groups(splits["train"]),
                                   has_labels=bool(splits["train"]["label"].notna().any()))
     log.info("prepare: objective %s (%s)", objective.name, objective.reason)
     pairs = build_pairs(splits["train"], cfg, cfg.seed, objective)

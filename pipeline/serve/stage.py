@@ -48,6 +48,7 @@ def create_app(export_dir: Path, form: str = "onnx"):
     """A FastAPI app over ``export_dir``; loads the encoder and index once, at creation."""
     from fastapi import FastAPI, HTTPException, Query
 
+    from pipeline.contracts.document_index import MODES, DocumentSearch, is_document_index
     from pipeline.contracts.export_folder import SearchIndex, load_form
 
     export_dir = Path(export_dir)
@@ -55,6 +56,8 @@ def create_app(export_dir: Path, form: str = "onnx"):
     manifest = require_manifest(export_dir, "export", "run `make export` first")
     encoder = load_form(export_dir, form)
     index = SearchIndex(export_dir / "index")
+    # a retrieval set's export: documents by their best passage, BM25 and the validation-chosen hybrid
+    documents = DocumentSearch(export_dir / "index", index) if is_document_index(export_dir / "index") else None
     # onnxruntime sessions and torch modules are not documented as safe for concurrent calls; FastAPI
     # runs sync endpoints in a thread pool, so requests take turns on the encoder.
     lock = threading.Lock()
@@ -80,10 +83,20 @@ def create_app(export_dir: Path, form: str = "onnx"):
         return {"form": form, "role": req.role, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
 
     @app.get("/search")
-    def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
+    def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K),
+               mode: str | None = Query(None)) -> dict:
         started = time.perf_counter()
-        hits = index.search(embed([q], "query"), k)[0]  # the index holds documents
-        return {"query": q, "k": k, "form": form, "results": hits,
+        if documents is None:
+            if mode not in (None, "dense"):
+                raise HTTPException(400, "this export has no lexical index (only a retrieval set's export has one)")
+            hits, mode = index.search(embed([q], "query"), k)[0], "dense"  # the index holds documents
+        else:
+            mode = mode or "hybrid"
+            if mode not in MODES:
+                raise HTTPException(422, f"mode must be one of {', '.join(MODES)}")
+            vectors = embed([q], "query") if mode != "lexical" else None
+            hits = documents.search(vectors, [q], k, mode)[0]
+        return {"query": q, "k": k, "form": form, "mode": mode, "results": hits,
                 "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
     return app

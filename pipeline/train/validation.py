@@ -9,7 +9,9 @@ What is scored depends on the corpus's shape:
 - labels without groups: ``macro_f1`` of a 10-NN vote of val texts over a stratified sample of train
   texts (eval also fits logistic regression, which is too slow to repeat every epoch);
 - query -> positive pairs: ``recall@1`` of the val queries against their relevant items plus a seeded
-  sample of the gallery.
+  sample of the gallery;
+- retrieval sets: graded ``ndcg@10`` of val queries over their judged documents plus a sample of the corpus
+  (pipeline/train/retrieval.py).
 
 Each evaluation embeds at most ``train.validation.max_texts`` texts (seeded samples), so it costs seconds.
 """
@@ -23,6 +25,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pipeline.contracts.prepared_data import has_groups
 from pipeline.search import metrics as M
 
 KNN_K = 10
@@ -137,10 +140,13 @@ def load(processed: Path, prep_manifest: dict, *, max_texts: int, seed: int) -> 
     rng = np.random.default_rng(seed + 7)
     if prep_manifest.get("kind") == "pairs":
         return _pairs_set(processed, max_texts, rng)
+    if prep_manifest.get("kind") == "retrieval":
+        from pipeline.train import retrieval
+
+        return retrieval.validation_set(processed, prep_manifest, max_texts, rng)
     val = _read_jsonl(processed / "val.jsonl")
     objective = (prep_manifest.get("objective") or {}).get("name")
-    has_groups = not val["group"].astype(str).str.startswith("t:").all()
-    if has_groups and objective != "label":
+    if has_groups(val) and objective != "label":
         found = _group_set(val, max_texts, rng)
         if found is not None:
             return found

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluate import stage as E
+from pipeline.evaluate import verdicts as E
 from pipeline.evaluate import report
 from tests.conftest import RUN, cli, mlflow_client, run_stages
-from tests.prepare.test_prepare_pairs import wa_project  # noqa: F401  (fixture)
 
 WA_RUN = "walmart_amazon-lora-r4-a8-s0"
 
@@ -74,7 +73,7 @@ def test_a_model_worse_than_the_base_is_called_worse_warned_about_and_not_export
     for split in ("train", "val", "test"):
         x = rng.standard_normal(np.load(emb / f"{split}.npy").shape).astype(np.float32)
         np.save(emb / f"{split}.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
-    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.stage"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.verdicts"):
         assert cli("eval", *cfg) == 0
     m = _metrics(RUN)
     assert m["verdict"]["test"]["vs_base"]["retrieval.recall@1"]["verdict"] == "worse"
@@ -88,7 +87,7 @@ def test_a_model_worse_than_the_base_is_called_worse_warned_about_and_not_export
     assert cli("export", *cfg) == 2 and not Path("exports").exists()
 
 
-def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_project, caplog):  # noqa: F811
+def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_project, caplog):
     cfg = ["--config", str(wa_project)]
     run_stages(*cfg)
     m = _metrics(WA_RUN)
@@ -108,7 +107,7 @@ def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_pro
     for key in ("adapted_dir", "base_dir"):
         (Path(emb[key]) / "val_queries.npy").unlink()
     curve = _add_curve(WA_RUN, "recall@1", [0.40, 0.35, 0.38, 0.31])
-    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.stage"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate.verdicts"):
         assert cli("eval", *cfg) == 0
     val = _metrics(WA_RUN)["verdict"]["validation"]
     assert val == {"metric": "recall@1", "adapted": 0.40, "base": 0.40, "better": False,

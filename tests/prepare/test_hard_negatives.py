@@ -77,7 +77,7 @@ def test_training_uses_the_mined_negatives(project, monkeypatch):
     assert cli("prepare", *cfg) == 0
     with_negative = int(load_pairs(Path("data/processed/synthetic"))["negative"].notna().sum())
     assert with_negative > 0
-    from pipeline.train import stage as train
+    from pipeline.train import loop as train
 
     seen = {"rows": 0, "changed": 0}
     loss_fn = train.contrastive_loss_with_negatives

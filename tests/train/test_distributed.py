@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.train.distributed import Dist
@@ -34,6 +35,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_process_training_saves_the_single_process_adapter(project):
     common = ["train.lora.dropout=0.0", "train.precision=fp32", "train.max_steps=6", "train.lr=0.005",
               "train.warmup_ratio=0.0"]
@@ -83,7 +85,7 @@ def _one_step(model_dir: str, dist) -> dict[str, torch.Tensor]:
 
     from pipeline.core.config import LoraSettings, TrainConfig
     from pipeline.model.encoder import apply_lora, load_encoder
-    from pipeline.train.stage import PairTensors, training_step
+    from pipeline.train.loop import PairTensors, Stepper, training_step
 
     torch.manual_seed(0)
     st = load_encoder(model_dir, max_seq_length=32)
@@ -106,11 +108,11 @@ def _one_step(model_dir: str, dist) -> dict[str, torch.Tensor]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     t = TrainConfig(grad_clip=0.0, batch_size=7)
     st.eval()  # no dropout: the two runs draw different dropout masks; gradients flow in eval mode too
-    training_step(st, data, np.arange(7), t, optimizer=opt, scheduler=sched, device=torch.device("cpu"),
-                  dtype=None, dist=dist)
+    training_step(Stepper(st, data, t, opt, sched, torch.device("cpu"), None, dist), np.arange(7))
     return {n: (p.detach() - before[n]) for n, p in params.items()}
 
 
+@pytest.mark.slow
 def test_gathered_loss_gives_the_single_process_gradient(tiny_model_dir, tmp_path):
 
     import torch.multiprocessing as mp

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.core.config import LoraSettings, TrainConfig
 from pipeline.model.encoder import apply_lora, load_encoder
-from pipeline.train.stage import make_optimizer
+from pipeline.train.loop import make_optimizer
 
 
 def _lrs_by_kind(optimizer, st_model) -> dict[str, set[float]]:
@@ -54,7 +54,7 @@ def test_loraplus_is_ignored_by_full_fine_tuning_and_rejects_ratios_below_one(ti
 # --------------------------------------------------------------------------- choosing the step on validation
 
 from pipeline.core.config import ValidationConfig  # noqa: E402
-from pipeline.train.stage import Selection, eval_steps  # noqa: E402
+from pipeline.train.selection import Selection, eval_steps  # noqa: E402
 
 
 def test_selection_keeps_the_best_trained_step_and_counts_patience():

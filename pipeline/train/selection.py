@@ -1,0 +1,61 @@
+"""Choosing the step a run keeps: the validation curve, the best step and patience."""
+
+from __future__ import annotations
+
+from pipeline.train import validation
+
+
+class Selection:
+    """Validation state of one training run: the curve so far, the best step, and patience.
+
+    It travels in the checkpoint's state.json, so a resumed run continues the same curve and keeps the
+    same best step; the best step's trainable weights are in ``runs/<run>/best/``.
+    """
+
+    def __init__(self, vset: validation.ValidationSet | None, vcfg, state: dict | None = None):
+        self.vset, self.vcfg = vset, vcfg
+        state = state or {}
+        self.curve: list[dict] = state.get("curve", [])
+        self.best_step: int | None = state.get("best_step")
+        self.best_value: float | None = state.get("best_value")
+        self.bad_evals: int = state.get("bad_evals", 0)
+
+    @property
+    def active(self) -> bool:
+        return self.vset is not None
+
+    def record(self, step: int, epoch: float, value: float) -> bool:
+        """Add one evaluation; True when it is the new best trained step."""
+        self.curve.append({"step": step, "epoch": round(epoch, 4), "value": round(value, 6)})
+        if step == 0:
+            return False  # the untrained base: the reference level, never the model kept
+        if self.best_value is None or value > self.best_value + self.vcfg.min_delta:
+            self.best_step, self.best_value, self.bad_evals = step, value, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad_evals >= self.vcfg.patience
+
+    def state(self) -> dict:
+        return {"curve": self.curve, "best_step": self.best_step, "best_value": self.best_value,
+                "bad_evals": self.bad_evals}
+
+    def summary(self, last_step: int, total_steps: int) -> dict | None:
+        if not self.active:
+            return None
+        base = next((c["value"] for c in self.curve if c["step"] == 0), None)
+        return {"metric": self.vset.metric, "split": "val", "what": self.vset.description, "curve": self.curve,
+                "best_step": self.best_step, "best_value": self.best_value, "base_value": base,
+                "stopped_early": last_step < total_steps, "last_step": last_step,
+                "patience": self.vcfg.patience}
+
+
+def eval_steps(total_steps: int, steps_per_epoch: int, every: int | None) -> set[int]:
+    """Steps after which validation is scored: every ``every`` steps (default: each epoch end) and the last."""
+    every = every or steps_per_epoch
+    return set(range(every, total_steps + 1, every)) | {total_steps}
+
+
