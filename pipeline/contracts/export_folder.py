@@ -12,7 +12,6 @@ adapter flavour read them through here, never through the export stage.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -103,39 +102,34 @@ def _why_missing(export_dir: Path, form: str) -> str:
 # ------------------------------------------------------------------------------------------------- index
 
 def build_index(vectors: np.ndarray, ecfg) -> tuple[object, dict]:
-    """FAISS inner-product index over normalised ``vectors`` (n, dim); returns (index, its settings)."""
-    import faiss
+    """FAISS inner-product index over normalised ``vectors`` (n, dim); returns (index, its settings).
+    Built by the search library's one index builder (pipeline/search/index.py), with its list-count rule."""
+    from pipeline.search import index as faiss_index
 
     n, dim = vectors.shape
     params: dict = {}
     if ecfg.index_type == "flat":
-        factory = "Flat"
+        factory = faiss_index.FLAT
     elif ecfg.index_type == "ivf":
-        # FAISS wants about 39 training points per list; 4*sqrt(n) lists is the usual starting point.
-        nlist = ecfg.ivf_nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        nlist = min(nlist, n)
-        factory = f"IVF{nlist},Flat"
+        nlist = min(ecfg.ivf_nlist or faiss_index.nlist_for(n), n)
+        factory = faiss_index.ivf(nlist)
         params = {"nlist": nlist, "nprobe": min(ecfg.ivf_nprobe, nlist)}
     else:
-        factory = f"HNSW{ecfg.hnsw_m},Flat"
+        factory = faiss_index.hnsw(ecfg.hnsw_m)
         params = {"M": ecfg.hnsw_m, "efSearch": ecfg.hnsw_ef_search}
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not index.is_trained:
-        index.train(x)
-    index.add(x)
+    index = faiss_index.build(vectors, factory)
     _apply_search_params(index, ecfg.index_type, params)
     return index, {"type": ecfg.index_type, "factory": factory, "metric": "inner_product", "params": params,
                    "n": int(n), "dim": int(dim)}
 
 
 def _apply_search_params(index, index_type: str, params: dict) -> None:
-    import faiss
+    from pipeline.search import index as faiss_index
 
     if index_type == "ivf":
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", params["nprobe"])
+        faiss_index.set_search(index, nprobe=params["nprobe"])
     elif index_type == "hnsw":
-        faiss.ParameterSpace().set_index_parameter(index, "efSearch", params["efSearch"])
+        faiss_index.set_search(index, ef_search=params["efSearch"])
 
 
 class SearchIndex:

@@ -232,6 +232,16 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None  # new MLflow runs nest under this run (set by the sweep per child)
 
 
+class ServicesConfig(Section):
+    """How long a command waits on the services it talks to (pipeline/core/services.py): Ray clusters, Qdrant,
+    the MLflow tracking server."""
+
+    # Each is checked before any work; no answer within this many seconds stops the command with one line.
+    # During a Ray job, a cluster whose GCS stays silent this long counts as gone (with GCS fault tolerance,
+    # raise it above the time a GCS restart takes).
+    timeout_s: float = Field(5.0, gt=0, le=600)
+
+
 class TargetOptions(Section):
     """Where ``export.targets`` load the exported index (pipeline/export/targets.py)."""
 
@@ -274,7 +284,7 @@ class ExportConfig(Section):
     merged_vs_base_max_cos: float = 0.999999  # mean cosine at or above this: the merge changed nothing
     neighbour_queries: int = Field(8, ge=1)  # sample texts whose top-k must agree across the forms
     neighbour_k: int = Field(10, ge=1)
-    ivf_nlist: int | None = None  # default about 4 * sqrt(corpus size)
+    ivf_nlist: int | None = None  # None: about sqrt(corpus size), pipeline/search/index.py's one rule
     ivf_nprobe: int = Field(16, ge=1)
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)
@@ -403,7 +413,7 @@ class ScaleIndexConfig(Section):
     # IVF with scalar quantisation; the first that reaches the target at some nprobe wins.
     candidates: list[str] = Field(default_factory=lambda: ["pq48", "pq96", "sq8"], min_length=1)
     nbits: int = Field(8, ge=4, le=12)  # bits per PQ code: 8 is the fast, well-tested FAISS path
-    nlist: int | None = Field(None, ge=1)  # inverted lists; None: about 4 * sqrt(rows), FAISS's usual advice
+    nlist: int | None = Field(None, ge=1)  # inverted lists; None: about sqrt(rows) (pipeline/search/index.py)
     nprobes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # tried in order
     train_rows: int = Field(100_000, ge=100)  # sample the quantisers train on: memory stays bounded by this
     queries: int = Field(1000, ge=1)  # sampled corpus rows the recall is measured with
@@ -465,6 +475,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     suite: SuiteConfig = Field(default_factory=SuiteConfig)

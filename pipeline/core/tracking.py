@@ -11,12 +11,11 @@ import contextlib
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.core import services
 from pipeline.core.config import Config
 from pipeline.core.errors import TrackingError
 
@@ -29,13 +28,15 @@ def default_uri() -> str:
 
 def resolve_uri(cfg: Config) -> str:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
-    if uri.startswith(("http://", "https://")) and not _reachable(uri):
+    server = services.mlflow_service(cfg)
+    problem = services.probe(server, cfg.services.timeout_s) if server is not None else None
+    if problem is not None:
         if cfg.tracking.on_unreachable == "local":
             local = default_uri()
-            log.warning("MLflow server %s is unreachable; logging to the local store %s instead", uri, local)
+            log.warning("MLflow server %s is unreachable (%s); logging to the local store %s instead", uri, problem,
+                        local)
             return local
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable (checked {uri.rstrip('/')}/health); "
-                            "start it, unset MLFLOW_TRACKING_URI, or set tracking.on_unreachable=local")
+        raise TrackingError(services.unreachable(server, problem, cfg.services.timeout_s))
     return uri
 
 
@@ -72,14 +73,6 @@ def mark_abandoned(uri: str, run_id: str, note: str) -> bool:
         return False
     log.warning("marked MLflow run %s FAILED: %s", run_id, note)
     return True
-
-
-def _reachable(uri: str, timeout: float = 5.0) -> bool:
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-            return resp.status < 500
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

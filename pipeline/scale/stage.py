@@ -300,8 +300,10 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         return [infos[i] for i in range(n_shards)]
     from pipeline.core import raycluster
 
-    started_here = raycluster.connect(c.ray_address)  # an existing cluster, or a loopback-only local one
-    try:
+    kept = "the shards written so far are kept: rerun the same command to encode the others"
+    # an existing cluster, or a loopback-only local one; watched while the job runs
+    with raycluster.session(c.ray_address, setting="corpus.ray_address", timeout_s=cfg.services.timeout_s,
+                            kept=kept):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
@@ -311,9 +313,6 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos[info["index"]] = info
-    finally:
-        if started_here:
-            ray.shutdown()
     missing = [i for i in range(n_shards) if i not in infos]
     if missing:
         raise RuntimeError(f"embed-corpus: the Ray job ended without shards {missing[:10]}")
