@@ -187,9 +187,17 @@ def trained(project: Path, cache: dict, method: str = "lora") -> list[str]:
         shutil.copytree(saved / "runs", "runs", dirs_exist_ok=True)
     else:
         assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
-        shutil.copytree("data", saved / "data")
-        shutil.copytree("runs", saved / "runs")
+        save_trained(cache, method)
     return cfg
+
+
+def save_trained(cache: dict, method: str = "lora") -> None:
+    """Keep the prepared data and trained runs of the current project for later tests: only what prepare and
+    train wrote. A run's embeddings stay behind: a copied embed manifest would make a later test's embed
+    stage skip its work, and the base embeddings it points at live in the first project's cache."""
+    saved = cache["root"] / method
+    shutil.copytree("data", saved / "data", dirs_exist_ok=True)
+    shutil.copytree("runs", saved / "runs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("embeddings"))
 
 
 def split_texts(split: str = "test") -> list[str]:

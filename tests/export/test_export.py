@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import QUIET, REPO, RUN, cli, run_stages, split_texts, trained
+from tests.conftest import QUIET, REPO, RUN, cli, run_stages, save_trained, split_texts, trained
 
 def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(project, trained_cache, monkeypatch):
     # mlflow.set_tracking_uri also sets this variable for the whole process; pin it to this project's
@@ -21,8 +20,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     cfg = ["--config", str(project)]
     run_stages(*cfg)
-    shutil.copytree("data", trained_cache["root"] / "lora" / "data", dirs_exist_ok=True)
-    shutil.copytree("runs", trained_cache["root"] / "lora" / "runs", dirs_exist_ok=True)
+    save_trained(trained_cache)
     # A few steps of the tiny model may or may not beat the base on validation; this test is about the
     # forms, so it exports either way (the refusal has its own test below).
     assert cli("export", *cfg, "--force") == 0
