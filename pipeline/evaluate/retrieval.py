@@ -107,8 +107,37 @@ def score_models(cfg: Config, folder: Path, emb_manifest: dict) -> dict:
     return out
 
 
+UNVERIFIED = ("no judged queries: the set has no test queries with judgments, so nothing measures whether the "
+              "adapted encoder is better than the base; give a few judged queries (BEIR qrels, or data.judged_path: "
+              "50-300 queries) to verify it")
+
+
+def unverified(prep: dict) -> Scored:
+    """metrics.json and report.md of a run with no judged test query: it trained, and nothing verified it."""
+    empty = {"classification": {}, "retrieval": {}, "ci": {}}
+    sizes = prep.get("sizes", {})
+    payload = {"classification": {}, "retrieval": {}, "ci": {}, "baseline": dict(empty),
+               "lexical": {**empty, "method": "bm25 (not run: no judged queries)"},
+               "verified": False, "unverified_reason": UNVERIFIED, "test_items": 0, "retrieval_queries": 0,
+               "verdict": {"status": "unverified", "test": {"vs_base": {}},
+                           "validation": {"metric": None, "adapted": None, "base": None, "better": None,
+                                          "source": "none", "note": UNVERIFIED}},
+               "corpus": {"documents": sizes.get("documents"), "passages": sizes.get("passages"),
+                          "lengths": prep.get("lengths")},
+               "notes": {"retrieval": UNVERIFIED, "classification": NOTES_CLASSIFICATION}}
+    tail = ["## Unverified", "", f"**UNVERIFIED**: {UNVERIFIED}. `make export` refuses this run unless given "
+            "`--force`.", ""]
+    return Scored(payload, report_tail="\n".join(tail))
+
+
+NOTES_CLASSIFICATION = "no classification metrics: a retrieval set has queries and documents, no label space"
+
+
 def score(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Scored:
-    """A retrieval set's payload (adapted, base, BM25, hybrid, the verdicts) and its report section."""
+    """A retrieval set's payload (adapted, base, BM25, hybrid, the verdicts) and its report section; a set without
+    judged test queries (the corpus objective) is reported unverified."""
+    if not (prep.get("sizes", {}).get("queries", {}).get("test")):
+        return unverified(prep)
     scored = score_models(cfg, layout.processed, emb_manifest)
     t = scored["test"]
     payload = payload_parts(cfg, scored, prep)
