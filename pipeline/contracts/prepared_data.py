@@ -51,7 +51,9 @@ QRELS_HEADER = ("query-id", "corpus-id", "score")  # queries of the val split: t
 PAIRS = "pairs.jsonl"
 LABELS = "labels.json"
 PAIR_COLUMNS = {"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
-                "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str}
+                "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str,
+                # document and query ids stay strings (a numeric id read as a number would miss its judgments)
+                "query_id": str, "positive_id": str, "negative_id": str, "source_id": str}
 # A text without an entity id is its own group: prepare writes this prefix + the text as its group, so
 # duplicates of one text stay together and "same group" means "same text". Readers ask the helpers below.
 TEXT_GROUP_PREFIX = "t:"

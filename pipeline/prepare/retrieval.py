@@ -309,6 +309,8 @@ def _tokenizer(cfg: Config):
 
 
 def _token_lengths(tok, texts: list[str]) -> np.ndarray:
+    if not texts:  # a corpus with no judged query (the corpus objective, unverified)
+        return np.zeros(0, dtype=np.int64)
     return np.array([len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]], dtype=np.int64)
 
 
@@ -326,7 +328,9 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     if not force and is_up_to_date(out, fp):
         log.info("prepare: %s is up to date", out)
         return out
-    objective = pair_kinds.resolve_retrieval(cfg, has_train_judgments=has_train_judgments(rs))
+    # a table of texts alone is judged by its judged set (validation and test), never trained on it
+    trainable = has_train_judgments(rs) and not sources.is_text_table(cfg)
+    objective = pair_kinds.resolve_retrieval(cfg, has_train_judgments=trainable)
     log.info("prepare: objective %s (%s)", objective.name, objective.reason)
     queries, qrels, plan = assign_query_splits(rs, cfg, objective.name)
     queries, qrels, leaks = remove_leaks(queries, qrels)
