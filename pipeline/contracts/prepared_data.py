@@ -153,7 +153,10 @@ def load_passages(folder: Path) -> pd.DataFrame:
 
 def load_retrieval_queries(folder: Path, split: str | None = None) -> pd.DataFrame:
     """Queries (id, text, split), all of them in file order (the order embed writes), or one split's."""
-    df = pd.read_json(Path(folder) / QUERIES, lines=True, dtype={"id": str, "text": str, "split": str})
+    path = Path(folder) / QUERIES
+    if not path.read_text(encoding="utf-8").strip():  # no judged query at all (the corpus objective, unverified)
+        return pd.DataFrame({"id": pd.Series(dtype=str), "text": pd.Series(dtype=str), "split": pd.Series(dtype=str)})
+    df = pd.read_json(path, lines=True, dtype={"id": str, "text": str, "split": str})
     return df if split is None else df[df["split"] == split]
 
 

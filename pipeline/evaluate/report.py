@@ -189,12 +189,15 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
     def row(name, block, ci):
         return f"| {name} | " + " | ".join(_fmt(block.get(kind, {}), ci.get(kind, {}), k) for kind, k in keys) + " |"
 
-    lines.append(row("base (untrained)", m["baseline"], m["baseline"].get("ci", {})))
-    if m["lexical"].get("classification") or m["lexical"].get("retrieval"):
-        lines.append(row(f"lexical {lexical_label(m)}", m["lexical"], m["lexical"].get("ci", {})))
-    for o in others:
-        lines.append(row(f"{o['run_name']} ({o['model']['method']})", o, o.get("ci", {})))
-    lines.append(row(f"**{m['run_name']}** ({m['model']['method']})", m, m.get("ci", {})))
+    if keys:
+        lines.append(row("base (untrained)", m["baseline"], m["baseline"].get("ci", {})))
+        if m["lexical"].get("classification") or m["lexical"].get("retrieval"):
+            lines.append(row(f"lexical {lexical_label(m)}", m["lexical"], m["lexical"].get("ci", {})))
+        for o in others:
+            lines.append(row(f"{o['run_name']} ({o['model']['method']})", o, o.get("ci", {})))
+        lines.append(row(f"**{m['run_name']}** ({m['model']['method']})", m, m.get("ci", {})))
+    else:  # nothing was measured (an unverified run): no table of empty cells
+        del lines[-2:]
     t = m.get("train", {})
     lines += ["", f"Training: {t.get('seconds', 0):.0f} s, {t.get('pairs_per_second') or 0:.1f} pairs/s, "
                   f"peak RSS {t.get('peak_rss_mb') or 0:.0f} MB, {t.get('device')}/{t.get('precision')}. "

@@ -350,7 +350,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     summary = _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats, objective)
     with atomic_dir(out) as tmp:
         _write(tmp, rs.corpus, queries, qrels, passages, pairs)
-        summary["texts_fingerprint"] = texts_fingerprint(tmp, RETRIEVAL_TEXT_FILES)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, summary["text_files"])
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
                                                         extra=summary))
     log.info("prepare: wrote %s (%d documents in %d passages; queries %s; %d training pairs)", out, len(rs.corpus),
@@ -400,7 +400,8 @@ def _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats, objectiv
     n_queries = {s: int((queries["split"] == s).sum()) for s in SPLITS}
     return {
         "kind": "retrieval",
-        "text_files": RETRIEVAL_TEXT_FILES,
+        # with no judged query (the corpus objective, unverified) there are no queries to embed
+        "text_files": RETRIEVAL_TEXT_FILES if len(queries) else [PASSAGES],
         "sizes": {"documents": int(len(rs.corpus)), "passages": lengths["passages_total"], "queries": n_queries,
                   "judgments": {s: int((qrels["split"] == s).sum()) for s in SPLITS}, "pairs": int(len(pairs))},
         "counts": {"queries_read": int(len(rs.queries)), "judgments_read": int(len(rs.qrels)),
