@@ -181,6 +181,9 @@ def payload_parts(cfg: Config, scored: dict, prep: dict) -> dict:
         **({"validation": {name: {"retrieval": {k: round(float(v.mean()), 5) for k, v in val[name].items()}}
                            for name in val}} if val else {}),
         "test_items": len(data.query_ids["test"]), "retrieval_queries": len(data.query_ids["test"]),
+        # how many judged queries give what CI width, subsampling these test queries (README, "Without labels")
+        "judged_budget": {"metric": "ndcg@10", "rows": scoring.judged_budget(
+            t["adapted"]["ndcg@10"], t["base"]["ndcg@10"], seed=cfg.seed, n_boot=max(200, cfg.eval.bootstrap))},
         "corpus": {"documents": len(data.doc_ids), "passages": int(len(data.doc_of)),
                    "lengths": prep.get("lengths")},
     }
@@ -207,7 +210,20 @@ def report_tail(payload: dict) -> str:
               f"{f['chosen_on']}). recall_all@100 is BEIR's recall@100 (share of the relevant documents in the top "
               "100); recall@1 is success@1.", "", "## Change vs the base model (same queries)", "",
               *delta_table(payload["delta_vs_base"]["retrieval"]), "", "## Hybrid vs adapted dense", "",
-              *delta_table(payload["hybrid"]["delta_vs_adapted"]), ""]
+              *delta_table(payload["hybrid"]["delta_vs_adapted"]), "", *budget_lines(payload.get("judged_budget")), ""]
     return "\n".join(lines)
+
+
+def budget_lines(budget: dict | None) -> list[str]:
+    """report.md: the CI widths that subsets of the test queries give (how many judged queries a verdict needs)."""
+    if not budget:
+        return []
+    lines = ["## How many judged queries", "",
+             f"95% CI widths of {budget['metric']} on random subsets of the test queries (median over subsets), and "
+             "the share of subsets whose paired difference to the base is called better:", "",
+             "| judged queries | CI width (adapted) | CI width (adapted − base) | share called better |",
+             "|---|---|---|---|"]
+    return lines + [f"| {r['queries']} | {r['ci_width']:.3f} | {r['delta_ci_width']:.3f} | "
+                    f"{r['delta_better_share']:.0%} |" for r in budget["rows"]]
 
 
