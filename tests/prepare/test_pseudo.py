@@ -106,3 +106,22 @@ def test_mined_negatives_pass_the_false_negative_guard(offers):
         assert r["negative_id"] not in (r["positive_id"], r["source_id"])
         assert rankers.keys[neg] not in (rankers.keys[row[r["positive_id"]]], rankers.keys[row[r["source_id"]]])
         assert neg not in set(top[top >= 0])
+
+
+def test_searches_run_a_block_of_queries_at_a_time_and_never_score_the_corpus_against_itself(offers, monkeypatch):
+    from pipeline.search import metrics
+
+    docs, cfg = offers
+    cfg = cfg.model_copy(update={"pairs": Config.model_validate(
+        {"pairs": {"corpus": {"methods": ["crops", "neighbours"], "mine_negatives": True}}}).pairs})
+    real, shapes = metrics.search, []
+
+    def spy(gallery, queries, k):
+        shapes.append((len(queries), k))
+        return real(gallery, queries, k)
+
+    monkeypatch.setattr(metrics, "search", spy)
+    monkeypatch.setattr(pseudo, "SEARCH_BLOCK", 7)
+    built = pseudo.build(docs, cfg, encoder_length=32)
+    assert built.stats["by_method"]["neighbours"] > 0 and shapes
+    assert all(n <= 7 and k < len(docs.ids) for n, k in shapes)
