@@ -18,8 +18,8 @@ def prepared_fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_on
     depend only on the splits (base-model embeddings, the lexical baseline) survive a change of pairs."""
     sections = ("data",) if splits_only else ("data", "pairs")
     payload = {"cfg": _sections_hash(cfg, sections), "seed": cfg.seed, "in": input_hashes}
-    if cfg.pairs.hard_negatives.enabled and not splits_only:
-        # mined negatives depend on the base encoder and its max length
+    if (cfg.pairs.hard_negatives.enabled or cfg.pairs.objective == "corpus") and not splits_only:
+        # mined negatives and pseudo labels (the corpus objective's neighbours) come from the base encoder
         payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,
                             cfg.train.mask_same_label]
     return digest(payload)

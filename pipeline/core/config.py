@@ -140,6 +140,7 @@ class CorpusPairsConfig(Section):
     # One mined negative per pseudo pair from the base encoder's ranking of its query (pairs.hard_negatives' rank
     # window and margin), skipping the pair's own document, identical texts and any document BM25 also ranks within
     # ``guard_k`` for the query (the false-negative guard: both rankers agreeing suggests it is relevant).
+    # pairs.hard_negatives.enabled mines the same way under this objective.
     mine_negatives: bool = False
     guard_k: int = Field(3, ge=0)
 

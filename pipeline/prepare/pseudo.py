@@ -213,7 +213,8 @@ def build(docs: Documents, cfg: Config, *, encoder_length: int, avoid: set[str] 
         raise DataError("the corpus objective needs documents to build pseudo queries from, and there are none")
     rng = np.random.default_rng(cfg.seed + 11)
     wanted, order = bound(cfg), rng.permutation(len(docs.ids))
-    rankers = Rankers(docs, cfg, encoder_length) if ("neighbours" in c.methods or c.mine_negatives) else None
+    mining = c.mine_negatives or cfg.pairs.hard_negatives.enabled  # either switch mines, with this module's guard
+    rankers = Rankers(docs, cfg, encoder_length) if ("neighbours" in c.methods or mining) else None
     rows, dropped, visited = [], {"judged_query_text": 0}, 0
     bar = tqdm(total=wanted, desc="pseudo pairs", unit="pair", mininterval=30)
     for start in range(0, len(order), c.shard_documents):
@@ -239,7 +240,7 @@ def build(docs: Documents, cfg: Config, *, encoder_length: int, avoid: set[str] 
              "bound": wanted, "pairs": int(len(pairs)),
              "by_method": {k: int(v) for k, v in pairs["kind"].value_counts().sort_index().items()},
              "dropped": dropped, "methods": list(c.methods)}
-    if c.mine_negatives:
+    if mining:
         pairs, stats["negatives"] = mine(pairs, docs, rankers, cfg)
     return Built(pairs, stats)
 
