@@ -263,3 +263,25 @@ def walmart_config(tmp_path: Path) -> Path:
     path = tmp_path / "wa.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# ---------------------------------------------------------------- a retrieval set in the BEIR layout
+
+OFF = "tracking.enabled=false"  # one override that keeps a test out of MLflow
+
+
+@pytest.fixture
+def beir_project(tmp_path, monkeypatch, tiny_model_dir):
+    """A project folder with a tiny BEIR-layout retrieval set (tests/retrieval_data.py) and its config."""
+    monkeypatch.chdir(tmp_path)
+    from tests.retrieval_data import make_beir
+
+    make_beir(tmp_path / "beir")
+    cfg = {"seed": 0, "model": {"base": str(tiny_model_dir)},
+           "data": {"name": "tinybeir", "format": "beir", "path": "beir"},
+           "train": {"batch_size": 8, "epochs": 3, "lr": 5e-3, "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
+           "eval": {"bootstrap": 50, "batch_size": 32}, "tracking": {"experiment": "tests"}}
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "beir.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

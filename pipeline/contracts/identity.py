@@ -51,6 +51,8 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
         del train["tsdae"]
     if train["validation"]["base_is_candidate"] is None:
         del train["validation"]["base_is_candidate"]
+    if not train["lora"]["modules_to_save"]:
+        del train["lora"]["modules_to_save"]
     base = resolve_base(cfg.model.base)
     # A preset is identified by the names it resolves to for this base: what is trained.
     resolved = families.resolve_for_base(base, cfg.train.lora.target_modules,

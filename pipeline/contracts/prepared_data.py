@@ -109,6 +109,16 @@ def text_files(manifest: dict) -> list[str]:
     return manifest.get("text_files", LABELLED_TEXT_FILES)
 
 
+def dataset_files(folder: Path, manifest: dict) -> dict[str, Path]:
+    """The prepared files a run reads, by split: what MLflow records as the run's dataset inputs. Labelled:
+    the three splits and the training pairs built from train; pairs: the training pairs, the val and test
+    queries and the gallery they search."""
+    folder = Path(folder)
+    names = ({"train": PAIRS, "val": VAL_QUERIES, "test": "queries.jsonl", "gallery": "gallery.jsonl"}
+             if is_pairs(manifest) else {**{s: f"{s}.jsonl" for s in SPLITS}, "pairs": PAIRS})
+    return {split: folder / name for split, name in names.items() if (folder / name).exists()}
+
+
 def texts_fingerprint(folder: Path, names: list[str]) -> str:
     """Hash of the files whose texts embed encodes (not the pairs): the base-embedding cache key."""
     return digest([[name, sha256_file(Path(folder) / name)] for name in names])

@@ -7,8 +7,6 @@ scalars (``16`` is an int, ``[query,value]`` a list, ``true`` a bool) and then v
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.hashing import digest
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -187,6 +186,11 @@ class LoraSettings(Section):
     use_dora: bool = False
     # LoRA+: lora_B learns this many times faster than lora_A (peft.optimizers.create_loraplus_optimizer).
     loraplus_lr_ratio: float | None = Field(None, ge=1)
+    # Modules trained in full beside the adapter, and saved with it. Everything else is frozen in LoRA mode,
+    # the sentence-transformers modules after pooling (Dense heads) included. An entry names a module after the
+    # transformer by its position or class ("2", "Dense": saved as adapter/st_modules.safetensors) or a module
+    # inside the transformer ("pooler": PEFT's modules_to_save, saved in the adapter file).
+    modules_to_save: list[str] = Field(default_factory=list)
 
     @field_validator("target_modules")
     @classmethod
@@ -302,6 +306,10 @@ class EmbedConfig(Section):
     probe_repeats: int = Field(2, ge=1)  # timed passes per candidate (best taken)
     onnx_fusion: bool = True  # onnxruntime's transformer fusions (attention, layer norm, GELU) on BERT-like models
     onnx_token_budget: int | None = Field(2048, ge=1)  # padded tokens per ONNX batch; None: rows only
+    # auto weighs a form's one-off cost (an ONNX trace, the probe passes) against the most it could save: the job
+    # run this many times faster than torch-fp32 (pipeline/model/backends.py, worth_trying)
+    max_speedup: float = Field(4.0, gt=1)
+    onnx_cache_mb: float = Field(4096, gt=0)  # <paths.cache>/onnx/ at most; least recently used traces go first
 
 
 class ExportConfig(Section):
@@ -526,8 +534,7 @@ class Config(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: what a stage's output depends on."""
         dump = self.model_dump(mode="json")
-        payload = {s: dump[s] for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return digest({s: dump[s] for s in sections})
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -8,10 +8,12 @@ train manifest records the run id and eval reopens it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -132,6 +134,31 @@ class Tracker:
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+    def log_datasets(self, dataset: str, files: dict[str, Path]) -> None:
+        """Each prepared file as an MLflow dataset input of the run (``mlflow.data.from_pandas`` + ``log_input``):
+        name ``<dataset>-<split>``, digest the file's sha256, source its path, the schema MLflow infers, and the
+        split as the input's context, so the UI's Dataset column and filter show what the run read."""
+        if not self.enabled:
+            return
+        import mlflow
+        import pandas as pd
+
+        from pipeline.core.artifacts import sha256_file
+
+        for split, path in files.items():
+            frame = pd.read_json(path, lines=True, dtype=False)
+            # list-valued columns (a query's relevant ids) have no MLflow column type: logged as JSON text
+            for col in frame.columns:
+                if frame[col].map(lambda v: isinstance(v, (list, dict))).any():
+                    frame[col] = frame[col].map(json.dumps)
+            with warnings.catch_warnings():
+                # MLflow registers its local-file source class twice and warns that a path is ambiguous
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                data = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()), name=f"{dataset}-{split}",
+                                               digest=sha256_file(path)[:16])
+            mlflow.log_input(data, context=split)
 
 
 @contextlib.contextmanager

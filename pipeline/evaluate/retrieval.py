@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pipeline.contracts.prepared_data import load_corpus, load_passages, load_qrels, load_retrieval_queries
 from pipeline.core.artifacts import Layout

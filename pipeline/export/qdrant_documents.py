@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 

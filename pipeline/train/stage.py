@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.contracts import pair_kinds as objectives
 from pipeline.contracts.identity import run_fingerprint
-from pipeline.contracts.prepared_data import load_pairs, with_encoder_length
+from pipeline.contracts.prepared_data import dataset_files, load_pairs, with_encoder_length
 from pipeline.train import retrieval as retrieval_sets
 from pipeline.core import recovery, tracking
 from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, require_manifest,
@@ -36,8 +36,8 @@ from pipeline.core.memory import current_rss_mb, peak_rss_mb
 from pipeline.model import prompts
 from pipeline.model import tokens as encoding
 from pipeline.model.encoder import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing,
-                                    inner_model, load_base, lora_b_norm, pick_device, pick_dtype, resolve_base,
-                                    training_model_kwargs, write_model_info)
+                                    load_base, lora_b_norm, pick_device, pick_dtype, resolve_base, save_lora,
+                                    saved_parameters, training_model_kwargs, verify_reload, write_model_info)
 from pipeline.train import distributed, speed, validation
 from pipeline.train.checkpoints import load_checkpoint, restore_best, save_best, save_checkpoint
 from pipeline.train.loop import Batches, PairTensors, Stepper, make_optimizer, make_scheduler, run_steps
@@ -242,6 +242,7 @@ def _train(job: Job) -> Path:
             tracker.set_tags({"pipeline.resumed_from_step": progress.start_step})
         if job.ckpt_state is None or tracker.run_id != mlflow_run_id:  # a new MLflow run gets the params
             _log_params(tracker, cfg, job.prep, su)
+            tracker.log_datasets(cfg.data.name, dataset_files(job.layout.processed, job.prep))
         stats = _loop(job, su, sel, tracker, progress)
         if not job.main:
             return job.model_dir
@@ -444,10 +445,15 @@ def _write_model(job: Job, su: _Setup, info: dict, stats: dict, tracker) -> None
     cfg = job.cfg
     with atomic_dir(job.model_dir) as tmp:
         if cfg.train.method == "lora":
-            inner_model(su.model).save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            _save_lora_checked(tmp, su, info, stats)
         else:
             su.model.save(str(tmp), safe_serialization=True)
         write_model_info(tmp, info)
+        if cfg.train.method == "lora" and cfg.train.quantization == "none" and cfg.train.weights_dtype == "fp32":
+            # the run as it loads from disk must be the model validation chose (before the folder is committed)
+            stats["reload_min_cos"] = round(verify_reload(tmp, su.model, su.probe_ids, su.device), 6)
+        elif cfg.train.method == "lora":  # the base reloads in fp32, so it cannot equal 4/8-bit or bf16 weights
+            stats["reload_min_cos"] = None
         write_json_atomic(tmp / MANIFEST, make_manifest(
             "train", cfg, fingerprint=job.fp, inputs={"prepared_data": job.prep["fingerprint"]},
             extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info,
@@ -481,6 +487,15 @@ def _write_kept_base(job: Job, su: _Setup, stats: dict, tracker) -> None:
     tracker.log_artifact(job.model_dir / MANIFEST)
 
 
+def _save_lora_checked(folder: Path, su: _Setup, info: dict, stats: dict) -> None:
+    """The adapter (and any named heads) in ``folder``; what was saved must be what was trained."""
+    stats["saved_params"] = saved_parameters(save_lora(su.model, folder))
+    if stats["saved_params"] != su.trainable:
+        raise TrainingError(f"the run trained {su.trainable:,} parameters but its adapter holds "
+                            f"{stats['saved_params']:,}: a trained module is not saved")
+    info["saved_params"] = stats["saved_params"]
+
+
 def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> Path:
     """method=base: no training; the model folder only records which base model the run evaluates."""
     resolved = resolve_base(cfg.model.base)
@@ -495,6 +510,7 @@ def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> 
     tags = {"method": "base", "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with tracking.run(cfg, run_name=cfg.resolved_run_name, tags=tags) as tracker:
         tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+        tracker.log_datasets(cfg.data.name, dataset_files(Layout(cfg).processed, prep))
         with atomic_dir(model_dir) as tmp:
             write_model_info(tmp, info)
             write_json_atomic(tmp / MANIFEST, make_manifest(

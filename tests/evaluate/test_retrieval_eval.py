@@ -9,8 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import run_stages
-from tests.prepare.test_retrieval_prepare import OFF, beir_project  # noqa: F401  (fixture)
+from tests.conftest import OFF, run_stages
 from tests.retrieval_data import as_pairs
 
 

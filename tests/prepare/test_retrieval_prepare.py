@@ -7,31 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
 from pipeline.contracts import prepared_data as P
-from tests.conftest import cli
+from tests.conftest import OFF, cli
 from tests.retrieval_data import as_hf_dataset, as_pairs, make_beir
 from tests.test_cli import _fails_cleanly
-
-OFF = "tracking.enabled=false"
-
-
-@pytest.fixture
-def beir_project(tmp_path, monkeypatch, tiny_model_dir):
-    monkeypatch.chdir(tmp_path)
-    make_beir(tmp_path / "beir")
-    cfg = {"seed": 0, "model": {"base": str(tiny_model_dir)},
-           "data": {"name": "tinybeir", "format": "beir", "path": "beir"},
-           "train": {"batch_size": 8, "epochs": 3, "lr": 5e-3, "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
-           "eval": {"bootstrap": 50, "batch_size": 32}, "tracking": {"experiment": "tests"}}
-    (tmp_path / "configs").mkdir()
-    path = tmp_path / "configs" / "beir.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 def _prepare(config: Path, *overrides: str) -> Path:
     assert cli("prepare", "--config", str(config), OFF, *overrides) == 0

@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from pipeline.contracts import prepared_data as P
 from pipeline.search import ir
-from tests.conftest import cli, run_stages
-from tests.prepare.test_retrieval_prepare import OFF, beir_project  # noqa: F401  (fixture)
+from tests.conftest import OFF, cli, run_stages
 
 
 def test_export_serves_documents_dense_lexical_and_the_validation_chosen_hybrid(beir_project):
