@@ -14,8 +14,7 @@ from pipeline.core.config import Config
 from pipeline.train import selection
 from pipeline.train.stage import base_is_candidate
 from pipeline.train.tsdae import damage
-from tests.conftest import cli, mlflow_client, run_stages
-from tests.prepare.test_retrieval_prepare import OFF, beir_project  # noqa: F401  (fixture)
+from tests.conftest import OFF, cli, mlflow_client, run_stages
 from tests.test_cli import _fails_cleanly
 
 RUN = "tinybeir-lora-r4-a8-s0"

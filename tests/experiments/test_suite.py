@@ -14,7 +14,6 @@ import yaml
 from pipeline.experiments import suite
 from pipeline.core.config import load_config
 from tests.conftest import make_corpus
-from tests.prepare.test_retrieval_prepare import beir_project  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,9 @@ import yaml
 
 from pipeline.contracts import prepared_data as P
 from pipeline.prepare.pseudo import text_key
-from tests.conftest import cli
-from tests.prepare.test_retrieval_prepare import OFF, _prepare, beir_project  # noqa: F401  (fixture)
+
+from tests.conftest import OFF, cli
+from tests.prepare.test_retrieval_prepare import _prepare
 from tests.retrieval_data import make_beir
 from tests.test_cli import _fails_cleanly
 
