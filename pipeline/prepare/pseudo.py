@@ -185,16 +185,16 @@ def neighbours(docs: Documents, rows: np.ndarray, rankers: Rankers, cfg: Config)
     lexical = rankers.lexical(queries, depth)
     out = []
     for j, r in enumerate(rows):
-        own = rankers.keys[r]
-
-        def firsts(ranked):
-            return [d for d in ranked if d >= 0 and d != r and rankers.keys[d] != own][:k]
-
-        lexical_firsts = set(firsts(lexical[j]))
-        agree = [d for d in firsts(dense[j]) if d in lexical_firsts]
+        lexical_firsts = set(_firsts(lexical[j], r, rankers.keys, k))
+        agree = [d for d in _firsts(dense[j], r, rankers.keys, k) if d in lexical_firsts]
         if agree:
             out.append((int(r), int(agree[0])))
     return out
+
+
+def _firsts(ranked: np.ndarray, own: int, keys: np.ndarray, k: int) -> list[int]:
+    """The first ``k`` documents of a ranking that are neither document ``own`` nor a text identical to it."""
+    return [int(d) for d in ranked if d >= 0 and d != own and keys[d] != keys[own]][:k]
 
 
 # ------------------------------------------------------------------------------------------------------- build

@@ -16,7 +16,6 @@ from pipeline.prepare.pseudo import text_key
 
 from tests.conftest import OFF, cli
 from tests.prepare.test_retrieval_prepare import _prepare
-from tests.retrieval_data import make_beir
 from tests.test_cli import _fails_cleanly
 
 METHODS = "pairs.corpus.methods=[ict,title,crops]"
