@@ -23,7 +23,6 @@ and spacing ignored) is dropped: no judged query text is trained on.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,9 +31,9 @@ from tqdm.auto import tqdm
 
 from pipeline.core.config import Config
 from pipeline.core.errors import DataError
+from pipeline.search import ir
 
 log = logging.getLogger(__name__)
-SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 LONG_WORDS = 40  # a text of at least this many words is cut by sentences and short crops; below, by word spans
 SENTENCE_WORDS = (4, 64)  # an ICT query sentence has this many words
 SEARCH_BLOCK = 512  # queries per BM25 / dense search call
@@ -76,7 +75,7 @@ def ict(docs: Documents, i: int, cfg: Config, rng: np.random.Generator) -> tuple
     words = docs.texts[i].split()
     budget = cfg.pairs.corpus.positive_words
     if len(words) >= LONG_WORDS:
-        sentences = SENTENCE.split(docs.texts[i])
+        sentences = ir.sentences(docs.texts[i])
         fits = [k for k, s in enumerate(sentences) if SENTENCE_WORDS[0] <= len(s.split()) <= SENTENCE_WORDS[1]]
         if len(sentences) >= 3 and fits:
             k = fits[int(rng.integers(len(fits)))]
@@ -144,8 +143,6 @@ class Rankers:
     a block of queries at a time, top-k only."""
 
     def __init__(self, docs: Documents, cfg: Config, encoder_length: int):
-        from pipeline.search import ir
-
         self.cfg, self.length = cfg, encoder_length
         self.texts = [_words(docs.full(i), cfg.pairs.corpus.positive_words + 32) for i in range(len(docs.ids))]
         self.keys = np.array([text_key(docs.full(i)) for i in range(len(docs.ids))], dtype=object)

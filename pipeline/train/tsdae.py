@@ -28,14 +28,14 @@ MIN_WORDS = 4
 def sentences(folder, prep: dict, cap: int, seed: int) -> list[str]:
     """Up to ``cap`` sentences (of at least 4 words) of the texts the corpus objective trains on, seeded: a retrieval
     set's documents, or a labelled corpus's train split."""
-    from pipeline.prepare.pseudo import SENTENCE
+    from pipeline.search.ir import sentences as split
 
     if is_retrieval(prep):
         corpus = load_corpus(folder)
         texts = (corpus["title"].fillna("") + ". " + corpus["text"].fillna("")).tolist()
     else:
         texts = load_split(folder, "train")["text"].tolist()
-    found = [s.strip() for t in texts for s in SENTENCE.split(str(t)) if len(s.split()) >= MIN_WORDS]
+    found = [s.strip() for t in texts for s in split(t) if len(s.split()) >= MIN_WORDS]
     rng = np.random.default_rng(seed + 17)
     return [found[i] for i in rng.permutation(len(found))[:cap]]
 
