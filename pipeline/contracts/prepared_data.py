@@ -51,7 +51,9 @@ QRELS_HEADER = ("query-id", "corpus-id", "score")  # queries of the val split: t
 PAIRS = "pairs.jsonl"
 LABELS = "labels.json"
 PAIR_COLUMNS = {"anchor": str, "positive": str, "group": str, "label": str, "kind": str,
-                "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str}
+                "negative": str, "negative_group": str, "negative_label": str, "negative_kind": str,
+                # document and query ids stay strings (a numeric id read as a number would miss its judgments)
+                "query_id": str, "positive_id": str, "negative_id": str, "source_id": str}
 # A text without an entity id is its own group: prepare writes this prefix + the text as its group, so
 # duplicates of one text stay together and "same group" means "same text". Readers ask the helpers below.
 TEXT_GROUP_PREFIX = "t:"
@@ -161,7 +163,10 @@ def load_passages(folder: Path) -> pd.DataFrame:
 
 def load_retrieval_queries(folder: Path, split: str | None = None) -> pd.DataFrame:
     """Queries (id, text, split), all of them in file order (the order embed writes), or one split's."""
-    df = pd.read_json(Path(folder) / QUERIES, lines=True, dtype={"id": str, "text": str, "split": str})
+    path = Path(folder) / QUERIES
+    if not path.read_text(encoding="utf-8").strip():  # no judged query at all (the corpus objective, unverified)
+        return pd.DataFrame({"id": pd.Series(dtype=str), "text": pd.Series(dtype=str), "split": pd.Series(dtype=str)})
+    df = pd.read_json(path, lines=True, dtype={"id": str, "text": str, "split": str})
     return df if split is None else df[df["split"] == split]
 
 

@@ -89,6 +89,10 @@ class DataConfig(Section):
     hf_configs: dict[Literal["corpus", "queries", "qrels"], str] = Field(
         default_factory=lambda: {"corpus": "corpus", "queries": "queries", "qrels": "default"})
     qrels_path: str | None = None
+    # The corpus objective on a table of texts alone (no label or group column): an optional judged set, a pairs file
+    # (query_column -> positive_column naming a document by id or text; score_column and split_column optional),
+    # used as validation and test. Without one the run trains and is reported "unverified".
+    judged_path: str | None = None
     lengths: LengthsConfig = Field(default_factory=LengthsConfig)
     blank_texts: Literal["drop", "error"] = "drop"
     # Own split: these fractions. Given splits lacking val and/or test: the missing ones are carved from
@@ -114,6 +118,32 @@ class HardNegativesConfig(Section):
     sampling: Literal["top", "random"] = "top"
 
 
+class CorpusPairsConfig(Section):
+    """The corpus objective (``pairs.objective: corpus``): training pairs built from the documents alone, for a corpus
+    without labels, entity ids or judged train queries (pipeline/prepare/pseudo.py). Each method gives a pseudo query
+    and its positive from one document; the methods, their counts and the mining are in the prepare manifest."""
+
+    # ict: a sentence (a word span in a short text) -> the rest of its document (inverse cloze); title: the title ->
+    # the body, where documents have both; crops: two independent random spans of one document; neighbours: a
+    # document -> the one document that BM25 and the base encoder both rank first for it (a pseudo label).
+    methods: list[Literal["ict", "title", "crops", "neighbours"]] = Field(
+        default_factory=lambda: ["ict", "title", "crops"], min_length=1)
+    # pseudo queries per document and method; documents are sampled (seeded) so that at most ``pairs.max_pairs``
+    # pairs are built: the cost is bounded by the pairs, not by the corpus
+    per_document: int = Field(1, ge=1)
+    max_pairs: int = Field(20_000, ge=1)  # the most pseudo pairs built (pairs.max_pairs, when lower, wins)
+    positive_words: int = Field(96, ge=8)  # the positive side is cut to this many words around the query's place
+    shard_documents: int = Field(20_000, ge=100)  # documents generated per shard (pseudo queries stream)
+    # neighbours: the agreement window (both rankers must place the neighbour within their first ``agree_k``)
+    agree_k: int = Field(1, ge=1)
+    # One mined negative per pseudo pair from the base encoder's ranking of its query (pairs.hard_negatives' rank
+    # window and margin), skipping the pair's own document, identical texts and any document BM25 also ranks within
+    # ``guard_k`` for the query (the false-negative guard: both rankers agreeing suggests it is relevant).
+    # pairs.hard_negatives.enabled mines the same way under this objective.
+    mine_negatives: bool = False
+    guard_k: int = Field(3, ge=0)
+
+
 class PairsConfig(Section):
     """Which contrastive pairs prepare builds from the train split.
 
@@ -124,7 +154,7 @@ class PairsConfig(Section):
     splits (configs/experiments/README.md).
     """
 
-    objective: Literal["auto", "group", "label", "pairs"] = "auto"
+    objective: Literal["auto", "group", "label", "pairs", "corpus"] = "auto"
     product_pairs_per_group: int = 10  # (text, other text of the same group) pairs per group, at most
     label_pairs: float = 0.5  # fraction of train texts that get a (text, label name) pair
     # fraction of train texts paired with a random same-label text; None: 0 for the group objective, 1 for
@@ -136,6 +166,7 @@ class PairsConfig(Section):
     positives_per_query: int | None = Field(2, ge=1)
     label_template: str = "{label}"
     hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
+    corpus: CorpusPairsConfig = Field(default_factory=CorpusPairsConfig)
 
 
 # LoRA target presets: each names roles (q, k, v, o, ffn) that pipeline/model/families.py resolves to the
@@ -181,6 +212,22 @@ class ValidationConfig(Section):
     patience: int = Field(2, ge=1)  # evaluations without improvement before training stops
     min_delta: float = Field(0.0, ge=0)  # an improvement smaller than this does not count
     max_texts: int = Field(5000, ge=10)  # cap on the texts one evaluation embeds (a seeded sample)
+    # The untrained base (step 0) is a candidate: a run whose trained steps never beat it keeps the base and says
+    # so. None: on for the corpus objective (pseudo pairs may not help a model that saw a billion pairs).
+    base_is_candidate: bool | None = None
+
+
+class TsdaeConfig(Section):
+    """TSDAE (sentence-transformers' DenoisingAutoEncoderLoss) as a pre-step of the corpus objective: the adapter
+    first learns to let a decoder rebuild a document's sentence from the embedding of a damaged copy (words
+    deleted; no downloaded tokenizer data needed), then trains on the pseudo pairs (pipeline/train/tsdae.py)."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=2)
+    deletion: float = Field(0.6, gt=0, lt=1)  # share of words deleted from the encoder's input
+    max_seq_length: int = Field(64, ge=8)
+    lr: float = Field(3e-4, gt=0)
+    max_sentences: int = Field(20_000, ge=10)  # sentences sampled (seeded) from the training texts
 
 
 class TrainConfig(Section):
@@ -204,6 +251,8 @@ class TrainConfig(Section):
     num_threads: int | None = None
     grad_clip: float = 1.0
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    pre_step: Literal["none", "tsdae"] = "none"  # before the contrastive steps (the corpus objective's option)
+    tsdae: TsdaeConfig = Field(default_factory=TsdaeConfig)
     # Bases too big for memory. Checkpointing recomputes activations in the backward pass (non-reentrant, so
     # LoRA weights still get gradients); weights_dtype bf16 stores the frozen weights in bf16 (CUDA only);
     # quantization 4bit/8bit loads them through bitsandbytes for QLoRA (CUDA only, LoRA only).

@@ -106,8 +106,37 @@ def score_models(cfg: Config, folder: Path, emb_manifest: dict) -> dict:
     return out
 
 
+UNVERIFIED = ("no judged queries: the set has no test queries with judgments, so nothing measures whether the "
+              "adapted encoder is better than the base; give a few judged queries (BEIR qrels, or data.judged_path: "
+              "50-300 queries) to verify it")
+
+
+def unverified(prep: dict) -> Scored:
+    """metrics.json and report.md of a run with no judged test query: it trained, and nothing verified it."""
+    empty = {"classification": {}, "retrieval": {}, "ci": {}}
+    sizes = prep.get("sizes", {})
+    payload = {"classification": {}, "retrieval": {}, "ci": {}, "baseline": dict(empty),
+               "lexical": {**empty, "method": "bm25 (not run: no judged queries)"},
+               "verified": False, "unverified_reason": UNVERIFIED, "test_items": 0, "retrieval_queries": 0,
+               "verdict": {"status": "unverified", "test": {"vs_base": {}},
+                           "validation": {"metric": None, "adapted": None, "base": None, "better": None,
+                                          "source": "none", "note": UNVERIFIED}},
+               "corpus": {"documents": sizes.get("documents"), "passages": sizes.get("passages"),
+                          "lengths": prep.get("lengths")},
+               "notes": {"retrieval": UNVERIFIED, "classification": NOTES_CLASSIFICATION}}
+    tail = ["## Unverified", "", f"**UNVERIFIED**: {UNVERIFIED}. `make export` refuses this run unless given "
+            "`--force`.", ""]
+    return Scored(payload, report_tail="\n".join(tail))
+
+
+NOTES_CLASSIFICATION = "no classification metrics: a retrieval set has queries and documents, no label space"
+
+
 def score(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict, info: dict) -> Scored:
-    """A retrieval set's payload (adapted, base, BM25, hybrid, the verdicts) and its report section."""
+    """A retrieval set's payload (adapted, base, BM25, hybrid, the verdicts) and its report section; a set without
+    judged test queries (the corpus objective) is reported unverified."""
+    if not (prep.get("sizes", {}).get("queries", {}).get("test")):
+        return unverified(prep)
     scored = score_models(cfg, layout.processed, emb_manifest)
     t = scored["test"]
     payload = payload_parts(cfg, scored, prep)
@@ -151,6 +180,9 @@ def payload_parts(cfg: Config, scored: dict, prep: dict) -> dict:
         **({"validation": {name: {"retrieval": {k: round(float(v.mean()), 5) for k, v in val[name].items()}}
                            for name in val}} if val else {}),
         "test_items": len(data.query_ids["test"]), "retrieval_queries": len(data.query_ids["test"]),
+        # how many judged queries give what CI width, subsampling these test queries (README, "Without labels")
+        "judged_budget": {"metric": "ndcg@10", "rows": scoring.judged_budget(
+            t["adapted"]["ndcg@10"], t["base"]["ndcg@10"], seed=cfg.seed, n_boot=max(200, cfg.eval.bootstrap))},
         "corpus": {"documents": len(data.doc_ids), "passages": int(len(data.doc_of)),
                    "lengths": prep.get("lengths")},
     }
@@ -177,7 +209,20 @@ def report_tail(payload: dict) -> str:
               f"{f['chosen_on']}). recall_all@100 is BEIR's recall@100 (share of the relevant documents in the top "
               "100); recall@1 is success@1.", "", "## Change vs the base model (same queries)", "",
               *delta_table(payload["delta_vs_base"]["retrieval"]), "", "## Hybrid vs adapted dense", "",
-              *delta_table(payload["hybrid"]["delta_vs_adapted"]), ""]
+              *delta_table(payload["hybrid"]["delta_vs_adapted"]), "", *budget_lines(payload.get("judged_budget")), ""]
     return "\n".join(lines)
+
+
+def budget_lines(budget: dict | None) -> list[str]:
+    """report.md: the CI widths that subsets of the test queries give (how many judged queries a verdict needs)."""
+    if not budget:
+        return []
+    lines = ["## How many judged queries", "",
+             f"95% CI widths of {budget['metric']} on random subsets of the test queries (median over subsets), and "
+             "the share of subsets whose paired difference to the base is called better:", "",
+             "| judged queries | CI width (adapted) | CI width (adapted − base) | share called better |",
+             "|---|---|---|---|"]
+    return lines + [f"| {r['queries']} | {r['ci_width']:.3f} | {r['delta_ci_width']:.3f} | "
+                    f"{r['delta_better_share']:.0%} |" for r in budget["rows"]]
 
 

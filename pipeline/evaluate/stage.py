@@ -24,7 +24,8 @@ from pipeline.core.artifacts import Layout, atomic_dir, clean_stale, require_man
 from pipeline.core.config import Config
 from pipeline.evaluate import pairs, report, retrieval
 from pipeline.evaluate.scores import Scored, Scores, cached_base_scores, cached_lexical, evaluate_embeddings
-from pipeline.evaluate.verdicts import log_verdict, train_curve, validation_figures, verdict_block
+from pipeline.evaluate.verdicts import (kept_base_verdict, log_verdict, train_curve, validation_figures,
+                                       verdict_block)
 from pipeline.model.encoder import check_base_matches, read_model_info
 from pipeline.model.families import lora_block
 
@@ -65,7 +66,10 @@ def run(cfg: Config) -> Path:
     cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
     score = retrieval.score if is_retrieval(prep) else pairs.score if is_pairs(prep) else _score_labelled
     scored = score(cfg, layout, prep, emb_manifest, train_manifest, info)
-    payload = {**_common_payload(cfg, info, prep, emb_manifest, train_manifest), **scored.payload}
+    payload = {**_common_payload(cfg, info, prep, emb_manifest, train_manifest), "verified": True, **scored.payload}
+    if info.get("kept_base"):  # training kept the untrained base: say so in the verdict (pipeline/train/selection.py)
+        payload["verdict"]["validation"] = kept_base_verdict(train_curve(train_manifest))
+        payload["kept"] = "base"
     out = _write_outputs(cfg, layout, payload, scored, train_manifest)
     _log_to_mlflow(cfg, train_manifest, payload, out)
     log.info("eval: wrote %s", out / "metrics.json")
@@ -173,7 +177,9 @@ def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) 
         for kind, deltas in payload.get("delta_vs_base", {}).items():
             flat.update({f"delta.{k}": d["delta"] for k, d in deltas.items()})
         tracker.log_metrics(flat)
-        tags = {"evaluated": "true"}
+        tags = {"evaluated": "true", "verified": "yes" if payload.get("verified", True) else "no (no judged queries)"}
+        if payload.get("kept"):
+            tags["kept"] = payload["kept"]
         if not payload["classification"] and payload.get("notes", {}).get("classification"):
             tags["classification"] = "absent (pair dataset)"
         tracker.set_tags(tags)

@@ -122,6 +122,10 @@ def _delta_cell(d: dict | None) -> str:
 
 
 def _validation_cell(v: dict | None) -> str:
+    if v and v.get("kept") == "base":  # the corpus objective kept the untrained base (pipeline/train/selection.py)
+        return f"kept the base ({v['metric']} best trained step {v['adapted']:.3f} vs base {v['base']:.3f})"
+    if v and str(v.get("note", "")).startswith("no judged queries"):
+        return "**unverified** (no judged queries)"
     if not v or v.get("better") is None:
         return "not measured"
     word = "better" if v["better"] else "**NOT better**"

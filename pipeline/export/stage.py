@@ -356,6 +356,13 @@ def check_verdict(run_name: str, metrics_path: Path, train_fingerprint: str, *, 
     if not metrics_path.exists():
         return
     metrics = read_json(metrics_path)
+    if metrics.get("verified") is False and metrics.get("model_fingerprint") == train_fingerprint:
+        why = metrics.get("unverified_reason") or "no judged queries"
+        if not force:
+            raise ExportError(f"run '{run_name}' is unverified ({why.split(':')[0]}): nothing measured it against the "
+                              f"base model ({metrics_path}); pass --force to export it anyway")
+        log.warning("export: run '%s' is unverified (%s); exporting anyway (--force)", run_name, why)
+        return
     v = (metrics.get("verdict") or {}).get("validation") or {}
     if v.get("better") is not False or metrics.get("model_fingerprint") != train_fingerprint:
         return
@@ -407,6 +414,10 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
     train_manifest = require_manifest(layout.model_dir(), f"trained model for run '{run_name}'",
                                       "run `make train` (or pass --run NAME of a trained run)")
     info = read_model_info(layout.model_dir())
+    if info.get("kept_base"):
+        raise ExportError(f"run '{run_name}' kept the untrained base model: no trained step beat it on validation "
+                          f"(runs/{run_name}/model/manifest.json has the curve); there is nothing trained to export: "
+                          "use the base model")
     if info["method"] == "base":
         raise ExportError(f"run '{run_name}' is the untrained base reference (train.method=base): there is "
                           "nothing trained to export; export a lora or full run")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.contracts import pair_kinds
 from pipeline.contracts.identity import prepared_fingerprint
 from pipeline.contracts.prepared_data import (CORPUS, PAIRS, PASSAGES, QRELS_DIR, QRELS_HEADER, QUERIES,
                                               RETRIEVAL_TEXT_FILES, SPLITS, texts_fingerprint)
@@ -53,17 +54,32 @@ def text_key(text: str) -> str:
 
 # -------------------------------------------------------------------------------------------------- splits
 
-def assign_query_splits(rs: sources.RetrievalSet, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(queries with their split, judgments of each query's split only, the split plan)."""
+def has_train_judgments(rs: sources.RetrievalSet) -> bool:
+    """Does the set judge train queries (given as train, or without splits, so that prepare draws some)?"""
+    split = rs.qrels["split"]
+    return bool(len(rs.qrels) and ((split == "train").any() or split.isna().all()))
+
+
+def assign_query_splits(rs: sources.RetrievalSet, cfg: Config,
+                        objective: str = "pairs") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(queries with their split, judgments of each query's split only, the split plan). Under the corpus objective
+    the train judgments are withheld and the judged queries are validation and test only."""
     qrels = rs.qrels.copy()
     plan: dict = {}
+    if objective == "corpus":
+        withheld = qrels["split"] == "train"
+        plan["train_judgments_withheld"] = int(withheld.sum())
+        qrels = qrels[~withheld]
+    if len(qrels) == 0:  # no judged queries at all: the run is unverified (corpus objective only)
+        plan.update({"given": [], "carved": []})
+        return (pd.DataFrame(columns=["id", "text", "split"]),
+                pd.DataFrame(columns=["query_id", "doc_id", "score", "split"]), plan)
+    shares = _shares(cfg, ("val", "test") if objective == "corpus" else SPLITS)
     if qrels["split"].isna().all():  # no split given: draw per query
         qids = list(dict.fromkeys(qrels["query_id"]))
-        fr = cfg.data.split
-        drawn = dict(zip(qids, sources.draw_split(len(qids), {"train": fr.train, "val": fr.val, "test": fr.test},
-                                                  cfg.seed)))
+        drawn = dict(zip(qids, sources.draw_split(len(qids), shares, cfg.seed)))
         qrels["split"] = qrels["query_id"].map(drawn)
-        plan = {"given": [], "carved": list(SPLITS)}
+        plan.update({"given": [], "carved": list(shares)})
     elif qrels["split"].isna().any():
         raise DataError(f"{rs.source}: some judgments have a split and some have none; give every row a split")
     rank = qrels["split"].map({s: i for i, s in enumerate(SPLITS)})
@@ -73,11 +89,33 @@ def assign_query_splits(rs: sources.RetrievalSet, cfg: Config) -> tuple[pd.DataF
     split_of = qrels.groupby("query_id")["split"].first()
     if not plan.get("carved"):
         plan["given"] = [s for s in SPLITS if s in set(split_of)]
-        split_of = _carve_missing(split_of, cfg, plan)
+        carve = _carve_judged if objective == "corpus" else _carve_missing
+        split_of = carve(split_of, cfg, plan)
         qrels = qrels.assign(split=qrels["query_id"].map(split_of))
     queries = rs.queries[rs.queries["id"].isin(split_of.index)]
     queries = queries.assign(split=queries["id"].map(split_of).to_numpy())
     return queries.reset_index(drop=True), qrels.reset_index(drop=True), plan
+
+
+def _shares(cfg: Config, names) -> dict[str, float]:
+    """``data.split``'s fractions of the named splits, renormalised to sum to one."""
+    share = {s: getattr(cfg.data.split, s) for s in names}
+    return {s: v / sum(share.values()) for s, v in share.items()}
+
+
+def _carve_judged(split_of: pd.Series, cfg: Config, plan: dict) -> pd.Series:
+    """The corpus objective's judged set is validation and test: where it has one of them only, the other is carved
+    from it (``data.split``'s val:test proportions, seeded)."""
+    given = [s for s in ("val", "test") if s in plan["given"]]
+    plan["carved"] = [s for s in ("val", "test") if s not in given]
+    if len(given) != 1:
+        return split_of
+    drawn = sources.draw_split(len(split_of), _shares(cfg, ("val", "test")), cfg.seed)
+    out = pd.Series(drawn, index=split_of.index)
+    plan["carved_queries"] = {s: int((drawn == s).sum()) for s in plan["carved"]}
+    log.info("prepare: %s carved from the %s queries (%s)", plan["carved"][0], given[0],
+             ", ".join(f"{s} {n:,}" for s, n in plan["carved_queries"].items()))
+    return out
 
 
 def _carve_missing(split_of: pd.Series, cfg: Config, plan: dict) -> pd.Series:
@@ -87,9 +125,7 @@ def _carve_missing(split_of: pd.Series, cfg: Config, plan: dict) -> pd.Series:
     train = split_of.index[split_of == "train"]
     if not missing or len(train) == 0:
         return split_of
-    fr = cfg.data.split
-    share = {"train": fr.train, **{s: getattr(fr, s) for s in missing}}
-    share = {s: v / sum(share.values()) for s, v in share.items()}
+    share = _shares(cfg, ("train", *missing))
     drawn = sources.draw_split(len(train), share, cfg.seed)
     out = split_of.copy()
     out[train] = drawn
@@ -114,8 +150,9 @@ def remove_leaks(queries: pd.DataFrame, qrels: pd.DataFrame) -> tuple[pd.DataFra
     return kept, qrels[qrels["query_id"].isin(set(kept["id"]))].reset_index(drop=True), counts
 
 
-def check_judged(queries: pd.DataFrame, qrels: pd.DataFrame, source: str) -> None:
-    """Every query of every split needs a judged-relevant document (grade > 0) in its split."""
+def check_judged(queries: pd.DataFrame, qrels: pd.DataFrame, source: str, *, unverified_ok: bool = False) -> None:
+    """Every query of every split needs a judged-relevant document (grade > 0) in its split; test queries are needed
+    unless ``unverified_ok`` (the corpus objective) and there are no judged queries at all."""
     relevant = set(qrels.loc[qrels["score"] > 0, "query_id"])
     lacking = queries[~queries["id"].isin(relevant)]
     if len(lacking):
@@ -123,7 +160,7 @@ def check_judged(queries: pd.DataFrame, qrels: pd.DataFrame, source: str) -> Non
         raise DataError(f"{source}: {len(lacking)} quer{'y has' if len(lacking) == 1 else 'ies have'} no judged-relevant "
                         f"document (grade > 0) in their split, e.g. '{first['id']}' in {first['split']}; nDCG needs one: "
                         f"add a judgment or remove the query")
-    if not (queries["split"] == "test").any():
+    if not (queries["split"] == "test").any() and not (unverified_ok and len(queries) == 0):
         raise DataError(f"{source}: no test queries; a retrieval set needs judged test queries to evaluate on")
 
 
@@ -272,6 +309,8 @@ def _tokenizer(cfg: Config):
 
 
 def _token_lengths(tok, texts: list[str]) -> np.ndarray:
+    if not texts:  # a corpus with no judged query (the corpus objective, unverified)
+        return np.zeros(0, dtype=np.int64)
     return np.array([len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]], dtype=np.int64)
 
 
@@ -289,9 +328,13 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     if not force and is_up_to_date(out, fp):
         log.info("prepare: %s is up to date", out)
         return out
-    queries, qrels, plan = assign_query_splits(rs, cfg)
+    # a table of texts alone is judged by its judged set (validation and test), never trained on it
+    trainable = has_train_judgments(rs) and not sources.is_text_table(cfg)
+    objective = pair_kinds.resolve_retrieval(cfg, has_train_judgments=trainable)
+    log.info("prepare: objective %s (%s)", objective.name, objective.reason)
+    queries, qrels, plan = assign_query_splits(rs, cfg, objective.name)
     queries, qrels, leaks = remove_leaks(queries, qrels)
-    check_judged(queries, qrels, rs.source)
+    check_judged(queries, qrels, rs.source, unverified_ok=objective.name == "corpus")
     tok, model_max, prompt_tokens = _tokenizer(cfg)
     full = (rs.corpus["title"] + " " + rs.corpus["text"]).str.strip().tolist()
     lengths = choose_lengths(cfg, model_max, _token_lengths(tok, full), _token_lengths(tok, queries["text"].tolist()),
@@ -300,11 +343,14 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     lengths["passages_total"] = int(len(passages))
     lengths["documents_in_passages"] = int(passages["doc"].duplicated(keep=False).groupby(passages["doc"]).any().sum())
     first = dict(zip(passages["doc"][~passages["doc"].duplicated()], passages["text"][~passages["doc"].duplicated()]))
-    pairs, hn_stats = _pairs(queries, qrels, rs, first, cfg, lengths["encoder"])
-    summary = _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats)
+    if objective.name == "corpus":
+        pairs, hn_stats = _pseudo_pairs(rs, queries, cfg, lengths["encoder"])
+    else:
+        pairs, hn_stats = _pairs(queries, qrels, rs, first, cfg, lengths["encoder"])
+    summary = _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats, objective)
     with atomic_dir(out) as tmp:
         _write(tmp, rs.corpus, queries, qrels, passages, pairs)
-        summary["texts_fingerprint"] = texts_fingerprint(tmp, RETRIEVAL_TEXT_FILES)
+        summary["texts_fingerprint"] = texts_fingerprint(tmp, summary["text_files"])
         write_json_atomic(tmp / MANIFEST, make_manifest("prepare", cfg, fingerprint=fp, inputs=input_hashes,
                                                         extra=summary))
     log.info("prepare: wrote %s (%d documents in %d passages; queries %s; %d training pairs)", out, len(rs.corpus),
@@ -325,6 +371,17 @@ def _pairs(queries, qrels, rs, first: dict[str, str], cfg: Config, encoder_lengt
     return mine_negatives(pairs, rs.corpus["id"].tolist(), first, relevant, cfg, encoder_length)
 
 
+def _pseudo_pairs(rs, queries: pd.DataFrame, cfg: Config, encoder_length: int) -> tuple[pd.DataFrame, dict]:
+    """The corpus objective: pseudo pairs from every document (pipeline/prepare/pseudo.py); no val or test query text
+    is ever a pseudo query. Returns (pairs, the manifest's ``pseudo`` block)."""
+    from pipeline.prepare import pseudo
+
+    docs = pseudo.Documents(rs.corpus["id"].tolist(), rs.corpus["title"].tolist(), rs.corpus["text"].tolist())
+    avoid = set(queries["text"].map(text_key))
+    built = pseudo.build(docs, cfg, encoder_length=encoder_length, avoid=avoid)
+    return built.pairs, built.stats
+
+
 def _write(tmp: Path, corpus: pd.DataFrame, queries: pd.DataFrame, qrels: pd.DataFrame, passages: pd.DataFrame,
            pairs: pd.DataFrame) -> None:
     corpus[["id", "title", "text"]].to_json(tmp / CORPUS, orient="records", lines=True, force_ascii=False)
@@ -337,25 +394,32 @@ def _write(tmp: Path, corpus: pd.DataFrame, queries: pd.DataFrame, qrels: pd.Dat
         part.set_axis(list(QRELS_HEADER), axis=1).to_csv(tmp / QRELS_DIR / f"{split}.tsv", sep="\t", index=False)
 
 
-def _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats) -> dict:
+def _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats, objective) -> dict:
     grades = {str(k): int(v) for k, v in qrels["score"].value_counts().sort_index().items()}
+    corpus_objective = objective.name == "corpus"
+    n_queries = {s: int((queries["split"] == s).sum()) for s in SPLITS}
     return {
         "kind": "retrieval",
-        "text_files": RETRIEVAL_TEXT_FILES,
-        "sizes": {"documents": int(len(rs.corpus)), "passages": lengths["passages_total"],
-                  "queries": {s: int((queries["split"] == s).sum()) for s in SPLITS},
+        # with no judged query (the corpus objective, unverified) there are no queries to embed
+        "text_files": RETRIEVAL_TEXT_FILES if len(queries) else [PASSAGES],
+        "sizes": {"documents": int(len(rs.corpus)), "passages": lengths["passages_total"], "queries": n_queries,
                   "judgments": {s: int((qrels["split"] == s).sum()) for s in SPLITS}, "pairs": int(len(pairs))},
         "counts": {"queries_read": int(len(rs.queries)), "judgments_read": int(len(rs.qrels)),
                    "queries_without_judgments_left_out": int((~rs.queries["id"].isin(set(rs.qrels["query_id"]))).sum()),
+                   "blank_documents_dropped": rs.blank_documents_dropped,
                    **leaks, **{k: v for k, v in plan.items() if isinstance(v, int)}},
         "grades": grades,
         "split_plan": {k: v for k, v in plan.items() if not isinstance(v, int)},
         "lengths": lengths,
-        "pairs": {"total": int(len(pairs)), "pair": int(len(pairs)), "train_queries": int(pairs["query_id"].nunique()),
-                  "with_negative": int(pairs["negative"].notna().sum()) if "negative" in pairs else 0},
+        "pairs": {"total": int(len(pairs)), "pair": 0 if corpus_objective else int(len(pairs)),
+                  "train_queries": 0 if corpus_objective else int(pairs["query_id"].nunique()),
+                  "with_negative": int(pairs["negative"].notna().sum()) if "negative" in pairs else 0,
+                  **({"by_method": hn_stats["by_method"]} if corpus_objective else {})},
+        # the judged set: what eval can verify the run with (none: the run is "unverified")
+        "judged": {"val_queries": n_queries["val"], "test_queries": n_queries["test"],
+                   "verified": n_queries["test"] > 0},
         "labels": [],
-        "objective": {"name": "pairs", "reason": "a retrieval set: train query -> judged document",
-                      "same_label_pairs": 0.0, "mask_same_label": False},
+        "objective": objective.as_dict(),
         "notes": NOTES,
-        **({"hard_negatives": hn_stats} if hn_stats else {}),
+        **({"pseudo": hn_stats} if corpus_objective else {"hard_negatives": hn_stats} if hn_stats else {}),
     }

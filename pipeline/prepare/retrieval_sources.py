@@ -36,6 +36,7 @@ class RetrievalSet:
     qrels: pd.DataFrame  # query_id, doc_id, score (int), split (train / val / test)
     inputs: dict[str, Path | str]  # name -> file, or a content hash (hash_inputs)
     source: str  # what the messages name
+    blank_documents_dropped: int = 0
 
 
 def _listed(values, show: int = 3) -> str:
@@ -136,12 +137,15 @@ def read_beir_folder(folder: Path, cfg: Config) -> RetrievalSet:
         raise DataError(f"data.path {folder} is not a folder; format beir reads a folder with corpus.jsonl, "
                         f"queries.jsonl and qrels/")
     corpus = _corpus_frame(_read_jsonl(folder / "corpus.jsonl"), str(folder / "corpus.jsonl"), "_id", "title", "text")
-    queries = _read_jsonl(folder / "queries.jsonl")
+    # A corpus alone (no queries.jsonl, no qrels/) is a corpus-objective set with no judged queries (issue 24).
+    alone = not (folder / "queries.jsonl").exists() and not (folder / "qrels").is_dir()
+    queries = pd.DataFrame() if alone else _read_jsonl(folder / "queries.jsonl")
     queries = _frame(queries, {"id": "_id", "text": "text"}, str(folder / "queries.jsonl")) if len(queries) else \
         pd.DataFrame(columns=["id", "text"])
-    qrels, inputs = _qrels_folder(folder / "qrels", cfg)
+    qrels, inputs = ((pd.DataFrame(columns=["query_id", "doc_id", "score", "split"]), {}) if alone
+                     else _qrels_folder(folder / "qrels", cfg))
     inputs = {str(folder / "corpus.jsonl"): folder / "corpus.jsonl",
-              str(folder / "queries.jsonl"): folder / "queries.jsonl", **inputs}
+              **({} if alone else {str(folder / "queries.jsonl"): folder / "queries.jsonl"}), **inputs}
     return check(RetrievalSet(corpus, queries, qrels, inputs, str(folder)))
 
 
@@ -208,28 +212,93 @@ def read_pairs_with_corpus(cfg: Config) -> RetrievalSet:
     d = cfg.data
     if not d.path:
         raise DataError("data.path must name the pairs file (or hf:<dataset>) when data.format is 'pairs'")
-    table, inputs = read_source(d.path)
     docs, doc_inputs = read_source(d.corpus_path)
     corpus = _corpus_frame(docs, d.corpus_path, d.corpus_id_column, d.corpus_title_column, d.corpus_text_column)
-    split_col = "__split__" if d.path.startswith("hf:") and d.split_column is None else d.split_column
+    queries, qrels, inputs = judged_pairs(cfg, d.path, corpus)
+    return check(RetrievalSet(corpus, queries, qrels, {**inputs, **doc_inputs}, d.path))
+
+
+def judged_pairs(cfg: Config, path: str, corpus: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """A pairs file (``data.query_column`` -> ``data.positive_column`` naming a document of ``corpus`` by id or text,
+    optional ``score_column`` and ``split_column``) as (queries, qrels, inputs)."""
+    d = cfg.data
+    table, inputs = read_source(path)
+    split_col = "__split__" if path.startswith("hf:") and d.split_column is None else d.split_column
     cols = {"query": d.query_column, "positive": d.positive_column, "split": split_col, "score": d.score_column}
-    rows = _frame(table, cols, d.path)
+    rows = _frame(table, cols, path)
     rows = rows[(rows["query"] != "") & (rows["positive"] != "")]
     if len(rows) == 0:
-        raise DataError(f"{d.path}: no row has both a query and a positive")
-    doc_id = _documents_by(rows["positive"], corpus, d.document_key, d.path)
+        raise DataError(f"{path}: no row has both a query and a positive")
+    doc_id = _documents_by(rows["positive"], corpus, d.document_key, path)
     query_texts = list(dict.fromkeys(rows["query"]))
     q_id = {t: f"q{i}" for i, t in enumerate(query_texts)}
-    split = (canonical_splits(rows["split"], cfg, f"{d.path}: column '{split_col}' (data.split_column)")
+    split = (canonical_splits(rows["split"], cfg, f"{path}: column '{split_col}' (data.split_column)")
              if split_col else pd.Series([None] * len(rows), index=rows.index, dtype=object))
     score = pd.to_numeric(rows["score"], errors="coerce") if d.score_column else pd.Series(1, index=rows.index)
     if score.isna().any():
-        raise DataError(f"{d.path}: column '{d.score_column}' (data.score_column) holds a value that is not a number")
+        raise DataError(f"{path}: column '{d.score_column}' (data.score_column) holds a value that is not a number")
     qrels = pd.DataFrame({"query_id": rows["query"].map(q_id).to_numpy(), "doc_id": doc_id.to_numpy(),
                           "score": score.astype(int).to_numpy(), "split": split.to_numpy()})
     qrels = qrels[qrels["split"] != "drop"].drop_duplicates(subset=["query_id", "doc_id", "split"])
     queries = pd.DataFrame({"id": list(q_id.values()), "text": query_texts})
-    return check(RetrievalSet(corpus, queries, qrels.reset_index(drop=True), {**inputs, **doc_inputs}, d.path))
+    return queries, qrels.reset_index(drop=True), inputs
+
+
+def is_text_table(cfg: Config) -> bool:
+    """A table with neither labels nor entity ids: its rows are documents (the corpus objective, issue 24)."""
+    d = cfg.data
+    return d.format == "table" and d.label_column is None and d.group_column is None
+
+
+def read_text_table(cfg: Config, raw_dir: Path) -> RetrievalSet:
+    """``format: table`` without labels or entity ids: each row a document (``text_column``; ``corpus_id_column`` and
+    ``corpus_title_column`` where the table has them, else the row number and no title), judged by the optional
+    pairs file ``data.judged_path`` (its positives name documents by id or by text)."""
+    from pipeline.prepare.sources import _table_parts
+
+    d = cfg.data
+    if not d.path:
+        raise DataError("data.path must name the corpus file (or hf:<dataset>) when data.format is 'table'")
+    parts, _, files = _table_parts(cfg, raw_dir)
+    df = pd.concat([frame for _, frame in parts], ignore_index=True) if len(parts) > 1 else parts[0][1]
+    where = parts[0][0]
+    if len(df) == 0:
+        raise DataError(f"{where}: the corpus has no documents; the corpus objective needs the documents to train on")
+    id_col = d.corpus_id_column if d.corpus_id_column in df.columns else None
+    title_col = d.corpus_title_column if d.corpus_title_column and d.corpus_title_column in df.columns else None
+    corpus = _frame(df, {"id": id_col, "title": title_col, "text": d.text_column}, where)
+    if id_col is None:
+        corpus["id"] = [str(i) for i in range(len(df))]
+    inputs: dict[str, Path | str] = dict(files)
+    queries, qrels = pd.DataFrame(columns=["id", "text"]), pd.DataFrame(columns=["query_id", "doc_id", "score", "split"])
+    if d.judged_path:
+        queries, qrels, judged_inputs = judged_pairs(cfg, d.judged_path, corpus[~_blank(corpus)])
+        inputs.update(judged_inputs)
+    return RetrievalSet(corpus, queries, qrels, inputs, where)
+
+
+def _blank(corpus: pd.DataFrame) -> pd.Series:
+    return (corpus["title"].fillna("") + corpus["text"].fillna("")).str.strip() == ""
+
+
+def drop_blank_documents(rs: RetrievalSet, cfg: Config) -> RetrievalSet:
+    """Documents with neither title nor text: one line when every document is blank, or any is and
+    ``data.blank_texts=error``; else dropped and counted (``rs.blank_documents_dropped``)."""
+    blank = _blank(rs.corpus)
+    rs.blank_documents_dropped = int(blank.sum())
+    if not blank.any():
+        return rs
+    if blank.all():
+        raise DataError(f"{rs.source}: all {len(rs.corpus):,} documents are blank (no title, no text); there is "
+                        f"nothing to search or train on")
+    if cfg.data.blank_texts == "error":
+        raise DataError(f"{rs.source}: {int(blank.sum())} blank documents (no title, no text), e.g. id "
+                        f"'{rs.corpus.loc[blank, 'id'].iloc[0]}'; set data.blank_texts=drop to drop them")
+    log.warning("prepare: %s: dropping %d blank documents (data.blank_texts=drop)", rs.source, int(blank.sum()))
+    gone = set(rs.corpus.loc[blank, "id"])
+    rs.corpus = rs.corpus[~blank].reset_index(drop=True)
+    rs.qrels = rs.qrels[~rs.qrels["doc_id"].isin(gone)].reset_index(drop=True)
+    return rs
 
 
 def mirrored_beir(cfg: Config, raw_dir: Path) -> Path:
@@ -254,8 +323,15 @@ def mirrored_beir(cfg: Config, raw_dir: Path) -> Path:
 
 
 def read(cfg: Config, raw_dir: Path) -> RetrievalSet:
-    """The retrieval set ``cfg`` names (format beir, or pairs with data.corpus_path)."""
+    """The retrieval set ``cfg`` names (format beir, pairs with data.corpus_path, or a table of texts alone), blank
+    documents dropped."""
+    return drop_blank_documents(_read(cfg, raw_dir), cfg)
+
+
+def _read(cfg: Config, raw_dir: Path) -> RetrievalSet:
     d = cfg.data
+    if is_text_table(cfg):
+        return check(read_text_table(cfg, raw_dir))
     if d.format == "pairs":
         return read_pairs_with_corpus(cfg)
     if not d.path:

@@ -18,7 +18,10 @@ from pipeline.core.config import PAIR_FORMATS, Config
 def run(cfg: Config, *, force: bool = False) -> Path:
     """Prepare the corpus of ``cfg`` unless its outputs are up to date; returns the processed folder."""
     clean_stale(Layout(cfg).processed.parent, Layout(cfg).raw)
-    if cfg.data.format == "beir" or (cfg.data.format == "pairs" and cfg.data.corpus_path):
+    from pipeline.prepare.retrieval_sources import is_text_table
+
+    # a table of texts alone (no labels, no ids) is a corpus of documents: the corpus objective (issue 24)
+    if cfg.data.format == "beir" or (cfg.data.format == "pairs" and cfg.data.corpus_path) or is_text_table(cfg):
         from pipeline.prepare import retrieval
 
         return retrieval.prepare(cfg, force=force)

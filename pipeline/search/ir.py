@@ -21,6 +21,7 @@ A run is ``(ids, scores)``: (n_queries, depth) document rows (-1 where none) and
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,16 @@ from typing import Sequence
 import numpy as np
 
 log = logging.getLogger(__name__)
+# A sentence ends at . ! or ? followed by space and a capital, digit, quote or bracket: good enough for abstracts
+# and articles (the corpus objective's inverse cloze and TSDAE's sentences), no downloaded tokenizer data needed.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a document text, in order (one element when it has no sentence end)."""
+    return SENTENCE_END.split(str(text))
+
+
 MEASURES = {"ndcg_cut.10": "ndcg@10", "map_cut.100": "map@100", "recall.100": "recall_all@100",
             "success.1,10": None}
 DEPTH = 100  # documents kept per query: the deepest cut a measure reads (recall@100, MAP@100)

@@ -91,6 +91,7 @@ class Progress:
     validation_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     rss_before: float | None = None
+    pre_step: dict | None = None  # what the pre-step (train.pre_step) did
 
     @property
     def seconds(self) -> float:
@@ -229,7 +230,7 @@ def _train(job: Job) -> Path:
         log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, progress.start_step, su.total_steps)
     if job.dist:
         job.dist.broadcast_params(su.params)
-    sel = Selection(su.vset, t.validation, sel_state)
+    sel = Selection(su.vset, t.validation, sel_state, base_is_candidate=base_is_candidate(cfg, job.prep))
 
     tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with (tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) if job.main
@@ -245,14 +246,36 @@ def _train(job: Job) -> Path:
         stats = _loop(job, su, sel, tracker, progress)
         if not job.main:
             return job.model_dir
-        info = _model_info(cfg, su, stats)
-        _write_model(job, su, info, stats, tracker)
+        if sel.kept_base:
+            _write_kept_base(job, su, stats, tracker)
+        else:
+            _write_model(job, su, _model_info(cfg, su, stats), stats, tracker)
     shutil.rmtree(job.ckpt_dir, ignore_errors=True)
     shutil.rmtree(job.best_dir, ignore_errors=True)
     log.info("train: %s done in %.0fs (%.1f pairs/s in the steps, %.0fs validating), saved to %s",
              cfg.resolved_run_name, stats["seconds"], stats["pairs_per_second"] or 0, stats["validation_seconds"],
              job.model_dir)
     return job.model_dir
+
+
+def base_is_candidate(cfg: Config, prep: dict) -> bool:
+    """Is the untrained base a model the run may keep? The config's ``train.validation.base_is_candidate``, else yes
+    for the corpus objective (pseudo pairs may not help a base that saw a billion pairs), no otherwise."""
+    if cfg.train.validation.base_is_candidate is not None:
+        return cfg.train.validation.base_is_candidate
+    return (prep.get("objective") or {}).get("name") == "corpus"
+
+
+def _corpus_params(cfg: Config, prep: dict) -> dict:
+    """MLflow params of the corpus objective: the pseudo-pair counts per method and the pre-step."""
+    pseudo = prep.get("pseudo")
+    if not pseudo:
+        return {}
+    out = {"pseudo_pairs": pseudo.get("pairs"), "pseudo_methods": ",".join(pseudo.get("methods", [])),
+           "pseudo_with_negative": (pseudo.get("negatives") or {}).get("with_negative", 0),
+           "pre_step": cfg.train.pre_step}
+    out.update({f"pseudo_pairs.{k}": v for k, v in (pseudo.get("by_method") or {}).items()})
+    return out
 
 
 def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
@@ -264,6 +287,7 @@ def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
                         "objective": (prep.get("objective") or {}).get("name", "unknown"),
                         "mask_same_label": su.mask_same_label,
                         "validation_metric": su.vset.metric if su.vset else "none",
+                        **_corpus_params(cfg, prep),
                         **({"prompt_query": su.prompts.query, "prompt_document": su.prompts.document}
                            if su.prompts.any else {}),
                         **({"resolved_target_modules": ",".join(su.targets.modules),
@@ -308,6 +332,8 @@ def _loop(job: Job, su: _Setup, sel: Selection, tracker, progress: Progress) -> 
     progress.started = time.perf_counter()
     if sel.active and progress.start_step == 0:
         _evaluate_at(0, su, sel, tracker, job, progress)
+    if progress.start_step == 0 and job.cfg.train.pre_step == "tsdae":
+        progress.pre_step = _tsdae(job, su, tracker)
     progress.rss_before = current_rss_mb()
     bar = tqdm(range(progress.start_step, su.total_steps), initial=progress.start_step, total=su.total_steps,
                desc="train", unit="step", file=sys.stderr, disable=not job.main,
@@ -324,14 +350,30 @@ def _loop(job: Job, su: _Setup, sel: Selection, tracker, progress: Progress) -> 
             break
         tick = time.perf_counter()
     bar.close()
-    if sel.active and sel.best_step is not None and sel.best_step != progress.done:
+    if sel.kept_base:
+        log.info("train: no trained step beat the untrained base on validation (%s %.4f at step 0); keeping the base",
+                 su.vset.metric, sel.best_value)
+    elif sel.active and sel.best_step is not None and sel.best_step != progress.done:
         if job.main:
             restore_best(job.best_dir, su.model, sel.best_step)
         log.info("train: keeping step %d (validation %s %.4f), the best of %d evaluations", sel.best_step,
                  su.vset.metric, sel.best_value, len(sel.curve))
     elif not sel.active:
         log.info("train: no validation set to choose a step with; keeping the last step")
-    return {**_finish_stats(su, sel, progress, job.dist), "resumed_from_step": progress.start_step}
+    return {**_finish_stats(su, sel, progress, job.dist), "resumed_from_step": progress.start_step,
+            **({"pre_step": progress.pre_step} if progress.pre_step else {})}
+
+
+def _tsdae(job: Job, su: _Setup, tracker) -> dict:
+    """The TSDAE pre-step (pipeline/train/tsdae.py) on the model being trained, before the contrastive steps."""
+    from pipeline.train import tsdae
+
+    t = job.cfg.train.tsdae
+    texts = tsdae.sentences(job.layout.processed, job.prep, t.max_sentences, job.cfg.seed)
+    stats = {"name": "tsdae", **tsdae.run(su.model, texts, t, resolve_base(job.cfg.model.base), su.device,
+                                          job.cfg.seed)}
+    tracker.log_metrics({f"tsdae_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    return stats
 
 
 def _trust_checks(su: _Setup) -> tuple[float | None, float, int]:
@@ -421,6 +463,28 @@ def _write_model(job: Job, su: _Setup, info: dict, stats: dict, tracker) -> None
     tracker.log_artifact(job.model_dir / MANIFEST)
     if cfg.train.method == "lora":
         tracker.log_artifact(job.model_dir / "adapter", "adapter")
+
+
+def _write_kept_base(job: Job, su: _Setup, stats: dict, tracker) -> None:
+    """Validation kept the untrained base: the model folder records the base (as ``train.method=base`` does) with
+    the training that did not beat it, so embed, eval and export treat the run as the base model and say why."""
+    cfg, t = job.cfg, job.cfg.train
+    resolved = resolve_base(cfg.model.base)
+    info = {"method": "base", "kept_base": True, "trained_method": t.method, "base": cfg.model.base,
+            "base_resolved": resolved, "base_fingerprint": base_fingerprint(resolved), "revision": cfg.model.revision,
+            "trust_remote_code": cfg.model.trust_remote_code, "max_seq_length": t.max_seq_length, "lora": None,
+            "prompts": su.prompts.record(), "trainable_params": 0, "total_params": su.total,
+            "embedding_dim": stats.pop("embedding_dim")}
+    with atomic_dir(job.model_dir) as tmp:
+        write_model_info(tmp, info)
+        write_json_atomic(tmp / MANIFEST, make_manifest(
+            "train", cfg, fingerprint=job.fp, inputs={"prepared_data": job.prep["fingerprint"]},
+            extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info, "kept": "base",
+                   "objective": job.prep.get("objective")}))
+    tracker.log_metrics({f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)})
+    tracker.set_tags({"kept": "base"})
+    tracker.log_artifact(job.model_dir / MANIFEST)
 
 
 def _save_lora_checked(folder: Path, su: _Setup, info: dict, stats: dict) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.core.config import Config
 from pipeline.core.errors import DataError
-from pipeline.contracts.pair_kinds import mask_same_label, resolve
+from pipeline.contracts.pair_kinds import mask_same_label, resolve, resolve_retrieval
 from pipeline.prepare.labelled import build_pairs
 
 
@@ -27,8 +27,19 @@ def test_auto_follows_the_shape_of_the_corpus():
     assert (labels.name, labels.mask_same_label, labels.same_label_pairs) == ("label", True, 1.0)
     pairs = resolve(_cfg(data__format="pairs"), has_groups=False, has_labels=False)
     assert pairs.name == "pairs" and not pairs.mask_same_label
-    with pytest.raises(DataError, match="neither entity ids nor labels"):
-        resolve(_cfg(), has_groups=False, has_labels=False)
+    texts = resolve(_cfg(), has_groups=False, has_labels=False)  # texts alone: the corpus objective (issue 24)
+    assert texts.name == "corpus" and "neither entity ids nor labels" in texts.reason
+
+
+def test_a_retrieval_set_trains_on_judged_train_queries_else_on_its_documents():
+    assert resolve_retrieval(_cfg(), has_train_judgments=True).name == "pairs"
+    assert resolve_retrieval(_cfg(), has_train_judgments=False).name == "corpus"
+    withheld = resolve_retrieval(_cfg(pairs__objective="corpus"), has_train_judgments=True)
+    assert withheld.name == "corpus" and "withheld" in withheld.reason
+    with pytest.raises(DataError, match="needs judged train queries"):
+        resolve_retrieval(_cfg(pairs__objective="pairs"), has_train_judgments=False)
+    with pytest.raises(DataError, match="needs a labelled corpus"):
+        resolve_retrieval(_cfg(pairs__objective="group"), has_train_judgments=True)
 
 
 def test_explicit_settings_win_over_auto():
