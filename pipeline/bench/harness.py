@@ -507,7 +507,7 @@ def bench_faiss(cfg: Config, work: Path) -> dict:
     results = []
     for n in b.faiss_sizes:
         spec = {"task": "faiss", "n": n, "dim": b.faiss_dim, "queries": b.faiss_queries, "k": b.faiss_k,
-                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n,
+                "seed": cfg.seed, "threads": cfg.runtime.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n,
                 "data": b.faiss_data, "cluster_size": b.faiss_cluster_size}
         log.info("bench: FAISS on %d %s vectors (dim %d) ...", n, b.faiss_data, b.faiss_dim)
         results.append(run_worker(spec, work / f"faiss-{n}"))
@@ -835,7 +835,7 @@ def _cpu_parts(cfg: Config, report: dict, work: Path, pairs_file: Path, texts_fi
     """The parts measured on the CPU, each into ``report`` under its name."""
     b = cfg.bench
     log.info("bench: measuring matmul peaks on the CPU ...")
-    report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", cfg.train.num_threads or os.cpu_count() or 1)}
+    report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", cfg.runtime.num_threads or os.cpu_count() or 1)}
     if "train" in b.parts:
         report["train"], shape = bench_train(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
         report["flop_model"]["shape"] = shape
@@ -874,7 +874,7 @@ def _gpu_part(cfg: Config, work: Path, pairs_file: Path, texts_file: Path) -> di
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device visible (torch.cuda.is_available() is False)"}
     log.info("bench: CUDA found, measuring the GPU ...")
-    peaks = measure_peaks(b.gpu_matmul_size, "cuda", cfg.train.num_threads or os.cpu_count() or 1)
+    peaks = measure_peaks(b.gpu_matmul_size, "cuda", cfg.runtime.num_threads or os.cpu_count() or 1)
     gpu = {"peaks": peaks}
     gpu["train"], _ = bench_train(cfg, work, pairs_file, peaks, "cuda")
     gpu["encode"] = bench_encode(cfg, work, texts_file, peaks, "cuda")

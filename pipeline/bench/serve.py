@@ -7,7 +7,7 @@
 - Throughput: requests/s and p50/p99 latency over HTTP on 127.0.0.1 for one adapter, and for requests spread
   round-robin over ``bench.serve_spread`` adapters, against one process per merged model (the CPU threads
   split between those processes, so both sides use the same cores). Both kinds of server group the
-  requests of one ``export.serve_batch_ms`` window into one batch per model, so batching is not the difference.
+  requests of one ``serve.batch_ms`` window into one batch per model, so batching is not the difference.
 - Adding an adapter at run time: the seconds ``AdapterSet.add_folder`` takes in a serving process.
 
 The adapters are random LoRA weights of the ``train.lora`` shape on ``model.base`` (memory and speed do not
@@ -254,7 +254,7 @@ def load(targets: list[tuple[str, str]], texts: list[str], n: int, concurrency: 
 
 def _spec(mode: str, dirs: list[Path], threads: int, cfg: Config, meta: dict, extra: list[Path] = ()) -> dict:
     return {"mode": mode, "dirs": [str(d) for d in dirs], "threads": threads, "base_meta": meta,
-            "max_seq_length": meta["max_seq_length"], "window_ms": cfg.export.serve_batch_ms,
+            "max_seq_length": meta["max_seq_length"], "window_ms": cfg.serve.batch_ms,
             "extra": [str(d) for d in extra]}
 
 
@@ -330,7 +330,7 @@ def verdict(memory: list[dict]) -> dict:
 def run(cfg: Config, work: Path, texts: list[str]) -> dict:
     """The serve part of ``make bench``: memory, throughput and run-time add; every server on 127.0.0.1."""
     b = cfg.bench
-    threads = cfg.train.num_threads or os.cpu_count() or 1
+    threads = cfg.runtime.num_threads or os.cpu_count() or 1
     most = max(max(b.serve_adapter_counts), 3, b.serve_spread)
     log.info("bench serve: building %d random adapters and their merged models ...", most + EXTRA_ADAPTERS)
     adapters, merged, meta = make_models(cfg, work / "serve-models", most + EXTRA_ADAPTERS)
@@ -339,7 +339,7 @@ def run(cfg: Config, work: Path, texts: list[str]) -> dict:
     throughput, add_seconds = _throughput_rows(cfg, work, adapters, merged, extra, meta, texts, threads, seen)
     memory = _memory_rows(cfg, work, adapters, merged, meta, threads, seen)
     return {"base": cfg.model.base, "lora": cfg.train.lora.model_dump(mode="json"), "threads": threads,
-            "batch_window_ms": cfg.export.serve_batch_ms, "requests": b.serve_requests,
+            "batch_window_ms": cfg.serve.batch_ms, "requests": b.serve_requests,
             "concurrency": b.serve_concurrency, "memory": memory, "throughput": throughput,
             "add_adapter_seconds": add_seconds,
             "add_adapter_seconds_median": statistics.median(add_seconds) if add_seconds else None,

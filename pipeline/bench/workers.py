@@ -139,7 +139,7 @@ def _setup_torch(cfg, device_pref: str, precision: str):
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.runtime.num_threads or os.cpu_count() or 1)
     device = pick_device(device_pref)
     return device, pick_dtype(precision, device)
 

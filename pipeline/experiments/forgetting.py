@@ -133,7 +133,7 @@ def run(cfg: Config) -> Path:
     files, label_texts = _needed(prep, processed, pcfg)
     label_names = load_labels(processed) if label_texts else []
     max_len = info.get("max_seq_length") or cfg.train.max_seq_length
-    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.runtime.num_threads or torch.get_num_threads())
     device = pick_device(cfg.train.device)
 
     # The base model's embeddings: reuse the probe dataset's own eval cache when it holds them.

@@ -315,11 +315,7 @@ def log_to_mlflow(cfg: Config, run_id: str | None, merged_st, folder: Path, summ
 # --------------------------------------------------------------------------------------------------- run
 
 def fingerprint(cfg: Config, train_manifest: dict, prep: dict, metrics_path: Path) -> str:
-    ecfg = cfg.export.model_dump(mode="json")
-    # Serving and loading into search engines read a finished export; they do not change it.
-    for k in ("serve_form", "serve_port", "targets", "target_options", "serve_adapters",
-              "serve_batch_ms"):
-        ecfg.pop(k, None)
+    ecfg = cfg.export.model_dump(mode="json")  # serving and loading into engines have their own sections
     metrics_hash = sha256_file(metrics_path) if metrics_path.exists() else None
     payload = [EXPORT_VERSION, train_manifest["fingerprint"], prep["fingerprint"], ecfg, metrics_hash,
                cfg.tracking.enabled]
@@ -433,7 +429,7 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
         from pipeline.core import tracking
 
         tracking.resolve_uri(cfg)  # an unreachable server fails here, before minutes of work
-    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.runtime.num_threads or torch.get_num_threads())
     ex = _Export(cfg, layout, prep, train_manifest, info, fp)
     log.info("export: %s (%s) -> %s", run_name, info["method"], out)
     with atomic_dir(out) as tmp:

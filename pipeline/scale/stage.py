@@ -372,7 +372,7 @@ def run(cfg: Config, *, force: bool = False, factory: EncoderFactory = make_enco
              n_shards, cfg.corpus.shard_rows, shards, cfg.corpus.executor)
     started = time.perf_counter()
     # The encoder form is chosen once, here, on the first shard's texts; Ray workers build the same form.
-    encoder = factory(cfg, threads=cfg.train.num_threads, probe_texts=read_shard(ds, cfg, 0)[1], n_texts=rows)
+    encoder = factory(cfg, threads=cfg.runtime.num_threads, probe_texts=read_shard(ds, cfg, 0)[1], n_texts=rows)
     backend = encoder.backend
     if cfg.corpus.executor == "ray":
         del encoder  # the workers hold their own
