@@ -91,3 +91,5 @@ def session(address: str | None, *, setting: str, timeout_s: float, kept: str) -
     finally:
         if started_here and not watch.lost:  # with the GCS gone, shutdown only waits on it
             ray.shutdown()
+        if watch.lost:
+            services.quiet_native_stderr()

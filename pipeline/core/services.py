@@ -223,6 +223,19 @@ def preflight(stage: str, cfg: Config) -> None:
 
 # ------------------------------------------------------------------------------------------------- mid-run
 
+def quiet_native_stderr() -> None:
+    """Once a cluster is lost, its client library's native threads go on writing to file descriptor 2 until the
+    process ends (Ray: "task_manager.cc: Failed to push error to driver ..."), after the command's error line.
+    Point descriptor 2 at /dev/null and give Python's ``sys.stderr`` a copy of the real one, so the one line the
+    CLI prints stays the last line the user sees."""
+    sys.stderr.flush()
+    keep = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = os.fdopen(keep, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
+
+
 class Watch:
     """While its block runs, probe ``service`` every second. Once it has not answered for ``timeout_s``,
     interrupt the main thread (SIGUSR2): the block then ends with :class:`ServiceError` whatever the library
