@@ -30,7 +30,8 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
     # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
     # run resumed with another thread count, checkpoint interval or checkpointing setting continues.
     train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every", "gradient_checkpointing"})
-    for key, default in (("weights_dtype", "fp32"), ("quantization", "none")):
+    for key, default in (("weights_dtype", "fp32"), ("quantization", "none"), ("label_loss_weight", None),
+                         ("pair_loss_weight", 1.0)):
         if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
             del train[key]
     base = resolve_base(cfg.model.base)

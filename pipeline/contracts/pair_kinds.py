@@ -29,6 +29,8 @@ class Objective:
     reason: str
     same_label_pairs: float  # share of train texts paired with another text of their label
     mask_same_label: bool  # same-label texts are never in-batch negatives of each other
+    # weight of the label head's cross-entropy beside the pair loss (pipeline/train/label_head.py); 0: no head
+    label_loss_weight: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +68,14 @@ def resolve(cfg: Config, *, has_groups: bool, has_labels: bool) -> Objective:
     mask = cfg.train.mask_same_label
     if mask is None:
         mask = name == "label"
-    return Objective(name=name, reason=reason, same_label_pairs=float(same_label), mask_same_label=bool(mask))
+    head = cfg.train.label_loss_weight
+    if head is None:
+        head = 0.0
+    if head > 0 and not has_labels:
+        raise DataError("train.label_loss_weight needs labels (data.label_column) to train a label head, and the "
+                        "corpus has none; set it to 0")
+    return Objective(name=name, reason=reason, same_label_pairs=float(same_label), mask_same_label=bool(mask),
+                     label_loss_weight=float(head))
 
 
 def mask_same_label(cfg: Config, prep_manifest: dict) -> bool:
@@ -75,3 +84,11 @@ def mask_same_label(cfg: Config, prep_manifest: dict) -> bool:
     if cfg.train.mask_same_label is not None:
         return cfg.train.mask_same_label
     return bool((prep_manifest.get("objective") or {}).get("mask_same_label", False))
+
+
+def label_loss_weight(cfg: Config, prep_manifest: dict) -> float:
+    """The label head's loss weight a training run uses: the config's explicit value, else the prepared
+    data's objective (prepared folders from before label heads: 0, no head)."""
+    if cfg.train.label_loss_weight is not None:
+        return float(cfg.train.label_loss_weight)
+    return float((prep_manifest.get("objective") or {}).get("label_loss_weight", 0.0))
