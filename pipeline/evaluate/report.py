@@ -99,6 +99,13 @@ def validation_line(v: dict) -> str:
             "run unless given `--force`.")
 
 
+def _heads_sentence(heads: dict | None) -> str:
+    if not heads:
+        return ""
+    return (f" Macro-F1 compares each model's best classifier head on validation: adapted {heads['adapted']}, base "
+            f"model {heads['base']} (every head of both models is under \"Classifier heads\").")
+
+
 def verdict_lines(verdict: dict | None) -> list[str]:
     """The opening of report.md: a verdict per headline metric against the base model and TF-IDF."""
     if not verdict:
@@ -115,7 +122,7 @@ def verdict_lines(verdict: dict | None) -> list[str]:
         lines += ["", "Difference adapted minus reference on the same test items, with its 95% CI from a paired "
                       "bootstrap (the items are resampled once per replicate and both models are scored on the same "
                       "draw): *better* when the whole interval is above 0, *worse* when below, else *no measurable "
-                      "difference*.", ""]
+                      "difference*." + _heads_sentence(verdict.get("heads")), ""]
     return lines + [validation_line(verdict["validation"]), ""]
 
 

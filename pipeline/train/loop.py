@@ -183,6 +183,11 @@ def training_step(sp: Stepper, idx: np.ndarray, step: int = 0) -> float:
     params = [p for g in sp.optimizer.param_groups for p in g["params"]]
     if sp.dist:
         sp.dist.all_reduce_grads(params)
+        if sp.head is not None:
+            # Every process computes the head's whole gradient from the gathered batch (the head is not
+            # sharded), so the sum over processes is world x the single-process gradient.
+            for p in sp.head.parameters():
+                p.grad /= sp.dist.world
     if sp.t.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, sp.t.grad_clip)
     sp.optimizer.step()

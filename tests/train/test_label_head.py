@@ -155,3 +155,27 @@ def test_a_resumed_run_continues_with_the_head_it_checkpointed(project):
     assert cli("train", *args, "run_name=resumed") == 0
     resumed = contract.load(Path("runs/resumed/model"))
     assert np.allclose(resumed.prototypes, straight.prototypes, atol=1e-6)
+
+
+@pytest.mark.parametrize("labels,per_label", [(3, 10), (30, 12), (8, 100)])
+def test_intent_sets_of_other_shapes_train_a_head_from_a_train_test_file(tmp_path, monkeypatch, tiny_model_dir,
+                                                                         labels, per_label):
+    """Label counts and examples per label unlike the staged corpora, given train/test only: val is carved per
+    label, the head has one prototype per label, and eval scores every head of both models on the same split."""
+    monkeypatch.chdir(tmp_path)
+    intent_corpus(labels, per_label, seed=labels).to_csv("shape.csv", index=False)
+    Path("c.yaml").write_text(yaml.safe_dump(_config(tiny_model_dir, "shape", label_loss_weight=1.0, epochs=1)))
+    run_stages("--config", "c.yaml")
+    prep = json.loads(Path("data/processed/shape/manifest.json").read_text())
+    assert prep["split_plan"]["carved"] == ["val"]
+    assert all(len(prep["class_counts"][s]) == labels for s in ("train", "val", "test"))
+    run = "shape-lora-r4-a8-s0"
+    assert len(contract.load(Path(f"runs/{run}/model")).labels) == labels
+    m = json.loads(Path(f"reports/{run}/metrics.json").read_text())
+    assert m["test_items"] == sum(prep["class_counts"]["test"].values())
+    assert {"label_head", "zero_shot"} <= set(m["heads"]["adapted"]) and any(
+        h.startswith("logreg") for h in m["heads"]["base"])
+    chosen = m["classifier"]["head"]
+    best_val = max(v["val_macro_f1"] for v in m["heads"]["adapted"].values())
+    assert m["heads"]["adapted"][chosen]["val_macro_f1"] == best_val  # chosen on validation, never on test
+    assert m["verdict"]["heads"] == {"adapted": chosen, "base": m["classifier"]["base_head"]}
