@@ -21,10 +21,11 @@ install: ## create .venv and install the package with its dev and ray extras (CP
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
 
-test: ## fast test suite (tiny in-code BERT + a small real-MiniLM end-to-end run)
+test: ## the layer contract (import-linter) + the fast test suite (tiny in-code models + a small real-MiniLM run)
+	$(VENV)/bin/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-slow: ## slow checks (real data, longer runs)
+test-slow: ## slow checks (real data, several processes, Ray clusters, the bench)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 data: ## prepare: raw dataset -> leak-free splits + training pairs under data/processed/<dataset>/

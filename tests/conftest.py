@@ -3,7 +3,9 @@ project folder in a temp dir with its own MLflow store."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -160,3 +162,104 @@ def serve_in_thread(app):
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start within 30 s"
         time.sleep(0.05)
     return server, thread, f"http://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------- trained tiny runs, shared by a session
+
+QUIET = ["tracking.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def trained_cache(tmp_path_factory) -> dict:
+    """Trained tiny runs shared by every test of a session (built once: a fixture defined here, not
+    imported into test modules, which would give each module its own copy): {method: folder holding
+    data/ and runs/}."""
+    return {"root": tmp_path_factory.mktemp("trained-cache")}
+
+
+def trained(project: Path, cache: dict, method: str = "lora") -> list[str]:
+    """Prepare + train the tiny model in the current project (copied from an earlier test when one
+    trained the same config already); returns the CLI config arguments."""
+    cfg = ["--config", str(project), *QUIET, f"train.method={method}"]
+    saved = cache["root"] / method
+    if saved.exists():
+        shutil.copytree(saved / "data", "data", dirs_exist_ok=True)
+        shutil.copytree(saved / "runs", "runs", dirs_exist_ok=True)
+    else:
+        assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
+        shutil.copytree("data", saved / "data")
+        shutil.copytree("runs", saved / "runs")
+    return cfg
+
+
+def split_texts(split: str = "test") -> list[str]:
+    with open(f"data/processed/synthetic/{split}.jsonl") as fh:
+        return [json.loads(line)["text"] for line in fh]
+
+
+# ---------------------------------------------------------------- a pair corpus in the Walmart-Amazon layout
+
+PRODUCTS = ["epson ink cartridge", "hp toner", "sony headphones", "logitech mouse", "apc battery backup",
+            "avery labels", "sandisk usb drive", "netgear router", "canon camera lens", "kodak photo paper"]
+
+
+def make_walmart_amazon(folder: Path, n_products: int = 30, seed: int = 0) -> Path:
+    """A small mirror in the Walmart-Amazon layout: each product has one Walmart record and 1-2 Amazon
+    records; Amazon also has distractors. Walmart record 0 is matched in both train and test (the leak)."""
+    rng = np.random.default_rng(seed)
+    a_rows, b_rows, pos = [], [], []
+    for p in range(n_products):
+        name = PRODUCTS[p % len(PRODUCTS)]
+        code = f"{chr(97 + p % 26)}{rng.integers(100, 999)}"
+        a_rows.append({"id": p, "title": f"{name} {code} walmart edition", "category": "electronics"})
+        for v in range(1 + p % 2):
+            b_id = len(b_rows)
+            b_rows.append({"id": b_id, "title": f"{code} {name} pack {v + 1}", "category": "misc"})
+            pos.append((p, b_id))
+    for d in range(40):  # distractors: never matched
+        b_rows.append({"id": len(b_rows), "title": f"generic accessory {d} {PRODUCTS[d % len(PRODUCTS)]}",
+                       "category": "misc"})
+    folder = Path(folder) / "walmart_amazon"
+    folder.mkdir(parents=True)
+    pd.DataFrame(a_rows).to_csv(folder / "tableA.csv", index=False)
+    pd.DataFrame(b_rows).to_csv(folder / "tableB.csv", index=False)
+    by_product = {}
+    for a, b in pos:
+        by_product.setdefault(a, []).append(b)
+    split_of = {a: ("train" if a < 18 else "val" if a < 22 else "test") for a in by_product}
+    rows = {"train": [], "val": [], "test": []}
+    for a, bs in by_product.items():
+        for k, b in enumerate(bs):
+            # record 0's second match (if any) goes to test: the record has positives in train and test
+            s = "test" if (a == 1 and k == 1) else split_of[a]
+            rows[s].append({"ltable_id": a, "rtable_id": b, "label": 1})
+        rows[split_of[a]].append({"ltable_id": a, "rtable_id": int(rng.integers(len(b_rows))), "label": 0})
+    for s, name in (("train", "train.csv"), ("val", "valid.csv"), ("test", "test.csv")):
+        pd.DataFrame(rows[s]).to_csv(folder / name, index=False)
+    return folder.parent
+
+
+@pytest.fixture
+def wa_project(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    mirror = make_walmart_amazon(tmp_path / "mirror")
+    cfg = yaml.safe_load((REPO / "configs" / "walmart_amazon.yaml").read_text())
+    cfg["model"] = {"base": str(tiny_model_dir)}
+    cfg["paths"] = {"mirror": str(mirror)}
+    cfg.setdefault("train", {}).update({"batch_size": 8, "epochs": 6, "lr": 5e-3, "max_seq_length": 32,
+                         "lora": {"r": 4, "alpha": 8}})
+    cfg["eval"] = {"bootstrap": 50, "batch_size": 32}
+    cfg["tracking"] = {"experiment": "tests"}
+    path = tmp_path / "wa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def walmart_config(tmp_path: Path) -> Path:
+    """The shipped Walmart-Amazon config pointed at a small mirror of that layout."""
+    mirror = make_walmart_amazon(tmp_path / "mirror")
+    cfg = yaml.safe_load((REPO / "configs" / "walmart_amazon.yaml").read_text())
+    cfg["paths"] = {"mirror": str(mirror)}
+    path = tmp_path / "wa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

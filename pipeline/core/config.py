@@ -106,6 +106,12 @@ class PairsConfig(Section):
     hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
 
 
+# LoRA target presets: each names roles (q, k, v, o, ffn) that pipeline/model/families.py resolves to the
+# module names of each architecture.
+LORA_PRESETS = {"qv": ("q", "v"), "qkv": ("q", "k", "v"), "qkvo": ("q", "k", "v", "o"),
+                "qkv+ffn": ("q", "k", "v", "ffn"), "all-linear": ("q", "k", "v", "o", "ffn")}
+
+
 class LoraSettings(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
@@ -121,10 +127,8 @@ class LoraSettings(Section):
     @field_validator("target_modules")
     @classmethod
     def _known_preset(cls, value):
-        from pipeline.model.families import PRESETS
-
-        if isinstance(value, str) and value not in PRESETS:
-            raise ValueError(f"'{value}' is not a preset ({', '.join(PRESETS)}); give module names as a list, "
+        if isinstance(value, str) and value not in LORA_PRESETS:
+            raise ValueError(f"'{value}' is not a preset ({', '.join(LORA_PRESETS)}); give module names as a list, "
                              f"e.g. [{value}]")
         if isinstance(value, list) and not value:
             raise ValueError("is empty; name at least one module or use a preset")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRESETS = {"qv": ("q", "v"), "qkv": ("q", "k", "v"), "qkvo": ("q", "k", "v", "o"),
-           "qkv+ffn": ("q", "k", "v", "ffn"), "all-linear": ("q", "k", "v", "o", "ffn")}
+from pipeline.core.config import LORA_PRESETS
+
+PRESETS = LORA_PRESETS  # preset -> roles; the config owns the names a user may give
 
 # An entry is a module-name suffix, or (suffix, excluded suffix): BERT's FFN output ``layer.N.output.dense``
 # shares the suffix ``output.dense`` with the attention output ``attention.output.dense``, so it is

@@ -1,4 +1,4 @@
-"""adapters_serve: one base model in memory, any number of exported LoRA adapters on it, one per request.
+"""Serving many adapters: one base model in memory, any number of exported LoRA adapters on it, one per request.
 
 ``python -m pipeline serve export.serve_adapters=[all]`` (or ``make serve-adapters``) serves every adapter
 export under ``exports/`` trained on the served run's base; ``export.serve_adapters=[runA,runB]`` (run names

@@ -95,6 +95,7 @@ def test_synthetic_vectors_have_the_structure_they_claim():
         synthetic_vectors(rng, 10, 2, 4, "lumpy")
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_report_with_sane_fields(project):
     assert cli("prepare", "--config", str(project)) == 0
     assert cli("bench", "--config", str(project), *QUICK) == 0

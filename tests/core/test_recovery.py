@@ -58,6 +58,7 @@ def _mlflow():
     return mlflow_client()
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(project):
     assert cli("prepare", "--config", str(project)) == 0
     crashed, ckpt_state = Path("runs/crashed"), Path("runs/crashed/checkpoints/state.json")

@@ -13,7 +13,6 @@ import pytest
 from pipeline.evaluate import verdicts as E
 from pipeline.evaluate import report
 from tests.conftest import RUN, cli, mlflow_client, run_stages
-from tests.prepare.test_prepare_pairs import wa_project  # noqa: F401  (fixture)
 
 WA_RUN = "walmart_amazon-lora-r4-a8-s0"
 
@@ -88,7 +87,7 @@ def test_a_model_worse_than_the_base_is_called_worse_warned_about_and_not_export
     assert cli("export", *cfg) == 2 and not Path("exports").exists()
 
 
-def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_project, caplog):  # noqa: F811
+def test_pair_dataset_verdict_and_the_training_curve_as_validation_source(wa_project, caplog):
     cfg = ["--config", str(wa_project)]
     run_stages(*cfg)
     m = _metrics(WA_RUN)

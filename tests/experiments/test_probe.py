@@ -5,21 +5,11 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, cli
-from tests.prepare.test_prepare_pairs import make_walmart_amazon
-
-
-def _walmart_config(tmp_path: Path) -> Path:
-    mirror = make_walmart_amazon(tmp_path / "mirror")
-    cfg = yaml.safe_load((REPO / "configs" / "walmart_amazon.yaml").read_text())
-    cfg["paths"] = {"mirror": str(mirror)}
-    path = tmp_path / "wa.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tests.conftest import cli, walmart_config
 
 
 def test_labelled_run_probed_on_a_pair_dataset(project, tmp_path):
-    wa = _walmart_config(tmp_path)
+    wa = walmart_config(tmp_path)
     cfg = ["--config", str(project)]
     assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
     assert cli("probe", *cfg, f"eval.probe_config={wa}") == 0
@@ -42,7 +32,7 @@ def test_labelled_run_probed_on_a_pair_dataset(project, tmp_path):
 
 
 def test_base_run_probed_on_a_labelled_dataset_changes_nothing(project, tmp_path):
-    wa = _walmart_config(tmp_path)
+    wa = walmart_config(tmp_path)
     base_wa = ["--config", str(wa), f"model.base={yaml.safe_load(project.read_text())['model']['base']}",
                "train.method=base", "tracking.enabled=false"]
     assert cli("prepare", *base_wa) == 0 and cli("train", *base_wa) == 0

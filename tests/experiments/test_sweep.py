@@ -245,6 +245,7 @@ def test_target_presets_and_a_failing_child(project):
     assert "**failed**" in Path("reports/sweep/t/summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_isolated_children_run_in_their_own_processes(project):
     cfg = _cfg(project, "sweep.isolate=true", "sweep.ranks=[2]", "sweep.include_full=false",
                "sweep.include_base=false")

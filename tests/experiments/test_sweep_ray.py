@@ -19,6 +19,7 @@ from pipeline.core.config import load_config
 SMALL = ["sweep.ranks=[2]", "sweep.alpha_multipliers=[2]", "sweep.isolate=false", "sweep.include_base=false",
          "sweep.full_lr=0.0005", "sweep.quality_metric=retrieval.recall@1", "train.max_steps=8", "train.lr=0.005"]
 RAY = ["sweep.executor=ray", "sweep.cpus_per_trial=1", "sweep.max_concurrent=2"]
+pytestmark = pytest.mark.slow  # each test runs on a local Ray cluster: seconds to start, trials in processes
 
 
 @pytest.fixture(autouse=True)

@@ -13,40 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, RUN, cli, run_stages
-
-QUIET = ["tracking.enabled=false"]
-
-
-@pytest.fixture(scope="session")
-def trained_cache(tmp_path_factory) -> dict:
-    """Trained tiny runs shared by the tests of a session: {method: folder holding data/ and runs/}."""
-    return {"root": tmp_path_factory.mktemp("trained-cache")}
-
-
-def trained(project: Path, cache: dict, method: str = "lora") -> list[str]:
-    """Prepare + train the tiny model in the current project (copied from an earlier test when one
-    trained the same config already); returns the CLI config arguments."""
-    cfg = ["--config", str(project), *QUIET, f"train.method={method}"]
-    saved = cache["root"] / method
-    if saved.exists():
-        shutil.copytree(saved / "data", "data", dirs_exist_ok=True)
-        shutil.copytree(saved / "runs", "runs", dirs_exist_ok=True)
-    else:
-        assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
-        shutil.copytree("data", saved / "data")
-        shutil.copytree("runs", saved / "runs")
-    return cfg
-
-
-def _run_name(method: str) -> str:
-    return RUN if method == "lora" else f"synthetic-{method}-s0"
-
-
-def _texts(split: str = "test") -> list[str]:
-    with open(f"data/processed/synthetic/{split}.jsonl") as fh:
-        return [json.loads(line)["text"] for line in fh]
-
+from tests.conftest import QUIET, REPO, RUN, cli, run_stages, split_texts, trained
 
 def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(project, trained_cache, monkeypatch):
     # mlflow.set_tracking_uri also sets this variable for the whole process; pin it to this project's
@@ -94,7 +61,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     assert set(m["timing"]) >= {"merge_seconds", "onnx_seconds", "index_build_seconds", "total_seconds"}
 
     # the index covers every prepared offer, row i <-> records line i
-    n_all = sum(len(_texts(s)) for s in ("train", "val", "test"))
+    n_all = sum(len(split_texts(s)) for s in ("train", "val", "test"))
     assert m["index"]["n"] == n_all and m["index"]["type"] == "flat" and m["index"]["corpus"] == "all"
     assert m["index"]["encoder"] == "onnx"  # proven equal to merged by the gate, and faster on CPU
     records = [json.loads(line) for line in (out / "index" / "records.jsonl").open()]
@@ -115,7 +82,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     loaded = mlflow.sentence_transformers.load_model(m["mlflow"]["model_uri"])
     from pipeline.contracts.export_folder import load_form
 
-    sample = _texts()[:5]
+    sample = split_texts()[:5]
     a = loaded.encode(sample, normalize_embeddings=True)
     b = load_form(out, "merged").encode(sample)
     assert np.allclose(a, b, atol=1e-5)
@@ -158,7 +125,7 @@ def test_merged_and_onnx_load_without_peft_in_a_fresh_process_with_the_adapters_
     cfg = trained(project, trained_cache)
     assert cli("export", *cfg) == 0
     out = Path("exports") / RUN
-    queries = _texts()[:4] + ["samsung tv", "intel cpu"]
+    queries = split_texts()[:4] + ["samsung tv", "intel cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", PEFT_FREE, str(out), json.dumps(queries)], capture_output=True,
                           text=True, timeout=300, env=env)
@@ -246,7 +213,7 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache,
     m = json.loads((out / "manifest.json").read_text())
     assert m["forms"]["onnx"] is None and not (out / "onnx").exists() and m["index"]["encoder"] == "merged"
     assert m["index"]["type"] == "hnsw" and m["index"]["factory"] == "HNSW8,Flat"
-    test = _texts()
+    test = split_texts()
     assert m["index"]["n"] == len(test)
 
     from pipeline.contracts.export_folder import SearchIndex, load_form

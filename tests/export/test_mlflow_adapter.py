@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import cli
-from tests.export.test_export import RUN, _texts, trained, trained_cache  # noqa: F401  (shared fixture)
+from tests.conftest import RUN, cli, split_texts, trained
 
 
 def test_adapter_is_an_mlflow_model_that_loads_onto_its_checked_base(project, trained_cache, monkeypatch):
@@ -30,7 +29,7 @@ def test_adapter_is_an_mlflow_model_that_loads_onto_its_checked_base(project, tr
     assert {v.name for v in client.search_model_versions("name='tiny'")} == {"tiny"}  # the merged one, as before
 
     model = mlflow.pyfunc.load_model(adapter["model_uri"])
-    texts = _texts()[:6]
+    texts = split_texts()[:6]
     from pipeline.model.backends import row_cosines
     from pipeline.contracts.export_folder import load_form
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import cli
-from tests.export.test_export import RUN, _texts, trained, trained_cache  # noqa: F401  (fixture shared with test_export)
+from tests.conftest import RUN, cli, split_texts, trained
 
 ALL = "export.targets=[qdrant,lancedb,opensearch,elasticsearch]"
 
 
 def _queries() -> list[str]:
-    return _texts()[:6] + ["samsung tv", "intel cpu black", "bosch fridge 2 year warranty"]
+    return split_texts()[:6] + ["samsung tv", "intel cpu black", "bosch fridge 2 year warranty"]
 
 
 def _faiss_top(out: Path, vectors: np.ndarray, k: int) -> tuple[list[set[str]], np.ndarray]:

@@ -156,6 +156,7 @@ def test_metrics_json_carries_the_backend(project):
     assert metrics["backend"] == emb["backend"]
 
 
+@pytest.mark.slow
 def test_bench_encode_measures_the_selected_backend_against_sentence_transformers(project, tmp_path):
     from pipeline.bench.harness import bench_encode
     from pipeline.core.config import load_config

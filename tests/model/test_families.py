@@ -386,6 +386,7 @@ def test_a_sweep_entry_naming_a_preset_resolves_per_model():
         children["names"].model_copy(update={"run_name": children["qv"].run_name}), "d")
 
 
+@pytest.mark.slow
 def test_bench_memory_part_runs_a_decoder_shape_with_and_without_checkpointing(tmp_path):
     import pandas as pd
 
@@ -410,12 +411,12 @@ def test_probe_embeds_with_the_models_prompts(family_root, tmp_path, monkeypatch
     from pipeline.model import tokens as encoding
     from pipeline.model.encoder import load_encoder
     from pipeline.contracts.prepared_data import load_split
-    from tests.experiments.test_probe import _walmart_config
+    from tests.conftest import walmart_config
 
     base = build("bert", family_root, prompts=PROMPTS)
     monkeypatch.chdir(tmp_path)
     labelled = family_project(tmp_path, base, **{"train.method": "base"})
-    pairs = ["--config", str(_walmart_config(tmp_path)), f"model.base={base}", "train.method=base",
+    pairs = ["--config", str(walmart_config(tmp_path)), f"model.base={base}", "train.method=base",
              "train.precision=fp32", *QUIET]  # fp32: compared with fp32 encodings below
     assert cli("prepare", *pairs) == 0 and cli("train", *pairs) == 0
     assert cli("probe", *pairs, f"eval.probe_config={labelled}") == 0

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from pipeline.prepare import pairs as prepare_pairs
 from pipeline.search import scoring
@@ -14,62 +13,6 @@ from pipeline.contracts.prepared_data import load_gallery, load_queries
 from pipeline.core.config import load_config
 from pipeline.contracts.prepared_data import load_pairs
 from tests.conftest import REPO, SHARED_DATA, run_stages
-
-PRODUCTS = ["epson ink cartridge", "hp toner", "sony headphones", "logitech mouse", "apc battery backup",
-            "avery labels", "sandisk usb drive", "netgear router", "canon camera lens", "kodak photo paper"]
-
-
-def make_walmart_amazon(folder: Path, n_products: int = 30, seed: int = 0) -> Path:
-    """A small mirror in the Walmart-Amazon layout: each product has one Walmart record and 1-2 Amazon
-    records; Amazon also has distractors. Walmart record 0 is matched in both train and test (the leak)."""
-    rng = np.random.default_rng(seed)
-    a_rows, b_rows, pos = [], [], []
-    for p in range(n_products):
-        name = PRODUCTS[p % len(PRODUCTS)]
-        code = f"{chr(97 + p % 26)}{rng.integers(100, 999)}"
-        a_rows.append({"id": p, "title": f"{name} {code} walmart edition", "category": "electronics"})
-        for v in range(1 + p % 2):
-            b_id = len(b_rows)
-            b_rows.append({"id": b_id, "title": f"{code} {name} pack {v + 1}", "category": "misc"})
-            pos.append((p, b_id))
-    for d in range(40):  # distractors: never matched
-        b_rows.append({"id": len(b_rows), "title": f"generic accessory {d} {PRODUCTS[d % len(PRODUCTS)]}",
-                       "category": "misc"})
-    folder = Path(folder) / "walmart_amazon"
-    folder.mkdir(parents=True)
-    pd.DataFrame(a_rows).to_csv(folder / "tableA.csv", index=False)
-    pd.DataFrame(b_rows).to_csv(folder / "tableB.csv", index=False)
-    by_product = {}
-    for a, b in pos:
-        by_product.setdefault(a, []).append(b)
-    split_of = {a: ("train" if a < 18 else "val" if a < 22 else "test") for a in by_product}
-    rows = {"train": [], "val": [], "test": []}
-    for a, bs in by_product.items():
-        for k, b in enumerate(bs):
-            # record 0's second match (if any) goes to test: the record has positives in train and test
-            s = "test" if (a == 1 and k == 1) else split_of[a]
-            rows[s].append({"ltable_id": a, "rtable_id": b, "label": 1})
-        rows[split_of[a]].append({"ltable_id": a, "rtable_id": int(rng.integers(len(b_rows))), "label": 0})
-    for s, name in (("train", "train.csv"), ("val", "valid.csv"), ("test", "test.csv")):
-        pd.DataFrame(rows[s]).to_csv(folder / name, index=False)
-    return folder.parent
-
-
-@pytest.fixture
-def wa_project(tmp_path, monkeypatch, tiny_model_dir):
-    monkeypatch.chdir(tmp_path)
-    mirror = make_walmart_amazon(tmp_path / "mirror")
-    cfg = yaml.safe_load((REPO / "configs" / "walmart_amazon.yaml").read_text())
-    cfg["model"] = {"base": str(tiny_model_dir)}
-    cfg["paths"] = {"mirror": str(mirror)}
-    cfg.setdefault("train", {}).update({"batch_size": 8, "epochs": 6, "lr": 5e-3, "max_seq_length": 32,
-                         "lora": {"r": 4, "alpha": 8}})
-    cfg["eval"] = {"bootstrap": 50, "batch_size": 32}
-    cfg["tracking"] = {"experiment": "tests"}
-    path = tmp_path / "wa.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 def test_test_queries_never_meet_their_records_in_training(wa_project):
     cfg = load_config(wa_project)

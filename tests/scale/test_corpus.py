@@ -178,6 +178,7 @@ def test_index_is_built_and_searchable(project):
 # Ray Data executor: one local cluster for the module, loopback only, two CPUs.
 
 
+@pytest.mark.slow
 def test_ray_writes_the_local_vectors_even_when_a_worker_dies(project, ray_cluster, tmp_path):
     from pipeline.scale import stage as corpus
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import cli, run_stages, serve_in_thread
-from tests.export.test_export import QUIET, RUN, trained, trained_cache  # noqa: F401  (shared fixture)
+from tests.conftest import QUIET, RUN, cli, run_stages, serve_in_thread, trained
 
 RUN_B = "synthetic-lora-r4-a8-s1"
 

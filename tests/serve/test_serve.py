@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, free_port
-from tests.export.test_export import RUN, trained, trained_cache  # noqa: F401  (fixture shared with test_export)
+from tests.conftest import RUN, cli, free_port, trained
 
 
 @pytest.fixture

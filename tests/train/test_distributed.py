@@ -35,6 +35,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_process_training_saves_the_single_process_adapter(project):
     common = ["train.lora.dropout=0.0", "train.precision=fp32", "train.max_steps=6", "train.lr=0.005",
               "train.warmup_ratio=0.0"]
@@ -117,6 +118,7 @@ def _one_step(model_dir: str, dist, with_head: bool = False) -> dict[str, torch.
     return {n: (p.detach() - before[n]) for n, p in params.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_head", [False, True])
 def test_gathered_loss_gives_the_single_process_gradient(tiny_model_dir, tmp_path, with_head):
 
