@@ -30,7 +30,7 @@ def _sample_texts() -> list[str]:
         return [json.loads(line)["text"] for line in fh][:12] + ["a", "tv"]
 
 
-def test_export_ships_the_head_gated_on_every_form_and_serve_classifies_with_it(exported_with_head):
+def test_export_ships_the_head_gated_on_every_form_and_serve_and_mlflow_classify_with_it(exported_with_head):
     from fastapi.testclient import TestClient
 
     from pipeline.serve.stage import create_app
@@ -63,18 +63,18 @@ def test_export_ships_the_head_gated_on_every_form_and_serve_classifies_with_it(
             assert np.allclose([g["probability"] for g in got], [w["probability"] for w in ref], atol=0.01)
         assert client.post("/classify", json={"texts": []}).status_code == 422
         assert client.post("/classify", json={"texts": ["x"], "k": 0}).status_code == 422
+    _mlflow_classifier_predicts_the_same(out, texts)
 
 
-def test_the_mlflow_classifier_predicts_what_serve_answers(exported_with_head):
+def _mlflow_classifier_predicts_the_same(out: Path, texts: list[str]) -> None:
+    """The MLflow classifier logged by export, loaded back: the labels and probabilities of the head on the
+    merged form (the form it runs)."""
     import mlflow
 
     from pipeline.contracts.export_folder import load_form
 
-    _, out = exported_with_head
     manifest = json.loads((out / "manifest.json").read_text())
-    uri = manifest["mlflow"]["classifier"]["model_uri"]
-    model = mlflow.pyfunc.load_model(uri)
-    texts = _sample_texts()
+    model = mlflow.pyfunc.load_model(manifest["mlflow"]["classifier"]["model_uri"])
     table = model.predict(texts)
     head = label_head.load(out / "head")
     probs = head.probabilities(load_form(out, "merged").encode(texts, "document"))

@@ -157,7 +157,7 @@ def test_a_resumed_run_continues_with_the_head_it_checkpointed(project):
     assert np.allclose(resumed.prototypes, straight.prototypes, atol=1e-6)
 
 
-@pytest.mark.parametrize("labels,per_label", [(3, 10), (30, 12), (8, 100)])
+@pytest.mark.parametrize("labels,per_label", [(3, 10), (30, 12), pytest.param(8, 100, marks=pytest.mark.slow)])
 def test_intent_sets_of_other_shapes_train_a_head_from_a_train_test_file(tmp_path, monkeypatch, tiny_model_dir,
                                                                          labels, per_label):
     """Label counts and examples per label unlike the staged corpora, given train/test only: val is carved per
