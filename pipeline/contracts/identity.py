@@ -6,6 +6,7 @@ without importing the stage that trains it.
 
 from __future__ import annotations
 
+from pipeline.contracts import pair_kinds
 from pipeline.model import families
 from pipeline.model import prompts
 from pipeline.core.artifacts import digest
@@ -18,6 +19,8 @@ def prepared_fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_on
     depend only on the splits (base-model embeddings, the lexical baseline) survive a change of pairs."""
     sections = ("data",) if splits_only else ("data", "pairs")
     payload = {"cfg": cfg.section_hash(*sections), "seed": cfg.seed, "in": input_hashes}
+    if pair_kinds.VERSION > 1 and not splits_only:  # what auto resolves changed: prepare again (version 1: as before)
+        payload["objectives"] = pair_kinds.VERSION
     if cfg.pairs.hard_negatives.enabled and not splits_only:
         # mined negatives depend on the base encoder and its max length
         payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,

@@ -23,6 +23,14 @@ from pipeline.core.config import PAIR_FORMATS, Config
 from pipeline.core.errors import DataError
 
 
+# The label head's loss weight ``auto`` gives each objective (train.label_loss_weight unset). Chosen on the
+# staged corpora's validation splits (configs/experiments/README.md, "Label head").
+AUTO_LABEL_LOSS = {"group": 0.0, "label": 0.0, "pairs": 0.0}
+# Bump when what auto resolves changes: prepared folders record the resolved objective, so they are prepared
+# again (pipeline/contracts/identity.py), and the runs on them train again.
+VERSION = 1
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str  # group | label | pairs
@@ -70,7 +78,7 @@ def resolve(cfg: Config, *, has_groups: bool, has_labels: bool) -> Objective:
         mask = name == "label"
     head = cfg.train.label_loss_weight
     if head is None:
-        head = 0.0
+        head = AUTO_LABEL_LOSS[name] if has_labels else 0.0
     if head > 0 and not has_labels:
         raise DataError("train.label_loss_weight needs labels (data.label_column) to train a label head, and the "
                         "corpus has none; set it to 0")
