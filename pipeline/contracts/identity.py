@@ -10,7 +10,7 @@ from pipeline.contracts import pair_kinds
 from pipeline.model import families
 from pipeline.model import prompts
 from pipeline.core.artifacts import digest
-from pipeline.core.config import Config
+from pipeline.core.config import Config, CorpusPairsConfig, TsdaeConfig
 from pipeline.model.encoder import base_fingerprint, resolve_base
 
 
@@ -18,14 +18,28 @@ def prepared_fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_on
     """Identity of the prepared data; ``splits_only`` leaves out the pairs settings, so outputs that
     depend only on the splits (base-model embeddings, the lexical baseline) survive a change of pairs."""
     sections = ("data",) if splits_only else ("data", "pairs")
-    payload = {"cfg": cfg.section_hash(*sections), "seed": cfg.seed, "in": input_hashes}
+    payload = {"cfg": _sections_hash(cfg, sections), "seed": cfg.seed, "in": input_hashes}
     if pair_kinds.VERSION > 1 and not splits_only:  # what auto resolves changed: prepare again (version 1: as before)
         payload["objectives"] = pair_kinds.VERSION
-    if cfg.pairs.hard_negatives.enabled and not splits_only:
-        # mined negatives depend on the base encoder and its max length
+    if (cfg.pairs.hard_negatives.enabled or cfg.pairs.objective == "corpus") and not splits_only:
+        # mined negatives and pseudo labels (the corpus objective's neighbours) come from the base encoder
         payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,
                             cfg.train.mask_same_label]
     return digest(payload)
+
+
+def _sections_hash(cfg: Config, sections: tuple[str, ...]) -> str:
+    """``cfg.section_hash`` without ``pairs.corpus`` while it holds its defaults, so that data prepared before the
+    corpus objective existed keeps its identity (and its trained runs theirs)."""
+    if "pairs" not in sections or cfg.pairs.corpus != CorpusPairsConfig():
+        return cfg.section_hash(*sections)
+    import hashlib
+    import json
+
+    dump = cfg.model_dump(mode="json")
+    payload = {s: dump[s] for s in sections}
+    del payload["pairs"]["corpus"]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
@@ -33,10 +47,16 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
     # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
     # run resumed with another thread count, checkpoint interval or checkpointing setting continues.
     train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every", "gradient_checkpointing"})
-    for key, default in (("weights_dtype", "fp32"), ("quantization", "none"), ("label_loss_weight", None),
-                         ("pair_loss_weight", 1.0)):
+    for key, default in (("weights_dtype", "fp32"), ("quantization", "none"), ("pre_step", "none"),
+                         ("label_loss_weight", None), ("pair_loss_weight", 1.0)):
         if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
             del train[key]
+    if "pre_step" not in train and cfg.train.tsdae == TsdaeConfig():
+        del train["tsdae"]
+    if train["validation"]["base_is_candidate"] is None:
+        del train["validation"]["base_is_candidate"]
+    if not train["lora"]["modules_to_save"]:
+        del train["lora"]["modules_to_save"]
     base = resolve_base(cfg.model.base)
     # A preset is identified by the names it resolves to for this base: what is trained.
     resolved = families.resolve_for_base(base, cfg.train.lora.target_modules,

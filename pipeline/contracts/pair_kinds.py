@@ -8,7 +8,12 @@ A corpus comes in one of three shapes, and each has an objective that uses what 
 - **label**: texts with labels but no entity ids (intents, topics). Positives are two texts of one label,
   plus text -> label name; texts of one label are never each other's negatives (the same-label mask),
   texts of other labels are.
-- **pairs**: given query -> positive rows (``data.format: pairs`` and the Walmart-Amazon reader).
+- **pairs**: given query -> positive rows (``data.format: pairs`` and the Walmart-Amazon reader), or a retrieval
+  set's judged train queries.
+- **corpus**: documents alone (a text column, or a retrieval set without train judgments): pseudo queries built
+  from the documents themselves (pipeline/prepare/pseudo.py). Chosen by ``auto`` only where nothing else is
+  known; set explicitly on a corpus that has ids, labels or train judgments, it withholds them from training
+  (the texts alone are trained on) and keeps the val/test ids or judgments as the judged set.
 
 An explicit ``pairs.objective`` wins over ``auto``; one the data cannot support is an error. The choice
 and its reason are written to the prepare manifest, and the train stage reads the resolved mask from
@@ -25,7 +30,7 @@ from pipeline.core.errors import DataError
 
 # The label head's loss weight ``auto`` gives each objective (train.label_loss_weight unset). Chosen on the
 # staged corpora's validation splits (configs/experiments/README.md, "Label head").
-AUTO_LABEL_LOSS = {"group": 0.0, "label": 0.0, "pairs": 0.0}
+AUTO_LABEL_LOSS = {"group": 0.0, "label": 0.0, "pairs": 0.0, "corpus": 0.0}
 # Bump when what auto resolves changes: prepared folders record the resolved objective, so they are prepared
 # again (pipeline/contracts/identity.py), and the runs on them train again.
 VERSION = 1
@@ -33,7 +38,7 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class Objective:
-    name: str  # group | label | pairs
+    name: str  # group | label | pairs | corpus
     reason: str
     same_label_pairs: float  # share of train texts paired with another text of their label
     mask_same_label: bool  # same-label texts are never in-batch negatives of each other
@@ -46,6 +51,8 @@ class Objective:
 
 def _pick(cfg: Config, has_groups: bool, has_labels: bool) -> tuple[str, str]:
     wanted = cfg.pairs.objective
+    if wanted == "corpus":
+        return "corpus", "set in the config: the texts alone are trained on (ids, labels and train judgments withheld)"
     if cfg.data.format in PAIR_FORMATS:
         if wanted not in ("auto", "pairs"):
             raise DataError(f"pairs.objective={wanted} needs a labelled corpus; data.format "
@@ -63,8 +70,7 @@ def _pick(cfg: Config, has_groups: bool, has_labels: bool) -> tuple[str, str]:
         return "group", "the corpus has entity ids (groups)"
     if has_labels:
         return "label", "the corpus has labels and no entity ids"
-    raise DataError("the corpus has neither entity ids nor labels, so there is nothing to learn from: name "
-                    "data.group_column or data.label_column, or give query -> positive rows with data.format: pairs")
+    return "corpus", "the corpus has neither entity ids nor labels: pseudo queries from the texts alone"
 
 
 def resolve(cfg: Config, *, has_groups: bool, has_labels: bool) -> Objective:
@@ -82,8 +88,30 @@ def resolve(cfg: Config, *, has_groups: bool, has_labels: bool) -> Objective:
     if head > 0 and not has_labels:
         raise DataError("train.label_loss_weight needs labels (data.label_column) to train a label head, and the "
                         "corpus has none; set it to 0")
+    if head > 0 and name == "corpus":
+        raise DataError("train.label_loss_weight trains a label head on the labels, and pairs.objective=corpus "
+                        "withholds them from training; set it to 0 or choose another objective")
     return Objective(name=name, reason=reason, same_label_pairs=float(same_label), mask_same_label=bool(mask),
                      label_loss_weight=float(head))
+
+
+def resolve_retrieval(cfg: Config, *, has_train_judgments: bool) -> Objective:
+    """The objective of a retrieval set: its judged train queries (pairs), or the documents alone (corpus) where it
+    has none or the config withholds them."""
+    wanted = cfg.pairs.objective
+    if wanted not in ("auto", "pairs", "corpus"):
+        raise DataError(f"pairs.objective={wanted} needs a labelled corpus; a retrieval set trains on judged train "
+                        f"queries (pairs) or on its documents alone (corpus)")
+    if wanted == "corpus":
+        name, reason = "corpus", "set in the config: the documents alone are trained on (train judgments withheld)"
+    elif has_train_judgments:
+        name, reason = "pairs", "a retrieval set: train query -> judged document"
+    elif wanted == "pairs":
+        raise DataError("pairs.objective=pairs needs judged train queries, and the retrieval set has none (use auto "
+                        "or corpus to train on the documents alone)")
+    else:
+        name, reason = "corpus", "a retrieval set without train judgments: pseudo queries from the documents alone"
+    return Objective(name=name, reason=reason, same_label_pairs=0.0, mask_same_label=False)
 
 
 def mask_same_label(cfg: Config, prep_manifest: dict) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from pipeline.core.config import Config
 from pipeline.core.errors import ArtifactError
+from pipeline.core.hashing import digest, sha256_file  # noqa: F401  (re-exported: the one digest)
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -69,14 +70,6 @@ class Layout:
         return Path(self.cfg.paths.exports) / (name or self.cfg.resolved_run_name)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_tree(path: Path) -> str:
     """Hash of every file below ``path`` (names and bytes), or of the file itself."""
     path = Path(path)
@@ -116,13 +109,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def digest(payload: Any, length: int = 16) -> str:
-    """Short identity of a JSON-able value: the first ``length`` hex digits of its sha256 (keys sorted,
-    so two dicts with the same items give the same digest). Every fingerprint and cache key uses this."""
-    text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -7,8 +7,6 @@ scalars (``16`` is an int, ``[query,value]`` a list, ``true`` a bool) and then v
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.hashing import digest
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
@@ -41,13 +40,29 @@ class SplitConfig(Section):
 PAIR_FORMATS = ("walmart_amazon", "pairs")  # data.format values read as query -> positive pair corpora
 
 
+class LengthsConfig(Section):
+    """Token lengths of a retrieval set (pipeline/prepare/retrieval.py), chosen by prepare from the texts'
+    token lengths and capped at the model's maximum (its ``max_seq_length``); what was truncated or cut into
+    passages is counted in the prepare manifest. Labelled and pair corpora use ``train.max_seq_length``."""
+
+    query: int | None = Field(None, ge=8)  # None: the longest query, up to the model's maximum
+    document: int | None = Field(None, ge=8)  # None: the ``quantile`` of document lengths, up to the maximum
+    quantile: float = Field(0.95, gt=0, le=1)
+    # A document longer than the document length becomes overlapping passages (title + a window of the text);
+    # it is scored by its best passage in eval, the export's index and serve. False: truncated, as MTEB does.
+    passages: bool = True
+    stride: int | None = Field(None, ge=1)  # tokens between passage starts; None: half the document length
+
+
 class DataConfig(Section):
     """Where the corpus comes from and how its columns are named."""
 
     name: str = "pricerunner"
     # pricerunner / walmart_amazon: the shipped readers; table: any CSV/JSONL/Parquet file or HF dataset;
-    # pairs: the same file types holding query -> positive rows (pipeline/prepare/pairs.py).
-    format: Literal["pricerunner", "walmart_amazon", "table", "pairs"] = "pricerunner"
+    # pairs: the same file types holding query -> positive rows (pipeline/prepare/pairs.py); with corpus_path
+    # a retrieval set (pipeline/prepare/retrieval.py). beir: a BEIR folder (corpus.jsonl, queries.jsonl,
+    # qrels/{train,dev,test}.tsv), "mirror:<folder>", or "hf:<dataset>" with corpus / queries / qrels configs.
+    format: Literal["pricerunner", "walmart_amazon", "table", "pairs", "beir"] = "pricerunner"
     # table: a file, a folder of split files (train.csv, dev.jsonl, test.parquet ...), "hf:<dataset id or
     # path>", or "mirror:<path under the data mirror>" (copied read-only to data/raw/<name>/ first)
     path: str | None = None
@@ -61,6 +76,24 @@ class DataConfig(Section):
     query_column: str = "query"  # format pairs: the query text
     positive_column: str = "positive"  # format pairs: a relevant text for that query
     negative_column: str | None = None  # format pairs: optional given negative text per row
+    # Retrieval sets. format pairs + corpus_path: the document table (CSV/TSV/JSONL/Parquet or hf:) whose
+    # documents are the search space; the pairs' positives name its documents by id or by text.
+    corpus_path: str | None = None
+    corpus_id_column: str = "id"
+    corpus_title_column: str | None = "title"  # None: documents have no title
+    corpus_text_column: str = "text"
+    document_key: Literal["auto", "id", "text"] = "auto"  # what the positive column holds; auto: ids if all are
+    score_column: str | None = None  # format pairs + corpus: graded relevance per row (default 1)
+    # format beir with hf:<dataset>: the dataset's config names; qrels_path: qrels kept in another dataset
+    # (e.g. hf:BeIR/<name>-qrels) or folder of <split>.tsv files
+    hf_configs: dict[Literal["corpus", "queries", "qrels"], str] = Field(
+        default_factory=lambda: {"corpus": "corpus", "queries": "queries", "qrels": "default"})
+    qrels_path: str | None = None
+    # The corpus objective on a table of texts alone (no label or group column): an optional judged set, a pairs file
+    # (query_column -> positive_column naming a document by id or text; score_column and split_column optional),
+    # used as validation and test. Without one the run trains and is reported "unverified".
+    judged_path: str | None = None
+    lengths: LengthsConfig = Field(default_factory=LengthsConfig)
     blank_texts: Literal["drop", "error"] = "drop"
     # Own split: these fractions. Given splits lacking val and/or test: the missing ones are carved from
     # train in the same proportions, e.g. a carved val takes val / (train + val) of the train rows.
@@ -85,6 +118,32 @@ class HardNegativesConfig(Section):
     sampling: Literal["top", "random"] = "top"
 
 
+class CorpusPairsConfig(Section):
+    """The corpus objective (``pairs.objective: corpus``): training pairs built from the documents alone, for a corpus
+    without labels, entity ids or judged train queries (pipeline/prepare/pseudo.py). Each method gives a pseudo query
+    and its positive from one document; the methods, their counts and the mining are in the prepare manifest."""
+
+    # ict: a sentence (a word span in a short text) -> the rest of its document (inverse cloze); title: the title ->
+    # the body, where documents have both; crops: two independent random spans of one document; neighbours: a
+    # document -> the one document that BM25 and the base encoder both rank first for it (a pseudo label).
+    methods: list[Literal["ict", "title", "crops", "neighbours"]] = Field(
+        default_factory=lambda: ["ict", "title", "crops"], min_length=1)
+    # pseudo queries per document and method; documents are sampled (seeded) so that at most ``pairs.max_pairs``
+    # pairs are built: the cost is bounded by the pairs, not by the corpus
+    per_document: int = Field(1, ge=1)
+    max_pairs: int = Field(20_000, ge=1)  # the most pseudo pairs built (pairs.max_pairs, when lower, wins)
+    positive_words: int = Field(96, ge=8)  # the positive side is cut to this many words around the query's place
+    shard_documents: int = Field(20_000, ge=100)  # documents generated per shard (pseudo queries stream)
+    # neighbours: the agreement window (both rankers must place the neighbour within their first ``agree_k``)
+    agree_k: int = Field(1, ge=1)
+    # One mined negative per pseudo pair from the base encoder's ranking of its query (pairs.hard_negatives' rank
+    # window and margin), skipping the pair's own document, identical texts and any document BM25 also ranks within
+    # ``guard_k`` for the query (the false-negative guard: both rankers agreeing suggests it is relevant).
+    # pairs.hard_negatives.enabled mines the same way under this objective.
+    mine_negatives: bool = False
+    guard_k: int = Field(3, ge=0)
+
+
 class PairsConfig(Section):
     """Which contrastive pairs prepare builds from the train split.
 
@@ -95,15 +154,19 @@ class PairsConfig(Section):
     splits (configs/experiments/README.md).
     """
 
-    objective: Literal["auto", "group", "label", "pairs"] = "auto"
+    objective: Literal["auto", "group", "label", "pairs", "corpus"] = "auto"
     product_pairs_per_group: int = 10  # (text, other text of the same group) pairs per group, at most
     label_pairs: float = 0.5  # fraction of train texts that get a (text, label name) pair
     # fraction of train texts paired with a random same-label text; None: 0 for the group objective, 1 for
     # the label objective (pipeline/contracts/pair_kinds.py)
     same_label_pairs: float | None = None
     max_pairs: int | None = None
+    # Retrieval sets: judged documents per train query that become training pairs (highest grade first, then a
+    # seeded draw); None: all. Dense judgments (tens per query) otherwise make most pairs repeat a few queries.
+    positives_per_query: int | None = Field(2, ge=1)
     label_template: str = "{label}"
     hard_negatives: HardNegativesConfig = Field(default_factory=HardNegativesConfig)
+    corpus: CorpusPairsConfig = Field(default_factory=CorpusPairsConfig)
 
 
 # LoRA target presets: each names roles (q, k, v, o, ffn) that pipeline/model/families.py resolves to the
@@ -123,6 +186,11 @@ class LoraSettings(Section):
     use_dora: bool = False
     # LoRA+: lora_B learns this many times faster than lora_A (peft.optimizers.create_loraplus_optimizer).
     loraplus_lr_ratio: float | None = Field(None, ge=1)
+    # Modules trained in full beside the adapter, and saved with it. Everything else is frozen in LoRA mode,
+    # the sentence-transformers modules after pooling (Dense heads) included. An entry names a module after the
+    # transformer by its position or class ("2", "Dense": saved as adapter/st_modules.safetensors) or a module
+    # inside the transformer ("pooler": PEFT's modules_to_save, saved in the adapter file).
+    modules_to_save: list[str] = Field(default_factory=list)
 
     @field_validator("target_modules")
     @classmethod
@@ -144,6 +212,22 @@ class ValidationConfig(Section):
     patience: int = Field(2, ge=1)  # evaluations without improvement before training stops
     min_delta: float = Field(0.0, ge=0)  # an improvement smaller than this does not count
     max_texts: int = Field(5000, ge=10)  # cap on the texts one evaluation embeds (a seeded sample)
+    # The untrained base (step 0) is a candidate: a run whose trained steps never beat it keeps the base and says
+    # so. None: on for the corpus objective (pseudo pairs may not help a model that saw a billion pairs).
+    base_is_candidate: bool | None = None
+
+
+class TsdaeConfig(Section):
+    """TSDAE (sentence-transformers' DenoisingAutoEncoderLoss) as a pre-step of the corpus objective: the adapter
+    first learns to let a decoder rebuild a document's sentence from the embedding of a damaged copy (words
+    deleted; no downloaded tokenizer data needed), then trains on the pseudo pairs (pipeline/train/tsdae.py)."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=2)
+    deletion: float = Field(0.6, gt=0, lt=1)  # share of words deleted from the encoder's input
+    max_seq_length: int = Field(64, ge=8)
+    lr: float = Field(3e-4, gt=0)
+    max_sentences: int = Field(20_000, ge=10)  # sentences sampled (seeded) from the training texts
 
 
 class TrainConfig(Section):
@@ -172,6 +256,8 @@ class TrainConfig(Section):
     num_threads: int | None = None
     grad_clip: float = 1.0
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    pre_step: Literal["none", "tsdae"] = "none"  # before the contrastive steps (the corpus objective's option)
+    tsdae: TsdaeConfig = Field(default_factory=TsdaeConfig)
     # Bases too big for memory. Checkpointing recomputes activations in the backward pass (non-reentrant, so
     # LoRA weights still get gradients); weights_dtype bf16 stores the frozen weights in bf16 (CUDA only);
     # quantization 4bit/8bit loads them through bitsandbytes for QLoRA (CUDA only, LoRA only).
@@ -202,6 +288,16 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None  # new MLflow runs nest under this run (set by the sweep per child)
 
 
+class ServicesConfig(Section):
+    """How long a command waits on the services it talks to (pipeline/core/services.py): Ray clusters, Qdrant,
+    the MLflow tracking server."""
+
+    # Each is checked before any work; no answer within this many seconds stops the command with one line.
+    # During a Ray job, a cluster whose GCS stays silent this long counts as gone (with GCS fault tolerance,
+    # raise it above the time a GCS restart takes).
+    timeout_s: float = Field(5.0, gt=0, le=600)
+
+
 class TargetOptions(Section):
     """Where ``export.targets`` load the exported index (pipeline/export/targets.py)."""
 
@@ -227,6 +323,10 @@ class EmbedConfig(Section):
     probe_repeats: int = Field(2, ge=1)  # timed passes per candidate (best taken)
     onnx_fusion: bool = True  # onnxruntime's transformer fusions (attention, layer norm, GELU) on BERT-like models
     onnx_token_budget: int | None = Field(2048, ge=1)  # padded tokens per ONNX batch; None: rows only
+    # auto weighs a form's one-off cost (an ONNX trace, the probe passes) against the most it could save: the job
+    # run this many times faster than torch-fp32 (pipeline/model/backends.py, worth_trying)
+    max_speedup: float = Field(4.0, gt=1)
+    onnx_cache_mb: float = Field(4096, gt=0)  # <paths.cache>/onnx/ at most; least recently used traces go first
 
 
 class ExportConfig(Section):
@@ -243,7 +343,7 @@ class ExportConfig(Section):
     # the label head (runs that trained one) on the merged and ONNX forms, against the trained model: the most
     # any label's probability may differ on the gate's sample (pipeline/export/head.py)
     head_max_prob_diff: float = Field(0.01, gt=0, le=1)
-    ivf_nlist: int | None = None  # default about 4 * sqrt(corpus size)
+    ivf_nlist: int | None = None  # None: about sqrt(corpus size), pipeline/search/index.py's one rule
     ivf_nprobe: int = Field(16, ge=1)
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)
@@ -293,7 +393,8 @@ class SuiteConfig(Section):
     name: str = "default"
     # One config per corpus, each run with its own settings as an ordinary run named suite-<name>-<file stem>.
     configs: list[str] = Field(default_factory=lambda: ["configs/default.yaml", "configs/walmart_amazon.yaml",
-                                                        "configs/clinc150.yaml"], min_length=1)
+                                                        "configs/clinc150.yaml", "configs/nfcorpus.yaml"],
+                               min_length=1)
     overrides: list[str] = Field(default_factory=list)  # key=value applied to every corpus config (quick runs)
 
 
@@ -371,7 +472,7 @@ class ScaleIndexConfig(Section):
     # IVF with scalar quantisation; the first that reaches the target at some nprobe wins.
     candidates: list[str] = Field(default_factory=lambda: ["pq48", "pq96", "sq8"], min_length=1)
     nbits: int = Field(8, ge=4, le=12)  # bits per PQ code: 8 is the fast, well-tested FAISS path
-    nlist: int | None = Field(None, ge=1)  # inverted lists; None: about 4 * sqrt(rows), FAISS's usual advice
+    nlist: int | None = Field(None, ge=1)  # inverted lists; None: about sqrt(rows) (pipeline/search/index.py)
     nprobes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1)  # tried in order
     train_rows: int = Field(100_000, ge=100)  # sample the quantisers train on: memory stays bounded by this
     queries: int = Field(1000, ge=1)  # sampled corpus rows the recall is measured with
@@ -433,6 +534,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
@@ -453,8 +555,7 @@ class Config(Section):
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections: what a stage's output depends on."""
         dump = self.model_dump(mode="json")
-        payload = {s: dump[s] for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return digest({s: dump[s] for s in sections})
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

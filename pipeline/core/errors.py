@@ -23,7 +23,12 @@ class TrainingError(PipelineError):
     """Training finished but its result cannot be trusted (e.g. the adapter did not move)."""
 
 
-class TrackingError(PipelineError):
+class ServiceError(PipelineError):
+    """A service the command talks to (a Ray cluster, a search engine, a tracking server) cannot be reached,
+    or stopped answering mid-run: names the setting, the address and what was tried (pipeline/core/services.py)."""
+
+
+class TrackingError(ServiceError):
     """The MLflow tracking server cannot be reached."""
 
 

@@ -8,13 +8,14 @@ train manifest records the run id and eval reopens it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
-import urllib.error
-import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.core import services
 from pipeline.core.config import Config
 from pipeline.core.errors import TrackingError
 
@@ -27,13 +28,15 @@ def default_uri() -> str:
 
 def resolve_uri(cfg: Config) -> str:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
-    if uri.startswith(("http://", "https://")) and not _reachable(uri):
+    server = services.mlflow_service(cfg)
+    problem = services.probe(server, cfg.services.timeout_s) if server is not None else None
+    if problem is not None:
         if cfg.tracking.on_unreachable == "local":
             local = default_uri()
-            log.warning("MLflow server %s is unreachable; logging to the local store %s instead", uri, local)
+            log.warning("MLflow server %s is unreachable (%s); logging to the local store %s instead", uri, problem,
+                        local)
             return local
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable (checked {uri.rstrip('/')}/health); "
-                            "start it, unset MLFLOW_TRACKING_URI, or set tracking.on_unreachable=local")
+        raise TrackingError(services.unreachable(server, problem, cfg.services.timeout_s))
     return uri
 
 
@@ -70,14 +73,6 @@ def mark_abandoned(uri: str, run_id: str, note: str) -> bool:
         return False
     log.warning("marked MLflow run %s FAILED: %s", run_id, note)
     return True
-
-
-def _reachable(uri: str, timeout: float = 5.0) -> bool:
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-            return resp.status < 500
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -132,6 +127,31 @@ class Tracker:
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+    def log_datasets(self, dataset: str, files: dict[str, Path]) -> None:
+        """Each prepared file as an MLflow dataset input of the run (``mlflow.data.from_pandas`` + ``log_input``):
+        name ``<dataset>-<split>``, digest the file's sha256, source its path, the schema MLflow infers, and the
+        split as the input's context, so the UI's Dataset column and filter show what the run read."""
+        if not self.enabled:
+            return
+        import mlflow
+        import pandas as pd
+
+        from pipeline.core.artifacts import sha256_file
+
+        for split, path in files.items():
+            frame = pd.read_json(path, lines=True, dtype=False)
+            # list-valued columns (a query's relevant ids) have no MLflow column type: logged as JSON text
+            for col in frame.columns:
+                if frame[col].map(lambda v: isinstance(v, (list, dict))).any():
+                    frame[col] = frame[col].map(json.dumps)
+            with warnings.catch_warnings():
+                # MLflow registers its local-file source class twice and warns that a path is ambiguous
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                data = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()), name=f"{dataset}-{split}",
+                                               digest=sha256_file(path)[:16])
+            mlflow.log_input(data, context=split)
 
 
 @contextlib.contextmanager

@@ -47,10 +47,11 @@ def ensure_base_embeddings(cfg: Config, layout: Layout, prep: dict, device, max_
         return out
     st_model = load_base(cfg.model, device=device, max_seq_length=max_seq_length)
     used = prompts.for_run(cfg, st_model)
-    encoder, backend = backends.select_for_files(cfg, st_model, layout.processed, text_files(prep), device, max_seq_length, used)
+    files, labels = text_files(prep), label_texts(cfg, layout.processed)
+    encoder, backend = backends.select_for_files(cfg, st_model, layout.processed, files, max_seq_length, used,
+                                                 backends.texts_to_embed(layout.processed, files, labels, used))
     with atomic_dir(out) as tmp:
-        timing = backends.embed_files(encoder, layout.processed, text_files(prep), label_texts(cfg, layout.processed), tmp, used,
-                                      "embed base")
+        timing = backends.embed_files(encoder, layout.processed, files, labels, tmp, used, "embed base")
         write_json_atomic(tmp / MANIFEST, make_manifest("embed-base", cfg, fingerprint=key,
                                                         inputs={"prepared_splits": prep.get(
                                                             "splits_fingerprint", prep["fingerprint"])},
@@ -91,10 +92,12 @@ def run(cfg: Config, *, force: bool = False) -> Path:
                 extra["merge_min_cosine"] = merge_checked(st_model, probe, device)
             extra["adapted_dir"] = str(out)
             used = prompts.of_record(info.get("prompts"))
-            encoder, extra["backend"] = backends.select_for_files(cfg, st_model, layout.processed, text_files(prep), device,
-                                                       max_len, used)
-            extra["timing"] = backends.embed_files(encoder, layout.processed, text_files(prep),
-                                                   label_texts(cfg, layout.processed), tmp, used, f"embed {info['method']}")
+            files, labels = text_files(prep), label_texts(cfg, layout.processed)
+            encoder, extra["backend"] = backends.select_for_files(
+                cfg, st_model, layout.processed, files, max_len, used,
+                backends.texts_to_embed(layout.processed, files, labels, used))
+            extra["timing"] = backends.embed_files(encoder, layout.processed, files, labels, tmp, used,
+                                                   f"embed {info['method']}")
         write_json_atomic(tmp / MANIFEST, make_manifest(
             "embed", cfg, fingerprint=fp, inputs={"prepared_data": prep["fingerprint"],
                                                   "model": train_manifest["fingerprint"]}, extra=extra))

@@ -89,6 +89,11 @@ def _verdict_cell(d: dict | None) -> str:
 
 def validation_line(v: dict) -> str:
     """One sentence on the validation rule (the adapted model must beat the base on validation)."""
+    if v.get("kept") == "base":
+        return (f"Validation **kept the base model**: no trained step beat the untrained base ({v['metric']} "
+                f"{v['adapted'] if v['adapted'] is not None else float('nan'):.4f} at best against the base's "
+                f"{v['base'] if v['base'] is not None else float('nan'):.4f}, {v['source']}), so this run is the base "
+                "model: use the base, there is nothing trained to export.")
     if v.get("better") is None:
         return (f"Validation: nothing claimed ({v.get('note', 'no validation figures')}), so this run is not "
                 "shown to be better than the base model.")
@@ -106,14 +111,19 @@ def _heads_sentence(heads: dict | None) -> str:
             f"model {heads['base']} (every head of both models is under \"Classifier heads\").")
 
 
-def verdict_lines(verdict: dict | None) -> list[str]:
-    """The opening of report.md: a verdict per headline metric against the base model and TF-IDF."""
+def lexical_label(m: dict) -> str:
+    """The lexical baseline's name: TF-IDF, or BM25 where metrics.json's ``lexical.method`` says so (retrieval sets)."""
+    return "BM25" if str((m.get("lexical") or {}).get("method", "")).startswith("bm25") else "TF-IDF"
+
+
+def verdict_lines(verdict: dict | None, lexical_name: str = "TF-IDF") -> list[str]:
+    """The opening of report.md: a verdict per headline metric against the base model and the lexical baseline."""
     if not verdict:
         return []
     vs_base, vs_lex = verdict["test"].get("vs_base", {}), verdict["test"].get("vs_lexical")
     keys = list(dict.fromkeys([*vs_base, *(vs_lex or {})]))
     lines = ["## Verdict", ""]
-    refs = [("vs base model", vs_base)] + ([("vs TF-IDF", vs_lex)] if vs_lex is not None else [])
+    refs = [("vs base model", vs_base)] + ([(f"vs {lexical_name}", vs_lex)] if vs_lex is not None else [])
     if keys:
         lines += ["| headline metric (test) | " + " | ".join(name for name, _ in refs) + " |",
                   "|---" * (len(refs) + 1) + "|"]
@@ -202,7 +212,10 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
                             "label_head_macro_f1") if k in m["classification"]]
     ret_keys = [k for k in ("recall@1", "recall@10", "ndcg@10", "mrr@10", "recall_all@10") if k in m["retrieval"]]
     keys = [("classification", k) for k in cls_keys] + [("retrieval", k) for k in ret_keys]
-    lines = [f"# {m['run_name']}", "", *verdict_lines(m.get("verdict")),
+    unverified = [] if m.get("verified", True) else [
+        "**UNVERIFIED**: no judged queries, so nothing here measures whether this run is better than the base model "
+        "(`make export` refuses it without `--force`).", ""]
+    lines = [f"# {m['run_name']}", "", *unverified, *verdict_lines(m.get("verdict"), lexical_label(m)),
              f"Dataset **{m['dataset']}**, base `{m['model']['base']}`, method **{m['model']['method']}**"
              + (f" (r={m['model']['lora']['r']}, alpha={m['model']['lora']['alpha']}, "
                 f"targets {', '.join(m['model']['lora']['target_modules'])})" if m["model"]["method"] == "lora" else "")
@@ -219,12 +232,15 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
     def row(name, block, ci):
         return f"| {name} | " + " | ".join(_fmt(block.get(kind, {}), ci.get(kind, {}), k) for kind, k in keys) + " |"
 
-    lines.append(row("base (untrained)", m["baseline"], m["baseline"].get("ci", {})))
-    if m["lexical"].get("classification") or m["lexical"].get("retrieval"):
-        lines.append(row("lexical TF-IDF", m["lexical"], m["lexical"].get("ci", {})))
-    for o in others:
-        lines.append(row(f"{o['run_name']} ({o['model']['method']})", o, o.get("ci", {})))
-    lines.append(row(f"**{m['run_name']}** ({m['model']['method']})", m, m.get("ci", {})))
+    if keys:
+        lines.append(row("base (untrained)", m["baseline"], m["baseline"].get("ci", {})))
+        if m["lexical"].get("classification") or m["lexical"].get("retrieval"):
+            lines.append(row(f"lexical {lexical_label(m)}", m["lexical"], m["lexical"].get("ci", {})))
+        for o in others:
+            lines.append(row(f"{o['run_name']} ({o['model']['method']})", o, o.get("ci", {})))
+        lines.append(row(f"**{m['run_name']}** ({m['model']['method']})", m, m.get("ci", {})))
+    else:  # nothing was measured (an unverified run): no table of empty cells
+        del lines[-2:]
     t = m.get("train", {})
     lines += ["", f"Training: {t.get('seconds', 0):.0f} s, {t.get('pairs_per_second') or 0:.1f} pairs/s, "
                   f"peak RSS {t.get('peak_rss_mb') or 0:.0f} MB, {t.get('device')}/{t.get('precision')}. "

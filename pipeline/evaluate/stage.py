@@ -19,13 +19,14 @@ import shutil
 from pathlib import Path
 
 from pipeline.contracts import label_head as head_contract
-from pipeline.contracts.prepared_data import SPLITS, is_pairs, load_labels, load_split
+from pipeline.contracts.prepared_data import SPLITS, is_pairs, is_retrieval, load_labels, load_split
 from pipeline.core import tracking
 from pipeline.core.artifacts import Layout, atomic_dir, clean_stale, require_manifest, write_json_atomic
 from pipeline.core.config import Config
-from pipeline.evaluate import pairs, report
+from pipeline.evaluate import pairs, report, retrieval
 from pipeline.evaluate.scores import Scored, Scores, cached_base_scores, cached_lexical, evaluate_embeddings
-from pipeline.evaluate.verdicts import log_verdict, train_curve, validation_figures, verdict_block
+from pipeline.evaluate.verdicts import (kept_base_verdict, log_verdict, train_curve, validation_figures,
+                                       verdict_block)
 from pipeline.model.encoder import check_base_matches, read_model_info
 from pipeline.model.families import lora_block
 
@@ -64,9 +65,12 @@ def run(cfg: Config) -> Path:
     check_base_matches(layout.model_dir(), info, cfg.model.base)
     clean_stale(layout.report().parent, Path(cfg.paths.cache) / "lexical", Path(cfg.paths.cache) / "base-scores")
     cfg = tracking.preflight(cfg)  # fail (or fall back) before scoring, not after the report is written
-    score = pairs.score if is_pairs(prep) else _score_labelled
+    score = retrieval.score if is_retrieval(prep) else pairs.score if is_pairs(prep) else _score_labelled
     scored = score(cfg, layout, prep, emb_manifest, train_manifest, info)
-    payload = {**_common_payload(cfg, info, prep, emb_manifest, train_manifest), **scored.payload}
+    payload = {**_common_payload(cfg, info, prep, emb_manifest, train_manifest), "verified": True, **scored.payload}
+    if info.get("kept_base"):  # training kept the untrained base: say so in the verdict (pipeline/train/selection.py)
+        payload["verdict"]["validation"] = kept_base_verdict(train_curve(train_manifest))
+        payload["kept"] = "base"
     out = _write_outputs(cfg, layout, payload, scored, train_manifest)
     _log_to_mlflow(cfg, train_manifest, payload, out)
     log.info("eval: wrote %s", out / "metrics.json")
@@ -175,7 +179,8 @@ def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) 
     training run's MLflow run; the report files as its artefacts."""
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=train_manifest.get("mlflow_run_id")) as tracker:
         flat = {}
-        for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"])):
+        for prefix, block in (("", payload), ("base.", payload["baseline"]), ("lexical.", payload["lexical"]),
+                              ("hybrid.", payload.get("hybrid", {}))):
             for kind in ("classification", "retrieval"):
                 for k, v in block.get(kind, {}).items():
                     if isinstance(v, (int, float)) and not k.endswith("_C"):
@@ -186,7 +191,9 @@ def _log_to_mlflow(cfg: Config, train_manifest: dict, payload: dict, out: Path) 
         for kind, deltas in payload.get("delta_vs_base", {}).items():
             flat.update({f"delta.{k}": d["delta"] for k, d in deltas.items()})
         tracker.log_metrics(flat)
-        tags = {"evaluated": "true"}
+        tags = {"evaluated": "true", "verified": "yes" if payload.get("verified", True) else "no (no judged queries)"}
+        if payload.get("kept"):
+            tags["kept"] = payload["kept"]
         if not payload["classification"] and payload.get("notes", {}).get("classification"):
             tags["classification"] = "absent (pair dataset)"
         tracker.set_tags(tags)

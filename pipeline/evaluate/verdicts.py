@@ -123,3 +123,15 @@ def log_verdict(tracker, verdict: dict) -> None:
     tags["verdict.validation.better"] = {True: "yes", False: "no", None: "unknown"}[v["better"]]
     tags["verdict.validation.source"] = v["source"]
     tracker.set_tags(tags)
+
+
+def kept_base_verdict(curve: dict | None) -> dict:
+    """The validation rule of a run whose training kept the untrained base (no trained step beat it on validation,
+    the base being a candidate): the figures are the train manifest's curve, best trained step against step 0."""
+    trained = [c for c in (curve or {}).get("curve", []) if c["step"] > 0]
+    best = max(trained, key=lambda c: c["value"]) if trained else None
+    return {"metric": (curve or {}).get("metric"), "adapted": best["value"] if best else None,
+            "base": (curve or {}).get("base_value"), "better": False, "kept": "base",
+            "source": "train manifest (validation curve)", "best_trained_step": best["step"] if best else None,
+            "note": "no trained step beat the untrained base on validation, so the run kept the base model"}
+

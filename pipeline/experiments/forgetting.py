@@ -58,13 +58,14 @@ def _needed(prep: dict, processed: Path, pcfg: Config) -> tuple[list[str], list[
 
 
 def _cached_embeddings(folder: Path, key: str, pcfg: Config, make_model, processed: Path, files, label_texts,
-                       max_len: int, device, stage: str, prompts_of) -> Path:
+                       max_len: int, stage: str, prompts_of) -> Path:
     """The probe corpus's files embedded as the embed stage writes them (pipeline/model/backends.py), cached by key."""
     if is_up_to_date(folder, key):
         return folder
     st_model = make_model()
     used = prompts_of(st_model)
-    encoder, backend = backends.select_for_files(pcfg, st_model, processed, files, device, max_len, used)
+    encoder, backend = backends.select_for_files(pcfg, st_model, processed, files, max_len, used,
+                                                 backends.texts_to_embed(processed, files, label_texts, used))
     with atomic_dir(folder) as tmp:
         timing = backends.embed_files(encoder, processed, files, label_texts, tmp, used, stage)
         write_json_atomic(tmp / MANIFEST, make_manifest(stage, pcfg, fingerprint=key, inputs={"files": files},
@@ -144,7 +145,7 @@ def run(cfg: Config) -> Path:
         base_dir = _cached_embeddings(
             Path(cfg.paths.cache) / "probe-embeddings" / f"{key}-{fkey}", fkey, pcfg,
             lambda: load_base(cfg.model, device=device, max_seq_length=max_len),
-            processed, files, label_texts, max_len, device, "probe-embed-base",
+            processed, files, label_texts, max_len, "probe-embed-base",
             lambda st: prompts.for_run(cfg, st))
 
     def trained():
@@ -159,7 +160,7 @@ def run(cfg: Config) -> Path:
     else:
         akey = digest([train_manifest["fingerprint"], prep["fingerprint"], files, label_texts, backend_key(cfg)])
         adapted_dir = _cached_embeddings(layout.run() / f"probe-{pcfg.data.name}", akey, pcfg, trained, processed,
-                                         files, label_texts, max_len, device, "probe-embed",
+                                         files, label_texts, max_len, "probe-embed",
                                          lambda st: prompts.of_record(info.get("prompts")))
 
     result = score(prep, processed, pcfg, adapted_dir, base_dir, label_names)

@@ -28,7 +28,7 @@ from pipeline.core.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 
-MODELS = (("base", "base model"), ("lexical", "TF-IDF"), ("adapted", "adapted"))
+MODELS = (("base", "base model"), ("lexical", "TF-IDF"), ("adapted", "adapted"), ("hybrid", "hybrid (BM25 + adapted)"))
 
 
 class SuiteError(PipelineError):
@@ -84,7 +84,7 @@ def corpus_row(child: Config, config_path: str, record: dict) -> dict:
     layout = Layout(child)
     m = read_json(layout.report() / "metrics.json")
     prep = read_manifest(layout.processed) or {}
-    blocks = {"base": m.get("baseline", {}), "lexical": m.get("lexical", {}), "adapted": m}
+    blocks = {"base": m.get("baseline", {}), "lexical": m.get("lexical", {}), "adapted": m, "hybrid": m.get("hybrid", {})}
     models = {}
     for name, block in blocks.items():
         models[name] = {}
@@ -101,6 +101,7 @@ def corpus_row(child: Config, config_path: str, record: dict) -> dict:
             "test_items": m.get("test_items"), "retrieval_queries": m.get("retrieval_queries"),
             "models": models, "vs_base": verdict.get("test", {}).get("vs_base", {}),
             "vs_lexical": verdict.get("test", {}).get("vs_lexical", {}), "validation": verdict.get("validation"),
+            "lexical_name": "BM25" if str(m.get("lexical", {}).get("method", "")).startswith("bm25") else "TF-IDF",
             "wall_seconds": record.get("wall_seconds")}
 
 
@@ -121,6 +122,10 @@ def _delta_cell(d: dict | None) -> str:
 
 
 def _validation_cell(v: dict | None) -> str:
+    if v and v.get("kept") == "base":  # the corpus objective kept the untrained base (pipeline/train/selection.py)
+        return f"kept the base ({v['metric']} best trained step {v['adapted']:.3f} vs base {v['base']:.3f})"
+    if v and str(v.get("note", "")).startswith("no judged queries"):
+        return "**unverified** (no judged queries)"
     if not v or v.get("better") is None:
         return "not measured"
     word = "better" if v["better"] else "**NOT better**"
@@ -145,6 +150,7 @@ def summary_markdown(cfg: Config, rows: list[dict], failed: list[dict]) -> str:
         for name, title in MODELS:
             if not r["models"].get(name):
                 continue
+            title = r.get("lexical_name", title) if name == "lexical" else title
             cells = [first, title, *(_cell(r["models"][name].get(k)) for k in keys), "", "", ""]
             if name == "adapted":
                 cells[1] = f"{title} ({r['method']})"

@@ -195,7 +195,7 @@ def run_children(cfg: Config, jobs: list[ChildJob], prep_fp: str, overwrite: boo
         from pipeline.experiments import sweep_ray
 
         run_one = functools.partial(run_child, prep_fp=prep_fp, overwrite=overwrite)
-        ran = sweep_ray.run_children(cfg.sweep, todo, run_one, sweep_dir(cfg))
+        ran = sweep_ray.run_children(cfg.sweep, todo, run_one, sweep_dir(cfg), timeout_s=cfg.services.timeout_s)
     for job in jobs:
         if records[job.name] is not None:
             log.info("%s: finished before, skipped", job.tag)

@@ -9,10 +9,13 @@ through the child's config), and resume and the summary are the local ones. A tr
 failed child with the exception as its reason, as a failing child is in the local path.
 
 The cluster: one this process is already connected to (``ray.init`` before the sweep); else
-``sweep.ray_address`` (an existing cluster, e.g. ``auto`` on a cluster node); else a local cluster that
-this call starts on the loopback interface and shuts down after. Each trial works in the driver's
-working directory, since the sweep's paths are relative to it: on a multi-node cluster every node needs
-the checkout, the prepared data and the run folders at the same path (a shared filesystem).
+``sweep.ray_address`` (an existing cluster, e.g. ``auto`` on a cluster node; checked before the sweep
+starts, pipeline/core/services.py); else a local cluster that this call starts on the loopback interface
+and shuts down after. A cluster that goes away mid-sweep ends it with one line within about
+``services.timeout_s``; finished children keep their records, so the rerun runs only the others.
+Each trial works in the driver's working directory, since the sweep's paths are relative to it: on a
+multi-node cluster every node needs the checkout, the prepared data and the run folders at the same path
+(a shared filesystem).
 
 Besides the children's own files, ``reports/sweep/<name>/ray_trials.json`` lists which trial ran which
 child, where, with which resources and when; Tune's own trial folders are under ``.../tune/``.
@@ -35,29 +38,18 @@ from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-
 Outcome = tuple[dict | None, dict | None]  # (record, None) for a finished child, (None, failure) otherwise
 
 
-def _connect(s: SweepConfig) -> bool:
-    """Make sure this process is connected to a cluster; True when this call connected (or started) it."""
+def _check_local_resources(s: SweepConfig) -> None:
+    """A trial that asks for more than this machine's local cluster has would wait forever."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    if s.ray_address:
-        log.info("sweep: connecting to the Ray cluster at %s", s.ray_address)
-        ray.init(address=s.ray_address)
-        return True
-    raycluster.start_local()
     have = ray.cluster_resources()
     for key, need in (("CPU", s.cpus_per_trial), ("GPU", s.gpus_per_trial)):
         if need and have.get(key, 0) < need:
-            ray.shutdown()
             raise ConfigError(f"sweep.{key.lower()}s_per_trial={need:g} but this machine's Ray cluster has "
                               f"{have.get(key, 0):g} {key}s; lower it or give sweep.ray_address of a larger cluster")
-    return True
 
 
 def _trial(config: dict, *, jobs: list, run_one: Callable[[Any], Outcome], cwd: str) -> dict:
@@ -71,19 +63,23 @@ def _trial(config: dict, *, jobs: list, run_one: Callable[[Any], Outcome], cwd: 
             "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
 
-def run_children(s: SweepConfig, jobs: list, run_one: Callable[[Any], Outcome], out: Path) -> dict[str, Outcome]:
+def run_children(s: SweepConfig, jobs: list, run_one: Callable[[Any], Outcome], out: Path, *,
+                 timeout_s: float) -> dict[str, Outcome]:
     """Run ``run_one(job)`` for every job as a Ray Tune trial; returns each job's outcome by run name.
 
-    A job is pipeline/experiments/sweep.py's ChildJob (``name``, ``point``, ``log_path`` are read here)."""
+    A job is pipeline/experiments/sweep.py's ChildJob (``name``, ``point``, ``log_path`` are read here);
+    ``timeout_s`` is ``services.timeout_s`` (how long the cluster may stay silent)."""
     try:
         from ray import tune
     except ImportError as exc:
         raise ConfigError(f"sweep.executor=ray needs Ray Tune ({exc}); install the extra: "
                           "pip install -e '.[ray]'") from exc
 
-    started_here = _connect(s)
     resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
-    try:
+    kept = "children that finished are kept: rerun the same command to run the others"
+    with raycluster.session(s.ray_address, setting="sweep.ray_address", timeout_s=timeout_s, kept=kept) as started:
+        if started and not s.ray_address:
+            _check_local_resources(s)
         trainable = tune.with_resources(tune.with_parameters(_trial, jobs=jobs, run_one=run_one, cwd=os.getcwd()),
                                         resources)
         tuner = tune.Tuner(
@@ -100,11 +96,6 @@ def run_children(s: SweepConfig, jobs: list, run_one: Callable[[Any], Outcome], 
         log.info("sweep: %d children as Ray Tune trials, %s each, at most %s at a time", len(jobs), resources,
                  s.max_concurrent or "as many as fit")
         results = tuner.fit()
-    finally:
-        if started_here:
-            import ray
-
-            ray.shutdown()
     return _outcomes(s, jobs, results, out, resources)
 
 

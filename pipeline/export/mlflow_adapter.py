@@ -27,19 +27,22 @@ NAME = "adapter"
 
 
 class AdapterEncoder(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: the adapter on its recorded, fingerprint-checked base."""
+    """pyfunc wrapper: the adapter on its recorded, fingerprint-checked base, encoded through the export
+    contract's adapter form (pipeline/model/interface.py), prompts included; ``params={"role": "query"}``
+    embeds queries, the default is documents."""
 
     def load_context(self, context) -> None:
+        from pipeline.contracts.export_folder import adapter_prompts, load_adapter_form
         from pipeline.core.artifacts import read_json
-        from pipeline.contracts.export_folder import load_adapter_form
+        from pipeline.model.backends import TorchEncoder
 
         folder = Path(context.artifacts[ARTIFACT])
         self.meta = read_json(folder / "base_model.json")
         self.model = load_adapter_form(folder)
+        self.encoder = TorchEncoder(self.model, max_seq_length=int(self.meta["max_seq_length"]), batch_size=64,
+                                    used=adapter_prompts(folder), name="adapter")
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        from pipeline.model import tokens as encoding
-
         if isinstance(model_input, str):
             texts = [model_input]
         elif hasattr(model_input, "iloc"):  # a DataFrame (first column) or a Series
@@ -47,8 +50,7 @@ class AdapterEncoder(mlflow.pyfunc.PythonModel):
             texts = [str(t) for t in frame.tolist()]
         else:
             texts = [str(t) for t in model_input]
-        return encoding.encode_texts(self.model, texts, max_seq_length=int(self.meta["max_seq_length"]),
-                                     batch_size=64, device="cpu", dtype=None)
+        return self.encoder.encode(texts, (params or {}).get("role", "document"))
 
 
 def register_name(cfg: Config) -> str | None:
@@ -60,14 +62,15 @@ def register_name(cfg: Config) -> str | None:
 def log_adapter_model(cfg: Config, run_id: str, adapter_dir: Path, base_meta: dict) -> dict:
     """Log ``adapter_dir`` as a pyfunc model to MLflow run ``run_id``; returns its URI and registration."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     from pipeline.core import tracking
 
     reqs = [f"{p}=={metadata.version(p)}" for p in ("sentence-transformers", "transformers", "torch", "peft")]
     dim = int(base_meta.get("embedding_dim") or -1)
     signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
+                               params=ParamSchema([ParamSpec("role", "string", "document")]))
     with tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=NAME, python_model=str(MODEL_FILE), artifacts={ARTIFACT: str(adapter_dir)},

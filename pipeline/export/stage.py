@@ -9,7 +9,9 @@ optional, for the model card). Writes ``exports/<run>/`` atomically:
                 ``base_model.json`` adds its resolved path and weights hash (field note 1).
 - ``onnx/``     ``model.onnx`` (transformer, pooling and normalisation in one graph: outputs
                 ``last_hidden_state`` and ``sentence_embedding``), ``model_qint8.onnx`` (dynamic int8),
-                the tokenizer and ``onnx_config.json``; needs only onnxruntime + tokenizers to run.
+                the tokenizer and ``onnx_config.json``; needs only onnxruntime + tokenizers to run. Traced
+                with TorchScript, else with the dynamo exporter; when neither can build the architecture
+                the folder is left out and ``manifest.json`` / the card say why (the other forms ship).
 - ``index/``    a FAISS inner-product index of the corpus (embedded with the gate-checked ONNX model, or
                 ``merged/`` without ONNX), ``records.jsonl``
                 (row i of the index -> id, text, label, group, split) and ``index.json``.
@@ -18,14 +20,13 @@ optional, for the model card). Writes ``exports/<run>/`` atomically:
 The equivalence gate runs on a fixed sample of texts before anything is committed. The merged folder
 is reloaded from disk as a plain SentenceTransformer and must match the unmerged adapter (min cosine
 >= export.merged_vs_adapter_min_cos) and must differ from the base model (field note 2: a merge that
-silently did nothing); the ONNX model must match the reloaded merged model (>= export.onnx_min_cos);
+silently did nothing), in the adapted modules (and those train.lora.modules_to_save names) only; the ONNX model must match the reloaded merged model (>= export.onnx_min_cos);
 the int8 model is measured and reported only. A failed gate raises ExportError and leaves no export.
 The merged model is then logged to the run's MLflow run with the sentence_transformers flavor.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ import numpy as np
 import yaml
 
 from pipeline.model import prompts
-from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, hash_tree, make_manifest, read_json,
+from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, digest, hash_tree, make_manifest, read_json,
                                 require_manifest, sha256_file, skip_or_refuse, write_json_atomic)
 # The ONNX trace, int8 quantisation and ONNX encoder are shared with the embed stage (pipeline/model/backends.py).
 from pipeline.model.backends import ONNX_FILE, ONNX_INT8_FILE, OnnxEncoder, export_onnx, quantize_int8, row_cosines
@@ -46,7 +47,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import ExportError
 from pipeline.contracts.export_folder import (BASE_META, EDGE_TEXTS, FORMS, SearchIndex, STEncoder, TorchEncoder, fixed_sample,
                                load_adapter_form, load_form, write_index)
-from pipeline.model.encoder import check_base_matches, inner_model, load_encoder, load_trained, read_model_info
+from pipeline.model.encoder import check_base_matches, load_encoder, load_trained, read_model_info
 from pipeline.export import head as label_head
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def load_corpus(processed: Path, prep: dict, which: str) -> list[dict]:
     """Records of the prepared text files: ``all`` of them, or the ``test`` split only."""
     import pandas as pd
 
+    if prep.get("kind") == "retrieval":  # the whole corpus, as passages: every split searches all of it
+        df = pd.read_json(Path(processed) / "passages.jsonl", lines=True, dtype=str)
+        return [{"id": r["id"], "doc": r["doc"], "text": r["text"]} for r in df.to_dict("records")]
     files = prep.get("text_files", ["train.jsonl", "val.jsonl", "test.jsonl"])
     if which == "test":
         files = [f for f in files if Path(f).stem == "test"]
@@ -81,14 +85,31 @@ def load_corpus(processed: Path, prep: dict, which: str) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------- gate
 
-def changed_tensors(model_a, model_b) -> tuple[int, int]:
-    """(tensors that differ, tensors compared) between two transformer state dicts of the same shape."""
+def changed_tensors(model_a, model_b) -> tuple[list[str], int]:
+    """(names of the tensors that differ, tensors compared) between two state dicts of the same shape."""
     import torch
 
     sa, sb = model_a.state_dict(), model_b.state_dict()
     common = [k for k in sa if k in sb and sa[k].shape == sb[k].shape]
-    changed = sum(1 for k in common if not torch.equal(sa[k].float().cpu(), sb[k].float().cpu()))
+    changed = [k for k in common if not torch.equal(sa[k].float().cpu(), sb[k].float().cpu())]
     return changed, len(common)
+
+
+def outside_adapted(changed: list[str], info: dict) -> list[str]:
+    """The changed tensors (sentence-transformers state-dict names) that belong to no module the LoRA run
+    adapted or named in ``train.lora.modules_to_save``: weights a merge must not have touched."""
+    lora = info.get("lora") or {}
+    inner = list(lora.get("target_modules") or [])
+    outer = []
+    for entry in (lora.get("targets") or {}).get("modules_to_save") or []:
+        position, _, _ = entry.partition(":")
+        (outer if position.isdigit() and ":" in entry else inner).append(position if ":" in entry else entry)
+
+    def allowed(key: str) -> bool:
+        path = "." + key.rsplit(".", 1)[0] + "."
+        return key.split(".", 1)[0] in outer or any(f".{m}." in path for m in inner)
+
+    return [k for k in changed if not allowed(k)]
 
 
 def check_gate(numbers: dict, ecfg) -> list[str]:
@@ -102,6 +123,9 @@ def check_gate(numbers: dict, ecfg) -> list[str]:
         failures.append(f"the merged model equals the untrained base (mean cosine "
                         f"{numbers['merged_vs_base_mean_cos']:.7f} >= {ecfg.merged_vs_base_max_cos} or "
                         f"{numbers['changed_weight_tensors']} weight tensors changed): the merge silently did nothing")
+    if numbers.get("changed_outside_adapted"):
+        failures.append(f"the merged model differs from the base outside the adapted modules "
+                        f"({numbers['changed_outside_adapted'][:5]}): the run changed weights it did not say it trains")
     onnx_cos = numbers.get("onnx_vs_torch_min_cos")
     if onnx_cos is not None and onnx_cos < ecfg.onnx_min_cos:
         failures.append(f"the ONNX model differs from the merged PyTorch model (min cosine {onnx_cos:.6f} < "
@@ -239,14 +263,18 @@ def _card_files(info: dict, forms: dict, index_meta: dict, dataset: str, mlflow_
         lines += ["- `adapter/`: the PEFT LoRA adapter for the base above (for hot-swapping tasks on one base); "
                   "`base_model.json` records the base id, resolved path, revision and weights hash. Load it with "
                   "`pipeline.contracts.export_folder.load_form(export_dir, \"adapter\")`, which checks the base weights."]
-    if forms.get("onnx"):
+    onnx = forms.get("onnx") or {}
+    if onnx.get("left_out"):
+        lines += [f"- ONNX: **not included**: neither ONNX exporter could build this architecture ({onnx['left_out']}). "
+                  "Use `merged/` (or the adapter) instead; everything else here passed the gate."]
+    elif onnx:
         lines += ["- `onnx/model.onnx`: inputs " + ", ".join(f"`{n}`" for n in forms["onnx"]["inputs"]) +
                   "; outputs `last_hidden_state` and `sentence_embedding` (pooled"
                   + (" and normalised" if forms["onnx"]["normalized_in_graph"] else "; normalise it yourself")
                   + " in the graph). "
                   f"Tokenise with `onnx/tokenizer.json`, truncating at {info.get('max_seq_length')} tokens. "
                   + ("`onnx/model_qint8.onnx` is the dynamic int8 variant (smaller and faster, slightly less exact). "
-                     if forms.get("onnx_int8") else "")]
+                     if (forms.get("onnx_int8") or {}).get("path") else "")]
     lines += [f"- `index/`: FAISS `{index_meta['factory']}` index, inner product on normalised vectors, "
               f"{index_meta['n']} items ({index_meta['corpus']} of `{dataset}`), embedded with the "
               f"{index_meta['encoder']} form; "
@@ -301,7 +329,7 @@ def fingerprint(cfg: Config, train_manifest: dict, prep: dict, metrics_path: Pat
     metrics_hash = sha256_file(metrics_path) if metrics_path.exists() else None
     payload = [EXPORT_VERSION, train_manifest["fingerprint"], prep["fingerprint"], ecfg, metrics_hash,
                cfg.tracking.enabled]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def _folder_mb(path: Path) -> float:
@@ -334,6 +362,13 @@ def check_verdict(run_name: str, metrics_path: Path, train_fingerprint: str, *, 
     if not metrics_path.exists():
         return
     metrics = read_json(metrics_path)
+    if metrics.get("verified") is False and metrics.get("model_fingerprint") == train_fingerprint:
+        why = metrics.get("unverified_reason") or "no judged queries"
+        if not force:
+            raise ExportError(f"run '{run_name}' is unverified ({why.split(':')[0]}): nothing measured it against the "
+                              f"base model ({metrics_path}); pass --force to export it anyway")
+        log.warning("export: run '%s' is unverified (%s); exporting anyway (--force)", run_name, why)
+        return
     v = (metrics.get("verdict") or {}).get("validation") or {}
     if v.get("better") is not False or metrics.get("model_fingerprint") != train_fingerprint:
         return
@@ -363,6 +398,7 @@ class _Export:
         self.used = prompts.of_record(info.get("prompts"))
         self.roles: tuple[prompts.Role, ...] = ("document", "query") if self.used.differ else ("document",)
         self.timing: dict[str, float] = {}
+        self.reference_doc: np.ndarray | None = None  # the reference's document vectors: what the head gate reads
         self.started = self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
@@ -385,6 +421,10 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
     train_manifest = require_manifest(layout.model_dir(), f"trained model for run '{run_name}'",
                                       "run `make train` (or pass --run NAME of a trained run)")
     info = read_model_info(layout.model_dir())
+    if info.get("kept_base"):
+        raise ExportError(f"run '{run_name}' kept the untrained base model: no trained step beat it on validation "
+                          f"(runs/{run_name}/model/manifest.json has the curve); there is nothing trained to export: "
+                          "use the base model")
     if info["method"] == "base":
         raise ExportError(f"run '{run_name}' is the untrained base reference (train.method=base): there is "
                           "nothing trained to export; export a lora or full run")
@@ -433,10 +473,10 @@ def _merged_and_gated(ex: _Export, tmp: Path, out: Path) -> tuple[dict, object, 
     # the trained full model as the train stage wrote it.
     if info["method"] == "lora":
         _write_adapter(ex.model_dir, info, tmp / "adapter")
-        reference = TorchEncoder(load_adapter_form(tmp / "adapter"), max_len, used=used)
+        reference = TorchEncoder(load_adapter_form(tmp / "adapter"), max_seq_length=max_len, used=used, name="adapter")
         reference_name = "unmerged adapter"
     else:
-        reference = TorchEncoder(load_trained(ex.model_dir), max_len, used=used)
+        reference = TorchEncoder(load_trained(ex.model_dir), max_seq_length=max_len, used=used, name="trained")
         reference_name = "trained full model"
     ref_emb = ex.gate_vectors(reference)
     ex.reference_doc = ref_emb[: len(ex.sample)]  # document rows come first: what the label head reads
@@ -453,8 +493,8 @@ def _merged_and_gated(ex: _Export, tmp: Path, out: Path) -> tuple[dict, object, 
     merged_emb = ex.gate_vectors(merged_enc)
     base = load_encoder(info["base"], revision=info.get("revision"),
                         trust_remote_code=info.get("trust_remote_code", False), max_seq_length=max_len)
-    base_emb = ex.gate_vectors(TorchEncoder(base, max_len, used=used))
-    changed, compared = changed_tensors(inner_model(merged_st), inner_model(base))
+    base_emb = ex.gate_vectors(TorchEncoder(base, max_seq_length=max_len, used=used, name="base"))
+    changed, compared = changed_tensors(merged_st, base)
     del base
     ex.lap("merge_seconds")
     gate = {"reference": reference_name, "sample_size": len(ex.sample), "roles": list(ex.roles),
@@ -463,7 +503,8 @@ def _merged_and_gated(ex: _Export, tmp: Path, out: Path) -> tuple[dict, object, 
             "merged_vs_reference_mean_cos": float(row_cosines(merged_emb, ref_emb).mean()),
             "merged_vs_base_mean_cos": float(row_cosines(merged_emb, base_emb).mean()),
             "merged_vs_base_min_cos": float(row_cosines(merged_emb, base_emb).min()),
-            "changed_weight_tensors": changed, "compared_tensors": compared,
+            "changed_weight_tensors": len(changed), "compared_tensors": compared,
+            "changed_outside_adapted": outside_adapted(changed, info) if info["method"] == "lora" else [],
             "onnx_vs_torch_min_cos": None, "onnx_int8_vs_torch_min_cos": None, "onnx_int8_vs_torch_mean_cos": None}
     _raise_on_failures(check_gate(gate, ex.ecfg), ex.run_name, out)
     forms: dict = {"merged": {"path": "merged", "size_mb": _folder_mb(tmp / "merged")},
@@ -476,22 +517,32 @@ def _merged_and_gated(ex: _Export, tmp: Path, out: Path) -> tuple[dict, object, 
 
 def _onnx_forms(ex: _Export, tmp: Path, merged_st, merged_emb: np.ndarray, gate: dict, forms: dict,
                 encoders: dict) -> None:
-    """The ONNX model (and its int8 form), each measured against the merged model; fills the gate in place."""
-    onnx_meta = export_onnx(merged_st, tmp / "onnx", ex.max_len, ex.sample, ex.used)
-    onnx_enc = OnnxEncoder(tmp / "onnx", ONNX_FILE)
+    """The ONNX model (and its int8 form), each measured against the merged model; fills the gate in place.
+    A graph neither exporter can build is left out with the reason (the other forms still ship)."""
+    onnx_meta, tried = _build_onnx(merged_st, tmp / "onnx", ex)
+    ex.lap("onnx_seconds")
+    if onnx_meta is None:
+        reason = "; ".join(f"{k}: {v}" for k, v in tried.items())
+        log.warning("export: the ONNX forms are left out (%s); merged, adapter and index ship", reason)
+        forms["onnx"] = {"left_out": reason, "tried": tried}
+        if ex.ecfg.quantize_int8:
+            forms["onnx_int8"] = {"left_out": "no ONNX graph to quantise"}
+        shutil.rmtree(tmp / "onnx", ignore_errors=True)
+        return
+    onnx_enc = OnnxEncoder.from_folder(tmp / "onnx", ONNX_FILE)
     # Batched (padded) and one text at a time (no padding): both paths of the traced mask.
-    single = np.vstack([onnx_enc.encode([s]) for s in ex.sample[:8]])
+    single = np.vstack([onnx_enc.encode([s], "document") for s in ex.sample[:8]])
     cos = np.concatenate([row_cosines(ex.gate_vectors(onnx_enc), merged_emb), row_cosines(single, merged_emb[:8])])
     gate["onnx_vs_torch_min_cos"] = float(cos.min())
     forms["onnx"] = {"path": f"onnx/{ONNX_FILE}", "inputs": onnx_meta["inputs"],
-                     "normalized_in_graph": onnx_meta["normalized_in_graph"],
+                     "normalized_in_graph": onnx_meta["normalized_in_graph"], "exporter": onnx_meta["exporter"],
+                     **({"tried": tried} if tried else {}),
                      "size_mb": round((tmp / "onnx" / ONNX_FILE).stat().st_size / 2**20, 2)}
     encoders["onnx"] = onnx_enc
-    ex.lap("onnx_seconds")
     if not ex.ecfg.quantize_int8:
         return
     quantize_int8(tmp / "onnx")
-    int8 = OnnxEncoder(tmp / "onnx", ONNX_INT8_FILE)
+    int8 = OnnxEncoder.from_folder(tmp / "onnx", ONNX_INT8_FILE)
     cos8 = row_cosines(ex.gate_vectors(int8), merged_emb)
     gate["onnx_int8_vs_torch_min_cos"] = float(cos8.min())
     gate["onnx_int8_vs_torch_mean_cos"] = float(cos8.mean())
@@ -513,16 +564,40 @@ def _label_head_form(ex: _Export, tmp: Path, gate: dict, forms: dict, encoders: 
     ex.lap("label_head_seconds")
 
 
+def _build_onnx(merged_st, folder: Path, ex: _Export) -> tuple[dict | None, dict]:
+    """onnx_config.json of the graph written to ``folder``: the TorchScript exporter first, then the dynamo
+    exporter; (None, errors) when neither can build it. The second item holds each failed exporter's error."""
+    tried: dict[str, str] = {}
+    for exporter in ("torchscript", "dynamo"):
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            return export_onnx(merged_st, folder, ex.max_len, ex.sample, ex.used, dynamo=exporter == "dynamo"), tried
+        except Exception as exc:  # noqa: BLE001  any exporter failure: recorded, then the next exporter
+            tried[exporter] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            log.warning("export: the %s ONNX exporter failed (%s)", exporter, tried[exporter])
+    return None, tried
+
+
 def _index_and_neighbours(ex: _Export, tmp: Path, encoders: dict) -> tuple[dict, dict]:
     """The FAISS index of the corpus, and how often every form finds the same neighbours in it."""
     # The corpus is embedded with the ONNX model when there is one: it has just been proven equal to the
     # merged model (the gate above), and it is the faster form (reports/examples/bench/, part "encode").
     index_encoder = "onnx" if "onnx" in encoders else "merged"
-    vectors = encoders[index_encoder].encode([r["text"] for r in ex.records])
+    vectors = encoders[index_encoder].encode([r["text"] for r in ex.records], "document")
     ex.lap("index_embed_seconds")
     index_meta = write_index(tmp / "index", ex.records, vectors, ex.ecfg, {
         "corpus": ex.ecfg.index_corpus, "encoder": index_encoder, "normalized": True,
         "data_fingerprint": ex.prep["fingerprint"], "files": ["index.faiss", "records.jsonl"]})
+    if ex.prep.get("kind") == "retrieval":  # documents, BM25 and the validation-chosen fusion beside the passages
+        from pipeline.contracts.document_index import write_document_index
+        from pipeline.contracts.prepared_data import load_corpus as load_documents
+
+        metrics = read_json(ex.metrics_path) if ex.metrics_path.exists() else {}
+        fusion = (metrics.get("hybrid") or {}).get("fusion")
+        index_meta["documents"] = write_document_index(tmp / "index", load_documents(ex.layout.processed).to_dict(
+            "records"), fusion)
+        write_json_atomic(tmp / "index" / "index.json", {**read_json(tmp / "index" / "index.json"),
+                                                         "documents": index_meta["documents"]})
     index_meta["size_mb"] = _folder_mb(tmp / "index")
     ex.lap("index_build_seconds")
     index = SearchIndex(tmp / "index")

@@ -13,6 +13,10 @@ vectors the export's gate checked, and writes what it did to ``exports/<run>/tar
   body (``mapping.json``: knn_vector/cosinesimil, or dense_vector/cosine) and ``bulk-NNNNN.ndjson`` files
   for ``POST /_bulk``; the agreement check runs on the vectors as read back from those files.
 
+A Qdrant server is checked before the load (pipeline/core/services.py): a wrong URL is one line within
+``services.timeout_s``. A server that fails during the load (gone, timing out, answering 5xx) is one line
+too; the points it stored stay, and rerunning the same command finishes the load.
+
 Re-running is idempotent: point and document ids are derived from the record ids, so an upsert
 replaces rather than duplicates, and rows left from an earlier export (another fingerprint) are deleted
 after the load. A collection of another dimension is refused, never silently recreated. After each load
@@ -22,8 +26,10 @@ the engine answers the export's sample queries and its top-k must agree with FAI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import uuid
 from pathlib import Path
@@ -31,9 +37,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.contracts.document_index import is_document_index
+from pipeline.core import services
 from pipeline.core.artifacts import read_json, require_manifest, write_json_atomic
 from pipeline.core.config import Config
-from pipeline.core.errors import ExportError
+from pipeline.core.errors import ExportError, ServiceError
 
 log = logging.getLogger(__name__)
 PAYLOAD_FIELDS = ("text", "label", "group", "split")
@@ -133,11 +141,44 @@ def agreement(data: ExportedIndex, rows: Sequence[int], search: Callable[[np.nda
 def _qdrant_client(cfg: Config, folder: Path):
     from qdrant_client import QdrantClient
 
-    url = cfg.export.target_options.qdrant_url
-    if url:
-        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY")), url
+    server = services.qdrant_service(cfg)
+    if server is not None:
+        services.check(server, cfg.services.timeout_s)
+        # the request timeout is the same bound: a server silent that long mid-load is one line, not a hang
+        client = QdrantClient(url=server.address, api_key=os.environ.get("QDRANT_API_KEY"),
+                              timeout=math.ceil(cfg.services.timeout_s))
+        return client, server.address
     folder.mkdir(parents=True, exist_ok=True)
     return QdrantClient(path=str(folder)), str(folder)
+
+
+@contextlib.contextmanager
+def _qdrant_answers(cfg: Config, name: str, sent: list[int] | None = None, total: int = 0) -> Iterator[None]:
+    """A Qdrant server that fails mid-load (connection lost, no answer, 5xx) or refuses the API key is
+    the user's service, not a bug: one ServiceError line. ``sent[0]`` counts the vectors upserted so far."""
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    server = services.qdrant_service(cfg)
+    try:
+        yield
+    except ResponseHandlingException as exc:
+        if server is None:
+            raise
+        cause = exc.source
+        problem = f"{type(cause).__name__}: {' '.join(str(cause).split()) or 'no detail'}"
+    except UnexpectedResponse as exc:
+        if server is None or exc.status_code is None or (exc.status_code < 500 and exc.status_code not in (401, 403)):
+            raise
+        if exc.status_code in (401, 403):
+            raise ServiceError(f"{server.named}: the Qdrant server refused the request (HTTP {exc.status_code}); "
+                               "set QDRANT_API_KEY to a key it accepts") from None
+        problem = f"HTTP {exc.status_code} {exc.reason_phrase}"
+    else:
+        return
+    progress = f"{sent[0]} of {total} vectors sent; " if sent is not None else ""
+    raise ServiceError(f"{server.named}: the Qdrant server failed during the load of '{name}' ({progress}{problem}); "
+                       "the points it stored are kept: rerun the same command to finish the load (it is idempotent)"
+                       ) from None
 
 
 def _qdrant_collection(client, name: str, dim: int) -> None:
@@ -157,26 +198,46 @@ def load_qdrant(data: ExportedIndex, cfg: Config, name: str, rows: Sequence[int]
     from qdrant_client import models
 
     client, where = _qdrant_client(cfg, data.export_dir / "targets" / "qdrant")
+    sent = [0]
     try:
-        _qdrant_collection(client, name, data.dim)
-        for batch in data.batches(cfg.export.target_options.batch_size, f"qdrant {name}"):
-            client.upsert(name, wait=True, points=[
-                models.PointStruct(id=data.point_id(i), vector=data.vectors[i].tolist(), payload=data.payload(i))
-                for i in batch])
-        stale = models.Filter(must_not=[models.FieldCondition(
-            key="export_fingerprint", match=models.MatchValue(value=data.fingerprint))])
-        client.delete(name, points_selector=models.FilterSelector(filter=stale), wait=True)
+        with _qdrant_answers(cfg, name, sent, len(data.records)):
+            _qdrant_collection(client, name, data.dim)
+            for batch in data.batches(cfg.export.target_options.batch_size, f"qdrant {name}"):
+                client.upsert(name, wait=True, points=[
+                    models.PointStruct(id=data.point_id(i), vector=data.vectors[i].tolist(), payload=data.payload(i))
+                    for i in batch])
+                sent[0] += len(batch)
+            stale = models.Filter(must_not=[models.FieldCondition(
+                key="export_fingerprint", match=models.MatchValue(value=data.fingerprint))])
+            client.delete(name, points_selector=models.FilterSelector(filter=stale), wait=True)
 
-        def search(vectors: np.ndarray, k: int):
-            return [[(str(p.id), float(p.score)) for p in
-                     client.query_points(name, query=v.tolist(), limit=k, with_payload=False).points] for v in vectors]
+            def search(vectors: np.ndarray, k: int):
+                return [[(str(p.id), float(p.score)) for p in
+                         client.query_points(name, query=v.tolist(), limit=k, with_payload=False).points]
+                        for v in vectors]
 
-        check = agreement(data, rows, search, cfg.export.neighbour_k)
-        count = int(client.count(name, exact=True).count)
+            check = agreement(data, rows, search, cfg.export.neighbour_k)
+            count = int(client.count(name, exact=True).count)
     finally:
         client.close()
     return {"engine": "qdrant", "where": where, "collection": name, "dim": data.dim, "metric": "cosine",
             "count": count, **check}
+
+
+def load_qdrant_documents(data: ExportedIndex, cfg: Config, name: str) -> dict:
+    """A retrieval set's export: one point per document with its passages and BM25 weights, queried as serve's
+    hybrid (pipeline/export/qdrant_documents.py)."""
+    from pipeline.export import qdrant_documents
+
+    client, where = _qdrant_client(cfg, data.export_dir / "targets" / "qdrant")
+    try:
+        with _qdrant_answers(cfg, name):
+            result = qdrant_documents.load(client, data, cfg, name, ID_NAMESPACE)
+            count = int(client.count(name, exact=True).count)
+    finally:
+        client.close()
+    return {"engine": "qdrant", "where": where, "collection": name, "dim": data.dim, "metric": "cosine",
+            "count": count, **result}
 
 
 # ----------------------------------------------------------------------------------------------- LanceDB
@@ -300,7 +361,9 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
     report_path = Path(export_dir) / "targets" / TARGETS_FILE
     report = read_json(report_path) if report_path.exists() else {}
     for target in targets:
-        if target == "qdrant":
+        if target == "qdrant" and is_document_index(Path(export_dir) / "index"):
+            result = load_qdrant_documents(data, cfg, name)  # a retrieval set: documents, BM25 and the hybrid
+        elif target == "qdrant":
             result = load_qdrant(data, cfg, name, rows)
         elif target == "lancedb":
             result = load_lancedb(data, cfg, name, rows)
@@ -309,7 +372,7 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
         k = result["k"]
         log.info("targets: %s %s: %d vectors, top-%d overlap with FAISS %.3f", target, result["where"],
                  result["count"], k, result[f"overlap@{k}"])
-        if result["count"] != len(data.records):
+        if result["count"] != result.get("documents", len(data.records)):
             raise ExportError(f"{target} holds {result['count']} vectors after the load, the export "
                               f"{len(data.records)}: another writer shares '{name}'? Set export.target_options.name")
         if result[f"overlap@{k}"] < cfg.export.target_options.min_overlap:

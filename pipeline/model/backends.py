@@ -1,21 +1,24 @@
 """Encoder backends: one loaded sentence-transformers model, encoded the fastest way that is proven equal.
 
 Every stage that embeds texts (embed, and through its manifest eval; the corpus job) turns its loaded
-``SentenceTransformer`` (base, full or LoRA-merged) into an encoder here::
+``SentenceTransformer`` (base, full or LoRA-merged) into an encoder here (the interface of
+pipeline/model/interface.py)::
 
-    encoder, record = backends.select(cfg, st_model, probe_texts)
-    vectors = encoder.encode(texts)     # float32 (len(texts), dim), rows L2-normalised, input order
+    encoder, record = backends.select(cfg, st_model, probe_texts, used=prompts, n_texts=len(texts))
+    vectors = encoder.encode(texts, "document")   # float32 (len(texts), dim), rows L2-normalised, input order
 
 ``encoder.name`` says which form runs: ``torch-fp32`` (the reference), ``torch-bf16`` (a bf16 copy of the
 weights, where the device computes bf16 natively) or ``onnx-fp32`` (the model traced to ONNX, transformer
 fusions applied, run by onnxruntime). ``embed.backend`` chooses among them: ``torch`` or ``onnx`` limit
-the candidates to that runtime, ``auto`` tries all. Each candidate encodes ``probe_texts`` and must match
-``torch-fp32`` row by row (cosine >= ``embed.gate_min_cos``); the fastest one that passes is chosen.
-``record`` (a JSON-able dict) keeps the gate's result and each candidate's speed, for manifests and
-metrics.json. Callers apply prompts themselves (``encode`` takes the texts as the model should see them).
+the candidates to that runtime, ``auto`` tries those that can pay for themselves on ``n_texts`` texts (a
+trace of a 110M model is not worth it for a few hundred texts). Each candidate encodes ``probe_texts`` and
+must match ``torch-fp32`` row by row (cosine >= ``embed.gate_min_cos``); the fastest one that passes is
+chosen. ``record`` (a JSON-able dict) keeps the gate's result, each candidate's speed and why a candidate was
+skipped, for manifests and metrics.json.
 
 The traced ONNX model is cached under ``<paths.cache>/onnx/<weights fingerprint>/`` so a run does not
-trace it again. The ONNX export code of the export stage lives here too (``export_onnx``,
+trace it again; the cache holds at most ``embed.onnx_cache_mb`` (least recently used entries go first) and
+``make clean`` removes it. The ONNX export code of the export stage lives here too (``export_onnx``,
 ``quantize_int8``, ``OnnxEncoder``), so both use one trace.
 """
 
@@ -28,7 +31,8 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,7 @@ from pipeline.model import prompts
 from pipeline.core.artifacts import atomic_dir, read_json, write_json_atomic
 from pipeline.core.errors import ConfigError, ExportError
 from pipeline.model.encoder import cpu_has_bf16, inner_model
+from pipeline.model.interface import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +57,6 @@ ONNX_CACHE_VERSION = 2
 # anything else runs the traced graph with onnxruntime's generic optimisations only.
 FUSABLE = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "mpnet": "bert",
            "electra": "bert"}
-
-
-class Encoder(Protocol):
-    name: str
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 (len(texts), dim), rows L2-normalised, in input order."""
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -76,66 +74,88 @@ def onnx_session(path: Path, threads: int | None = None):
 
 # ------------------------------------------------------------------------------------ ONNX (export too)
 
-class OnnxEncoder:
-    """The exported ONNX graph with its tokenizer: needs onnxruntime, tokenizers and numpy only.
+def onnx_feed(ids: Sequence[Sequence[int]], pad_id: int, padding_side: str, inputs: Sequence[str]
+              ) -> dict[str, np.ndarray]:
+    """One padded batch for an ONNX graph: the rows padded to their own longest on the tokenizer's side;
+    ``token_type_ids`` zero, as the PyTorch path leaves them (one text per row). Only the graph's own
+    ``inputs`` are fed (the tracer drops an input the model never reads)."""
+    longest = max(len(x) for x in ids)
+    feed = {"input_ids": np.full((len(ids), longest), pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(ids), longest), dtype=np.int64)}
+    for i, row in enumerate(ids):
+        cols = slice(longest - len(row), longest) if padding_side == "left" else slice(0, len(row))
+        feed["input_ids"][i, cols] = row
+        feed["attention_mask"][i, cols] = 1
+    feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    return {k: feed[k] for k in inputs}
 
-    The ``tokenizers`` library is used directly (not transformers) so a search service over the ONNX
-    form does not pull in torch; truncation, padding side and pad id come from ``onnx_config.json``,
-    which records the base tokenizer's settings, and the gate checks the result against PyTorch.
+
+class OnnxEncoder:
+    """An onnxruntime session over a traced sentence-transformers graph (pooling and normalisation inside).
+
+    Two ways to tokenise, one way to run: :meth:`from_folder` (an export's ``onnx/``) uses the ``tokenizers``
+    library directly, not transformers, so a search service over the ONNX form does not pull in torch, with
+    truncation, padding side and pad id from ``onnx_config.json``; embed's ``onnx-fp32`` form (:func:`candidates`)
+    uses the loaded model's own Hugging Face tokenizer, so ids are those of the PyTorch path. Texts run
+    longest first in batches of at most ``batch_size`` rows and ``token_budget`` padded tokens; the prompts
+    recorded for the model are prepended per role. ``observer``, when set, is called with each batch's
+    attention mask (rows, width): the bench counts tokens with it.
     """
 
-    def __init__(self, folder: Path, file: str = ONNX_FILE, *, batch_size: int = 64, threads: int | None = None):
+    def __init__(self, name: str, session, tokenize: Callable[[list[str]], list[list[int]]], meta: dict, *,
+                 used: prompts.Prompts, batch_size: int = 64, token_budget: int | None = None):
+        self.name, self.session, self.tokenize, self.meta = name, session, tokenize, meta
+        # the tokenizer's own pad id and side, recorded in onnx_config.json when the graph was traced
+        self.pad_id, self.padding_side = int(meta["pad_token_id"]), meta.get("padding_side", "right")
+        self.prompts, self.batch_size, self.token_budget = used, batch_size, token_budget
+        self.inputs = list(meta["inputs"])
+        self.observer: Callable[[np.ndarray], None] | None = None
+
+    @classmethod
+    def from_folder(cls, folder: Path, file: str = ONNX_FILE, *, batch_size: int = 64,
+                    threads: int | None = None, name: str | None = None) -> "OnnxEncoder":
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        self.meta = read_json(folder / ONNX_META)
-        self.session = onnx_session(folder / file, threads)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.meta["max_seq_length"], direction=self.meta.get("truncation_side", "right"))
-        self.inputs = list(self.meta["inputs"])
-        self.batch_size = batch_size
+        meta = read_json(folder / ONNX_META)
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(meta["max_seq_length"], direction=meta.get("truncation_side", "right"))
+
+        def tokenize(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in tokenizer.encode_batch(texts)]
+
+        return cls(name or ("onnx-int8" if file == ONNX_INT8_FILE else "onnx-fp32"),
+                   onnx_session(folder / file, threads), tokenize, meta,
+                   used=prompts.of_record(meta.get("prompts")), batch_size=batch_size)
 
     @property
     def dim(self) -> int:
         return int(self.meta["embedding_dim"])
 
-    def _feed(self, encs) -> dict[str, np.ndarray]:
-        longest = max(len(e.ids) for e in encs)
-        pad, left = self.meta["pad_token_id"], self.meta.get("padding_side", "right") == "left"
-        arrays = {"input_ids": np.full((len(encs), longest), pad, dtype=np.int64),
-                  "attention_mask": np.zeros((len(encs), longest), dtype=np.int64),
-                  "token_type_ids": np.zeros((len(encs), longest), dtype=np.int64)}
-        for i, e in enumerate(encs):
-            n = len(e.ids)
-            cols = slice(longest - n, longest) if left else slice(0, n)
-            arrays["input_ids"][i, cols] = e.ids
-            arrays["attention_mask"][i, cols] = 1
-            arrays["token_type_ids"][i, cols] = e.type_ids
-        return {k: arrays[k] for k in self.inputs}
-
-    def encode(self, texts: Sequence[str], role: prompts.Role = "document") -> np.ndarray:
-        """L2-normalised float32 embeddings, shape (len(texts), dim); longest texts batched first. The
-        prompts recorded in ``onnx_config.json`` are prepended as the PyTorch forms do."""
-        encs = self.tokenizer.encode_batch(prompts.of_record(self.meta.get("prompts")).apply(texts, role))
-        out = np.zeros((len(encs), self.dim), dtype=np.float32)
-        order = np.argsort([-len(e.ids) for e in encs], kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            emb = self.session.run(["sentence_embedding"], self._feed([encs[i] for i in idx]))[0]
-            out[idx] = emb
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+    def encode(self, texts: Sequence[str], role: prompts.Role) -> np.ndarray:
+        ids = self.tokenize(self.prompts.apply(texts, role))
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        for start, stop in encoding.batch_bounds([len(ids[i]) for i in order], self.batch_size, self.token_budget):
+            idx = order[start:stop]
+            feed = onnx_feed([ids[i] for i in idx], self.pad_id, self.padding_side, self.inputs)
+            if self.observer is not None:
+                self.observer(feed["attention_mask"])
+            out[idx] = self.session.run(["sentence_embedding"], feed)[0]
+        return _normalised(out)
 
 
 def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[str],
-                used: prompts.Prompts | None = None) -> dict:
+                used: prompts.Prompts | None = None, *, dynamo: bool = False) -> dict:
     """Trace the whole sentence-transformers pipeline into ``folder/model.onnx`` and save the tokenizer.
 
     Why not Optimum (the sentence-transformers ONNX backend): its only release (optimum-onnx 0.1.0)
-    requires transformers < 4.58, and this project pins transformers 5. The TorchScript exporter is
-    used because the dynamo exporter needs onnxscript, one more dependency for the same graph. The
-    trace example must contain padding: a batch without it could let the attention mask be traced away.
+    requires transformers < 4.58, and this project pins transformers 5. The TorchScript exporter runs
+    first (the graph onnxruntime's fuser knows); ``dynamo=True`` uses the torch.export-based exporter
+    (onnxscript), for architectures whose code the TorchScript tracer cannot follow (vmap-built attention
+    masks, as in Gemma3). The trace example must contain padding: a batch without it could let the
+    attention mask be traced away.
     """
     import torch
 
@@ -152,18 +172,22 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
             super().__init__()
             self.model = model
 
-        def forward(self, *inputs):
-            out = self.model(dict(zip(names, inputs)))
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            out = self.model({n: given[n] for n in names})
             return out["token_embeddings"], out["sentence_embedding"]
 
     graph = SentenceGraph(st_model).eval()
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "sentence_embedding": {0: "batch"}})
-    with warnings.catch_warnings(), torch.inference_mode():
+    with warnings.catch_warnings(), torch.inference_mode(mode=not dynamo):
         warnings.simplefilter("ignore")  # tracer warnings on shape-constant branches (always true here)
-        torch.onnx.export(graph, tuple(dummy[n] for n in names), str(folder / ONNX_FILE), dynamo=False,
-                          input_names=names, output_names=["last_hidden_state", "sentence_embedding"],
-                          dynamic_axes=axes, opset_version=ONNX_OPSET, do_constant_folding=True)
+        if dynamo:
+            _export_dynamo(graph, tuple(dummy[n] for n in names), folder / ONNX_FILE, names)
+        else:
+            torch.onnx.export(graph, tuple(dummy[n] for n in names), str(folder / ONNX_FILE), dynamo=False,
+                              input_names=names, output_names=["last_hidden_state", "sentence_embedding"],
+                              dynamic_axes=axes, opset_version=ONNX_OPSET, do_constant_folding=True)
     import onnx
 
     # The tracer drops an input the model never reads (token_type_ids of a BERT tokenizer on DistilBERT,
@@ -179,9 +203,32 @@ def export_onnx(st_model, folder: Path, max_seq_length: int, sample: Sequence[st
             "pooling": "in graph (the sentence-transformers modules after the transformer)",
             "pooling_mode": next((m.pooling_mode for m in st_model if hasattr(m, "pooling_mode")), None),
             "prompts": (used or prompts.Prompts()).record(),
-            "normalized_in_graph": any(type(m).__name__ == "Normalize" for m in st_model), "opset": ONNX_OPSET}
+            "normalized_in_graph": any(type(m).__name__ == "Normalize" for m in st_model), "opset": ONNX_OPSET,
+            "exporter": "dynamo" if dynamo else "torchscript"}
     write_json_atomic(folder / ONNX_META, meta)
     return meta
+
+
+def _export_dynamo(graph, args: tuple, path: Path, names: list[str]) -> None:
+    """torch.export-based ONNX export with batch and sequence dynamic (the opset is the exporter's own)."""
+    import logging as _logging
+
+    import torch
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    shapes = {n: {0: batch, 1: seq} for n in names}
+    quiet = [_logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(_logging.ERROR)
+    try:
+        program = torch.onnx.export(graph, args, dynamo=True, input_names=names,
+                                    output_names=["last_hidden_state", "sentence_embedding"],
+                                    dynamic_shapes=shapes, optimize=True, verbose=False)
+        program.save(str(path))
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 def quantize_int8(folder: Path) -> None:
@@ -217,58 +264,19 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(_normalised(a) * _normalised(b), axis=1)
 
 
-class TorchBackend:
-    """The project's PyTorch encoder (tokenised once, longest first, per-batch padding, CPU token budget)
-    on ``model``: the caller's model (``torch-fp32``) or a bf16 copy of it (``torch-bf16``)."""
+class TorchEncoder:
+    """The project's PyTorch encoder (tokenised once, longest first, per-batch padding, CPU token budget) on a
+    sentence-transformers model: the caller's model (``torch-fp32``; a base, full, merged or adapter model) or
+    a bf16 copy of it (``torch-bf16``), with the run's prompts per role."""
 
-    def __init__(self, name: str, model, *, max_seq_length: int, batch_size: int, device):
-        self.name, self.model = name, model
+    def __init__(self, model, *, max_seq_length: int, batch_size: int = 64, device="cpu",
+                 used: prompts.Prompts | None = None, name: str = "torch-fp32"):
+        self.name, self.model, self.prompts = name, model, used or prompts.Prompts()
         self.max_seq_length, self.batch_size, self.device = max_seq_length, batch_size, device
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return encoding.encode_texts(self.model, list(texts), max_seq_length=self.max_seq_length,
+    def encode(self, texts: Sequence[str], role: prompts.Role) -> np.ndarray:
+        return encoding.encode_texts(self.model, self.prompts.apply(texts, role), max_seq_length=self.max_seq_length,
                                      batch_size=self.batch_size, device=self.device, dtype=None)
-
-
-class OnnxBackend:
-    """An onnxruntime session over the traced model, fed the token ids of the model's own (Hugging Face)
-    tokenizer, so ids, truncation and padding side are those of the PyTorch path.
-
-    Texts run longest first in batches of at most ``batch_size`` rows and ``token_budget`` padded tokens.
-    ``observer``, when set, is called with each batch's attention mask (rows, width): the bench counts
-    tokens with it.
-    """
-
-    def __init__(self, name: str, session, st_model, meta: dict, *, max_seq_length: int, batch_size: int,
-                 token_budget: int | None):
-        self.name, self.session, self.st_model, self.meta = name, session, st_model, meta
-        self.max_seq_length, self.batch_size, self.token_budget = max_seq_length, batch_size, token_budget
-        self.inputs = list(meta["inputs"])
-        self.observer: Callable[[np.ndarray], None] | None = None
-
-    def _feed(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
-        pad, side = encoding.pad_info(self.st_model)
-        longest = max(len(x) for x in ids)
-        feed = {"input_ids": np.full((len(ids), longest), pad, dtype=np.int64),
-                "attention_mask": np.zeros((len(ids), longest), dtype=np.int64)}
-        for i, row in enumerate(ids):
-            cols = slice(longest - len(row), longest) if side == "left" else slice(0, len(row))
-            feed["input_ids"][i, cols] = row
-            feed["attention_mask"][i, cols] = 1
-        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
-        return {k: feed[k] for k in self.inputs}
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        ids = encoding.tokenize(self.st_model, list(texts), self.max_seq_length)
-        out = np.zeros((len(ids), int(self.meta["embedding_dim"])), dtype=np.float32)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        for start, stop in encoding.batch_bounds([len(ids[i]) for i in order], self.batch_size, self.token_budget):
-            idx = order[start:stop]
-            feed = self._feed([ids[i] for i in idx])
-            if self.observer is not None:
-                self.observer(feed["attention_mask"])
-            out[idx] = self.session.run(["sentence_embedding"], feed)[0]
-        return _normalised(out)
 
 
 def weights_fingerprint(st_model) -> str:
@@ -315,11 +323,18 @@ def _eager_attention(st_model, on: bool):
         inner.set_attn_implementation(before)
 
 
-def cached_onnx(st_model, cache_root: Path, max_seq_length: int, fuse: bool = True) -> tuple[Path, dict]:
+def onnx_cache_folder(st_model, cache_root: Path, fuse: bool = True) -> Path:
+    return Path(cache_root) / "onnx" / f"{weights_fingerprint(st_model)}-{'fused' if fuse else 'plain'}"
+
+
+def cached_onnx(st_model, cache_root: Path, max_seq_length: int, fuse: bool = True,
+                limit_mb: float | None = None) -> tuple[Path, dict]:
     """The traced (and, where possible, fused) ONNX model of ``st_model``, built once per weights
-    fingerprint under ``cache_root/onnx/``; returns (graph file, onnx_config.json contents)."""
-    folder = Path(cache_root) / "onnx" / f"{weights_fingerprint(st_model)}-{'fused' if fuse else 'plain'}"
+    fingerprint under ``cache_root/onnx/``; returns (graph file, onnx_config.json contents). A new entry
+    makes room for itself: the least recently used entries go until the cache holds at most ``limit_mb``."""
+    folder = onnx_cache_folder(st_model, cache_root, fuse)
     if not (folder / ONNX_META).exists():
+        started = time.perf_counter()
         model = st_model if st_model.device.type == "cpu" else copy.deepcopy(st_model).to("cpu")
         fusable = fuse and FUSABLE.get(getattr(inner_model(model).config, "model_type", "")) is not None
         # Trace example with padding: two texts of clearly different token lengths.
@@ -329,30 +344,97 @@ def cached_onnx(st_model, cache_root: Path, max_seq_length: int, fuse: bool = Tr
             meta["fused"] = fusable and fuse_transformer(tmp, model)
             if meta["fused"]:
                 (tmp / ONNX_FILE).unlink()  # only the fused graph runs; one model-sized file per weights is enough
+            # what this build cost on this machine: the next decision whether to trace reads it
+            meta["build"] = {"seconds": round(time.perf_counter() - started, 2), "params": _params(model)}
             write_json_atomic(tmp / ONNX_META, meta)
-        log.info("backends: traced the model to ONNX in %s (fused: %s)", folder, meta["fused"])
+        log.info("backends: traced the model to ONNX in %s (fused: %s, %.0fs)", folder, meta["fused"],
+                 meta["build"]["seconds"])
+        if limit_mb is not None:
+            prune_onnx_cache(Path(cache_root) / "onnx", limit_mb, keep=folder)
+    (folder / ONNX_META).touch()  # last use, for the cache's eviction order
     meta = read_json(folder / ONNX_META)
     return folder / (ONNX_FUSED_FILE if meta.get("fused") else ONNX_FILE), meta
 
 
-def candidates(cfg, st_model, device, max_seq_length: int, batch_size: int) -> list[tuple[str, Callable[[], Encoder]]]:
-    """(name, build) of every form ``embed.backend`` allows on this device, ``torch-fp32`` first."""
+def _params(st_model) -> int:
+    return int(sum(p.numel() for p in st_model.parameters()))
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def prune_onnx_cache(root: Path, limit_mb: float, keep: Path | None = None) -> list[str]:
+    """Delete the least recently used entries of the ONNX cache ``root`` until it holds at most ``limit_mb``
+    (``keep``, the entry just built, always stays); returns the names deleted."""
+    import shutil
+
+    entries = [(p, (p / ONNX_META).stat().st_mtime if (p / ONNX_META).exists() else 0.0, _folder_mb(p))
+               for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    total = sum(mb for _, _, mb in entries)
+    removed = []
+    for path, _, mb in sorted(entries, key=lambda e: e[1]):  # oldest use first
+        if total <= limit_mb:
+            break
+        if keep is not None and path.resolve() == Path(keep).resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        total -= mb
+        removed.append(path.name)
+    if removed:
+        log.info("backends: ONNX cache over %.0f MB; removed %d least recently used entries", limit_mb, len(removed))
+    return removed
+
+
+# A traced graph costs about this many seconds per million parameters before this machine has built one
+# (trace, fusion, writing the file); afterwards the cost recorded in the cache's own entries is used.
+TRACE_SECONDS_PER_MPARAM = 0.5
+
+
+def estimated_trace_seconds(st_model, cache_root: Path) -> float:
+    """What tracing ``st_model`` would cost here: its parameter count at the rate the cache's entries took."""
+    rates = []
+    for meta_path in (Path(cache_root) / "onnx").glob(f"*/{ONNX_META}"):
+        build = read_json(meta_path).get("build") or {}
+        if build.get("seconds") and build.get("params"):
+            rates.append(build["seconds"] / (build["params"] / 1e6))
+    rate = float(np.median(rates)) if rates else TRACE_SECONDS_PER_MPARAM
+    return rate * _params(st_model) / 1e6
+
+
+@dataclass
+class Candidate:
+    """One form ``embed.backend`` allows: how to build it and what building it costs before its first text."""
+
+    name: str
+    build: Callable[[], Encoder]
+    build_seconds: float = 0.0  # estimated one-off cost (an ONNX trace not yet in the cache); 0: next to nothing
+
+
+def candidates(cfg, st_model, device, max_seq_length: int, batch_size: int,
+               used: prompts.Prompts | None = None) -> list[Candidate]:
+    """Every form ``embed.backend`` allows on this device, ``torch-fp32`` (the reference) first."""
     import torch
 
     device = torch.device(device)
-    kw = {"max_seq_length": max_seq_length, "batch_size": batch_size, "device": device}
+    kw = {"max_seq_length": max_seq_length, "batch_size": batch_size, "device": device, "used": used}
     want = cfg.embed.backend
-    out: list[tuple[str, Callable[[], Encoder]]] = [("torch-fp32", lambda: TorchBackend("torch-fp32", st_model, **kw))]
+    out = [Candidate("torch-fp32", lambda: TorchEncoder(st_model, name="torch-fp32", **kw))]
     bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
     if want in ("auto", "torch") and bf16 and cfg.train.precision != "fp32":
-        out.append(("torch-bf16", lambda: TorchBackend("torch-bf16", copy.deepcopy(st_model).to(torch.bfloat16), **kw)))
+        out.append(Candidate("torch-bf16", lambda: TorchEncoder(copy.deepcopy(st_model).to(torch.bfloat16),
+                                                                name="torch-bf16", **kw)))
     if want == "onnx" or (want == "auto" and device.type == "cpu"):  # onnxruntime here runs on the CPU only
+        cache = Path(cfg.paths.cache)
+
         def build_onnx() -> Encoder:
-            path, meta = cached_onnx(st_model, Path(cfg.paths.cache), max_seq_length, cfg.embed.onnx_fusion)
-            return OnnxBackend("onnx-fp32", onnx_session(path, cfg.train.num_threads), st_model, meta,
-                               max_seq_length=max_seq_length, batch_size=batch_size,
+            path, meta = cached_onnx(st_model, cache, max_seq_length, cfg.embed.onnx_fusion, cfg.embed.onnx_cache_mb)
+            return OnnxEncoder("onnx-fp32", onnx_session(path, cfg.train.num_threads),
+                               lambda texts: encoding.tokenize(st_model, texts, max_seq_length), meta,
+                               used=used or prompts.Prompts(), batch_size=batch_size,
                                token_budget=cfg.embed.onnx_token_budget)
-        out.append(("onnx-fp32", build_onnx))
+        cached = (onnx_cache_folder(st_model, cache, cfg.embed.onnx_fusion) / ONNX_META).exists()
+        out.append(Candidate("onnx-fp32", build_onnx, 0.0 if cached else estimated_trace_seconds(st_model, cache)))
     return out
 
 
@@ -361,57 +443,114 @@ def _texts_per_second(encoder: Encoder, texts: Sequence[str], repeats: int) -> f
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        encoder.encode(texts)
+        encoder.encode(texts, "document")
         best = min(best, time.perf_counter() - t0)
     return len(texts) / best if best > 0 else float("inf")
 
 
-def select(cfg, st_model, probe_texts: Sequence[str], *, device="cpu", max_seq_length: int | None = None,
+def worth_trying(c: Candidate, n_texts: int | None, reference_seconds_per_text: float, probe: int, e) -> dict | None:
+    """Why ``auto`` leaves candidate ``c`` out for a job of ``n_texts`` texts, or None to try it.
+
+    Trying a form costs its build (an ONNX trace) and the probe passes it brings (the gate's pass of the form
+    and of the reference, then ``embed.probe_repeats`` timed passes of each; counted at the reference's
+    speed); the most it can give back is the share of the job's time a form ``embed.max_speedup`` times
+    faster than ``torch-fp32`` would save. A form whose cost exceeds that best case cannot pay for itself,
+    so a few hundred texts on a large base are encoded without tracing anything."""
+    if n_texts is None:
+        return None
+    best_case = n_texts * reference_seconds_per_text * (1 - 1 / e.max_speedup)
+    cost = c.build_seconds + 2 * (1 + e.probe_repeats) * probe * reference_seconds_per_text
+    if cost <= best_case:
+        return None
+    return {"passed": False, "skipped": f"costs ~{cost:.0f}s to build and probe, more than it could save on "
+                                        f"{n_texts} texts (at most ~{best_case:.0f}s)",
+            "estimated_build_s": round(c.build_seconds, 1), "best_case_saving_s": round(best_case, 1)}
+
+
+def select(cfg, st_model, probe_texts: Sequence[str], *, used: prompts.Prompts | None = None,
+           n_texts: int | None = None, max_seq_length: int | None = None,
            batch_size: int | None = None) -> tuple[Encoder, dict]:
     """The fastest form of ``st_model`` that ``embed.backend`` allows and that matches ``torch-fp32`` on
-    ``probe_texts`` (per row cosine >= ``embed.gate_min_cos``); returns (encoder, record).
+    ``probe_texts`` (as documents; per row cosine >= ``embed.gate_min_cos``); returns (encoder, record).
 
-    ``record``: {requested, name, gate_min_cos, probe_texts, device, candidates: {name: {min_cos, passed,
-    texts_per_s} or {passed: false, error}}}. ``torch-fp32`` is the reference and always qualifies. Under
-    ``auto`` a form that cannot be built (an architecture the ONNX trace does not cover) is recorded with its
-    error and logged; with ``embed.backend: onnx`` that error, or a failed gate, stops here instead of
-    quietly running PyTorch.
+    ``record``: {requested, name, gate_min_cos, probe_texts, n_texts, device, candidates: {name: {min_cos,
+    passed, texts_per_s} or {passed: false, error} or {passed: false, skipped, ...}}}. ``torch-fp32`` is the
+    reference and always qualifies. Under ``auto`` a form that cannot pay for its build on ``n_texts`` texts
+    (None: unknown, every form is tried) is skipped with the reason (:func:`worth_trying`), and a form that
+    cannot be built (an architecture the ONNX trace does not cover) is recorded with its error and logged;
+    with ``embed.backend: onnx`` that error, or a failed gate, stops here instead of quietly running PyTorch.
     """
-    e = cfg.embed
+    e, device = cfg.embed, st_model.device  # every form runs where the caller put the model
     probe = [t for t in dict.fromkeys(probe_texts) if t][: e.probe_texts]
     if not probe:
         raise ConfigError("backends.select: no probe texts to check the encoder forms on")
     max_seq_length = int(max_seq_length or st_model.max_seq_length)
     batch_size = int(batch_size or cfg.eval.batch_size)
-    found = candidates(cfg, st_model, device, max_seq_length, batch_size)
+    found = candidates(cfg, st_model, device, max_seq_length, batch_size, used)
     record: dict = {"requested": e.backend, "gate_min_cos": e.gate_min_cos, "probe_texts": len(probe),
-                    "device": str(device), "candidates": {}}
-    reference = None
-    built: dict[str, Encoder] = {}
-    for name, build in found:  # torch-fp32, the reference, first
-        try:
-            encoder = build()
-            vectors = encoder.encode(probe)
-        except Exception as exc:  # noqa: BLE001  recorded and logged; fatal unless another form may run
-            if e.backend != "auto" or reference is None:
-                raise
-            log.warning("backends: %s cannot run (%s: %s); left out", name, type(exc).__name__, exc)
-            record["candidates"][name] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            continue
-        reference = vectors if reference is None else reference
-        cos = row_cosines(vectors, reference)
-        entry = {"min_cos": round(float(cos.min()), 6), "passed": bool(cos.min() >= e.gate_min_cos)}
-        if entry["passed"]:
-            built[name] = encoder
-            if len(found) > 1:
-                entry["texts_per_s"] = round(_texts_per_second(encoder, probe, e.probe_repeats), 1)
-        record["candidates"][name] = entry
+                    "n_texts": n_texts, "device": str(device), "candidates": {}}
+    reference = found[0].build()  # torch-fp32
+    others = _worth_trying_all(found[1:], reference, probe, n_texts, e, record)
+    built: dict[str, Encoder] = {reference.name: reference}
+    record["candidates"][reference.name] = {"min_cos": 1.0, "passed": True}
+    if others:
+        ref_vectors = reference.encode(probe, "document")
+        for c in others:
+            _gate(c, ref_vectors, probe, e, record, built)
+    if len(built) > 1:  # the speed race, between forms that passed the gate only
+        for name, encoder in built.items():
+            record["candidates"][name]["texts_per_s"] = round(_texts_per_second(encoder, probe, e.probe_repeats), 1)
     chosen = _choose(record, built, e.backend)
     record["name"] = chosen
     log.info("backends: %s (requested %s; %s)", chosen, e.backend, ", ".join(
-        f"{n} min cos {c.get('min_cos', float('nan')):.6f}{'' if c['passed'] else ' FAILED'}"
+        f"{n} " + (f"min cos {c['min_cos']:.6f}{'' if c['passed'] else ' FAILED'}" if "min_cos" in c
+                   else "skipped" if "skipped" in c else "error")
         + (f" {c['texts_per_s']:.0f} texts/s" if 'texts_per_s' in c else "") for n, c in record["candidates"].items()))
     return built[chosen], record
+
+
+# Texts the reference encodes to estimate its speed before anything else is built or probed.
+SPEED_SAMPLE = 32
+
+
+def _worth_trying_all(others: list[Candidate], reference: Encoder, probe: list[str], n_texts: int | None, e,
+                      record: dict) -> list[Candidate]:
+    """The candidates to build and gate; under ``auto`` those that cannot pay for themselves on ``n_texts``
+    texts are recorded as skipped, judged on the reference's speed over a small sample (so a small job
+    spends no more than that sample on deciding)."""
+    if e.backend != "auto" or n_texts is None or not others:
+        return others
+    sample = probe[:SPEED_SAMPLE]
+    t0 = time.perf_counter()
+    reference.encode(sample, "document")  # a first call: slower than steady state, so savings look larger
+    per_text = (time.perf_counter() - t0) / len(sample)
+    kept = []
+    for c in others:
+        skip = worth_trying(c, n_texts, per_text, len(probe), e)
+        if skip is None:
+            kept.append(c)
+        else:
+            log.info("backends: %s not tried: %s", c.name, skip["skipped"])
+            record["candidates"][c.name] = skip
+    return kept
+
+
+def _gate(c: Candidate, ref_vectors: np.ndarray, probe: list[str], e, record: dict, built: dict) -> None:
+    """Build candidate ``c`` and compare it with the reference on the probe; under ``auto`` a form that
+    cannot be built is recorded with its error, otherwise the error stops the caller."""
+    try:
+        encoder = c.build()
+        vectors = encoder.encode(probe, "document")
+    except Exception as exc:  # noqa: BLE001  recorded and logged; fatal unless another form may run
+        if e.backend != "auto":
+            raise
+        log.warning("backends: %s cannot run (%s: %s); left out", c.name, type(exc).__name__, exc)
+        record["candidates"][c.name] = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return
+    cos = row_cosines(vectors, ref_vectors)
+    record["candidates"][c.name] = {"min_cos": round(float(cos.min()), 6), "passed": bool(cos.min() >= e.gate_min_cos)}
+    if record["candidates"][c.name]["passed"]:
+        built[c.name] = encoder
 
 
 def _choose(record: dict, built: dict, requested: str) -> str:
@@ -432,13 +571,30 @@ def _choose(record: dict, built: dict, requested: str) -> str:
 
 # --------------------------------------------------------------------- prepared files, as embed writes them
 
-def select_for_files(cfg, st_model, processed: Path, files: list[str], device, max_seq_length: int,
-                     used: prompts.Prompts) -> tuple[Encoder, dict]:
-    """(encoder, record) from pipeline/model/backends.py, gated on a seeded sample of the first text file."""
-    texts = pd.read_json(processed / files[0], lines=True, dtype={"text": str})["text"]
+def _file_texts(processed: Path, name: str) -> list[str]:
+    return pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
+
+
+def texts_to_embed(processed: Path, files: list[str], label_texts: list[str], used: prompts.Prompts) -> int:
+    """How many texts :func:`embed_files` will encode (the query copies included): what ``auto`` weighs."""
+    n = len(label_texts)
+    for name in files:
+        k = len(_file_texts(processed, name))
+        n += k * (2 if prompts.query_copy_name(name) and used.differ else 1)
+    return n
+
+
+def select_for_files(cfg, st_model, processed: Path, files: list[str], max_seq_length: int,
+                     used: prompts.Prompts, n_texts: int | None = None) -> tuple[Encoder, dict]:
+    """(encoder, record) from :func:`select`, gated on a seeded sample of the first text file."""
+    texts = pd.Series(_file_texts(processed, files[0]), dtype=object)
     probe = texts.sample(min(len(texts), cfg.embed.probe_texts), random_state=cfg.seed).tolist()
-    return select(cfg, st_model, used.apply(probe, "document"), device=device,
-                  max_seq_length=max_seq_length, batch_size=cfg.eval.batch_size)
+    return select(cfg, st_model, probe, used=used, n_texts=n_texts, max_seq_length=max_seq_length,
+                  batch_size=cfg.eval.batch_size)
+
+
+CHUNKED_FILES = {"passages.jsonl"}  # a retrieval set's documents (pipeline/contracts/prepared_data.py)
+CORPUS_CHUNK = 2048  # texts per chunk of the progress bar
 
 
 def embed_files(encoder: Encoder, processed: Path, files: list[str], label_texts: list[str], out: Path,
@@ -451,10 +607,17 @@ def embed_files(encoder: Encoder, processed: Path, files: list[str], label_texts
 
     def encode(texts, role, what):
         log.info("%s %s: %d texts (%s)", who, what, len(texts), encoder.name)
-        return encoder.encode(used.apply(texts, role))
+        if what not in CHUNKED_FILES:
+            return encoder.encode(texts, role)
+        # a document corpus can be large: encoded in chunks under a progress bar (the rows are the same)
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(texts), CORPUS_CHUNK)
+        return np.vstack([encoder.encode(texts[i:i + CORPUS_CHUNK], role)
+                          for i in tqdm(starts, desc=f"{who} {what}", unit="chunk", leave=False)])
 
     for name in files:
-        texts = pd.read_json(processed / name, lines=True, dtype={"text": str})["text"].tolist()
+        texts = _file_texts(processed, name)
         np.save(out / f"{Path(name).stem}.npy", encode(texts, prompts.role_of_file(name), name))
         n_total += len(texts)
         copy = prompts.query_copy_name(name)
@@ -462,7 +625,7 @@ def embed_files(encoder: Encoder, processed: Path, files: list[str], label_texts
             np.save(out / copy, encode(texts, "query", f"{name} as queries"))
             n_total += len(texts)
     if label_texts:
-        np.save(out / "labels.npy", encoder.encode(used.apply(label_texts, "document")))
+        np.save(out / "labels.npy", encoder.encode(label_texts, "document"))
     seconds = time.perf_counter() - started
     timings.update({"texts": n_total, "seconds": round(seconds, 2),
                     "texts_per_second": round(n_total / seconds, 1) if seconds else None})

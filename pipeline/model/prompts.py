@@ -34,7 +34,8 @@ from typing import Literal, Sequence
 
 Role = Literal["query", "document"]
 DOCUMENT_NAMES = ("document", "passage", "corpus")
-QUERY_FILES = {"queries.jsonl"}  # pair datasets: the file of retrieval queries
+# the files of retrieval queries: a pair dataset's test and val queries, a retrieval set's queries of every split
+QUERY_FILES = {"queries.jsonl", "val_queries.jsonl"}
 QUERY_COPY_SPLITS = ("val", "test")  # labelled datasets: splits whose texts are also queries
 ST_CONFIG = "config_sentence_transformers.json"
 

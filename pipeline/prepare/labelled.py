@@ -368,10 +368,13 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     objective = resolve_objective(cfg, has_groups=has_groups(splits["train"]),
                                   has_labels=bool(splits["train"]["label"].notna().any()))
     log.info("prepare: objective %s (%s)", objective.name, objective.reason)
-    pairs = build_pairs(splits["train"], cfg, cfg.seed, objective)
     labels = sorted(pd.concat([p["label"] for p in splits.values()]).dropna().unique().tolist())
     hn_stats = None
-    if cfg.pairs.hard_negatives.enabled:
+    if objective.name == "corpus":
+        pairs, hn_stats = _pseudo_pairs(splits, cfg)
+    else:
+        pairs = build_pairs(splits["train"], cfg, cfg.seed, objective)
+    if cfg.pairs.hard_negatives.enabled and objective.name != "corpus":
         from pipeline.prepare import hard_negatives
 
         pairs, hn_stats = hard_negatives.mine(pairs, splits["train"][["text", "group", "label"]], cfg, labels,
@@ -391,6 +394,18 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
     return out
 
 
+def _pseudo_pairs(splits: dict[str, pd.DataFrame], cfg: Config) -> tuple[pd.DataFrame, dict]:
+    """The corpus objective on a labelled corpus: pseudo pairs from the train split's texts alone (its ids and labels
+    withheld from training); the val and test splits keep theirs as the judged set (pipeline/prepare/pseudo.py)."""
+    from pipeline.prepare import pseudo
+
+    train = splits["train"]
+    docs = pseudo.Documents(train["id"].astype(str).tolist(), [""] * len(train), train["text"].tolist())
+    avoid = set(pd.concat([splits["val"]["text"], splits["test"]["text"]]).map(pseudo.text_key))
+    built = pseudo.build(docs, cfg, encoder_length=cfg.train.max_seq_length, avoid=avoid)
+    return built.pairs, built.stats
+
+
 def _summary(splits: dict[str, pd.DataFrame], pairs: pd.DataFrame, labels: list[str], counts: dict,
              objective: Objective, split_plan: dict, hn_stats: dict | None) -> dict:
     """The manifest's description of the prepared corpus: sizes, classes, pairs, how it was split."""
@@ -405,5 +420,5 @@ def _summary(splits: dict[str, pd.DataFrame], pairs: pd.DataFrame, labels: list[
         "labels": labels,
         "objective": objective.as_dict(),
         "split_plan": split_plan,
-        **({"hard_negatives": hn_stats} if hn_stats else {}),
+        **({"pseudo": hn_stats} if objective.name == "corpus" else {"hard_negatives": hn_stats} if hn_stats else {}),
     }

@@ -16,7 +16,6 @@ FAISS ids are the corpus row numbers; the shard table in the corpus manifest map
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -72,26 +71,23 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[f >= 0]) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def default_nlist(rows: int, train_rows: int) -> int:
-    # About sqrt(rows) lists (fewer than FAISS's usual 4*sqrt keeps training and adding cheap on a CPU; nprobe
-    # recovers the recall), and at least 39 training points per list, FAISS's own floor for k-means.
-    return max(1, min(int(math.sqrt(rows)), train_rows // 39))
+def new_index(spec: str, centroids: np.ndarray, nbits: int):
+    """An empty IVF index of candidate ``spec`` (pq<m>, sq8, sq4, fp16) over the shared coarse ``centroids``,
+    from the search library's builder (pipeline/search/index.py)."""
+    from pipeline.search import index as faiss_index
+
+    nlist, dim = centroids.shape
+    new_index_check(spec)
+    if spec.startswith("pq") and dim % int(spec[2:]):
+        raise ConfigError(f"corpus.index.candidates: {spec} needs m dividing the dimension {dim}")
+    return faiss_index.new(dim, factory(spec, nlist, nbits), centroids=centroids)
 
 
-def new_index(spec: str, quantizer, dim: int, nlist: int, nbits: int):
-    import faiss
+def factory(spec: str, nlist: int, nbits: int) -> str:
+    """The FAISS factory string of candidate ``spec``, e.g. ``IVF1000,SQ8`` or ``IVF1000,PQ48x8np``."""
+    from pipeline.search import index as faiss_index
 
-    ip = faiss.METRIC_INNER_PRODUCT
-    if spec.startswith("pq") and spec[2:].isdigit():
-        m = int(spec[2:])
-        if dim % m:
-            raise ConfigError(f"corpus.index.candidates: {spec} needs m dividing the dimension {dim}")
-        return faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, ip)
-    qtypes = {"sq8": faiss.ScalarQuantizer.QT_8bit, "sq4": faiss.ScalarQuantizer.QT_4bit,
-              "fp16": faiss.ScalarQuantizer.QT_fp16}
-    if spec not in qtypes:
-        raise ConfigError(f"corpus.index.candidates: '{spec}' is not pq<m>, sq8, sq4 or fp16")
-    return faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtypes[spec], ip)
+    return faiss_index.ivf(nlist, faiss_index.ivf_code(spec, nbits))
 
 
 def usable_candidates(specs: list[str], dim: int, nbits: int, train_rows: int | None = None) -> list[str]:
@@ -131,11 +127,11 @@ def fill(index, folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def try_candidate(spec: str, quantizer, train: np.ndarray, folder: Path, queries: np.ndarray,
-                  truth: np.ndarray, ix, nlist: int) -> tuple[object, dict]:
+def try_candidate(spec: str, centroids: np.ndarray, train: np.ndarray, folder: Path, queries: np.ndarray,
+                  truth: np.ndarray, ix) -> tuple[object, dict]:
     """Train, fill and search one candidate; nprobe grows until the target is met (or the list ends)."""
-    dim = train.shape[1]
-    index = new_index(spec, quantizer, dim, nlist, ix.nbits)
+    nlist = len(centroids)
+    index = new_index(spec, centroids, ix.nbits)
     started = time.perf_counter()
     index.train(train)
     row = {"spec": spec, "nlist": nlist, "train_s": round(time.perf_counter() - started, 2)}
@@ -155,43 +151,43 @@ def try_candidate(spec: str, quantizer, train: np.ndarray, folder: Path, queries
     return index, row
 
 
-def train_quantizer(train: np.ndarray, nlist: int, seed: int):
-    """The coarse k-means, trained once and shared by every candidate (it is the costly part)."""
+def train_centroids(train: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """The coarse k-means (spherical: the vectors are normalised), trained once and shared by every candidate
+    (it is the costly part)."""
     import faiss
 
-    dim = train.shape[1]
-    km = faiss.Kmeans(dim, nlist, niter=20, seed=seed, spherical=True, verbose=False)
+    km = faiss.Kmeans(train.shape[1], nlist, niter=20, seed=seed, spherical=True, verbose=False)
     km.train(train)
-    quantizer = faiss.IndexFlatIP(dim)
-    quantizer.add(km.centroids)
-    return quantizer
+    return km.centroids
 
 
 def tune(cfg: Config, folder: Path, queries: np.ndarray, out: Path, *, query_note: str) -> dict:
     """Pick the smallest candidate reaching the target, write it and its manifest into ``out``."""
     import faiss
 
+    from pipeline.search import index as faiss_index
+
     ix = cfg.corpus.index
     faiss.omp_set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
     corpus = require_manifest(folder, "embedded corpus", "run `make embed-corpus` first")
     rows, dim = corpus["rows"], corpus["dim"]
     _, train = sample_rows(folder, ix.train_rows, ix.seed)
-    nlist = min(ix.nlist or default_nlist(rows, len(train)), len(train))
+    nlist = min(ix.nlist or faiss_index.nlist_for(rows, len(train)), len(train))
     truth, flat_s = exact_topk(folder, queries, ix.k)
     t0 = time.perf_counter()
-    quantizer = train_quantizer(train, nlist, ix.seed)
+    centroids = train_centroids(train, nlist, ix.seed)
     quantizer_s = time.perf_counter() - t0
     tried, chosen = [], None
     for spec in usable_candidates(ix.candidates, dim, ix.nbits, len(train)):
         log.info("embed-corpus: index candidate IVF%d,%s on %d rows ...", nlist, spec, rows)
-        index, row = try_candidate(spec, quantizer, train, folder, queries, truth, ix, nlist)
+        index, row = try_candidate(spec, centroids, train, folder, queries, truth, ix)
         tried.append(row)
         if row["reached"]:
             chosen = (index, row)
             break
     if chosen is None:  # nothing reached the target: keep the best recall and say so in the manifest
         best = max(tried, key=lambda r: r["best"]["recall"] if r["best"] else -1)
-        chosen = (try_candidate(best["spec"], quantizer, train, folder, queries, truth, ix, nlist)[0], best)
+        chosen = (try_candidate(best["spec"], centroids, train, folder, queries, truth, ix)[0], best)
         log.warning("embed-corpus: no index candidate reached recall@%d %.3f; kept %s (recall %.4f)", ix.k,
                     ix.recall_target, best["spec"], best["best"]["recall"])
     index, row = chosen
@@ -201,7 +197,7 @@ def tune(cfg: Config, folder: Path, queries: np.ndarray, out: Path, *, query_not
         size = (tmp / INDEX_FILE).stat().st_size
         record = {
             "rows": rows, "dim": dim, "k": ix.k, "recall_target": ix.recall_target, "reached": row["reached"],
-            "chosen": {"factory": f"IVF{nlist},{row['spec'].upper() if row['spec'].startswith('pq') else row['spec']}",
+            "chosen": {"factory": factory(row["spec"], nlist, ix.nbits),
                        "spec": row["spec"], "nlist": nlist, "nbits": ix.nbits if row["spec"].startswith("pq") else None,
                        "nprobe": row["best"]["nprobe"], "recall": row["best"]["recall"],
                        "query_ms": row["best"]["query_ms"], "index_bytes": size},

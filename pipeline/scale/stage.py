@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -53,16 +53,19 @@ ARROW_FORMAT = {"csv": "csv", "parquet": "parquet", "jsonl": "json"}
 
 @dataclass
 class Encoder:
-    """``encode(texts)`` -> float32 (n, dim) L2-normalised document embeddings, through the encoder form
-    pipeline/model/backends.py chose (``backend`` records which and why)."""
+    """The corpus encoder (pipeline/model/interface.py): the form pipeline/model/backends.py chose, with the
+    identity the vectors depend on and ``backend``, the record of which form and why."""
 
-    form: object  # a pipeline.model.backends encoder: encode(texts) -> normalised float32 rows
-    used: prompts.Prompts
+    form: object  # a pipeline.model.interface.Encoder, prompts included
     identity: dict
     backend: dict
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.form.encode(self.used.apply(texts, "document"))
+    @property
+    def name(self) -> str:
+        return self.form.name
+
+    def encode(self, texts: Sequence[str], role: prompts.Role) -> np.ndarray:
+        return self.form.encode(texts, role)
 
 
 def encoder_identity(cfg: Config) -> dict:
@@ -84,7 +87,7 @@ def encoder_identity(cfg: Config) -> dict:
 
 
 def make_encoder(cfg: Config, *, threads: int | None = None, device: str | None = None, backend: str | None = None,
-                 probe_texts: list[str] | None = None) -> Encoder:
+                 probe_texts: list[str] | None = None, n_texts: int | None = None) -> Encoder:
     """The corpus encoder: the trained run's model (LoRA merged) or the base model, document prompts applied,
     in the form ``backend`` names, or else the fastest form that passes the gate on ``probe_texts``
     (:func:`pipeline.model.backends.select`). The driver selects once and every worker builds the same form, so
@@ -106,14 +109,14 @@ def make_encoder(cfg: Config, *, threads: int | None = None, device: str | None 
         used = prompts.for_run(cfg, st)
     max_len, batch = int(ident["max_seq_length"]), cfg.corpus.batch_size
     if backend is not None:
-        forms = dict(backends.candidates(cfg, st, dev, max_len, batch))
+        forms = {c.name: c.build for c in backends.candidates(cfg, st, dev, max_len, batch, used)}
         if backend not in forms:
             raise ConfigError(f"embed-corpus: encoder form '{backend}' is not available here (have {sorted(forms)})")
         form, record = forms[backend](), {"name": backend, "chosen_by": "the driver's gate"}
     else:
-        form, record = backends.select(cfg, st, used.apply(probe_texts or [], "document"), device=dev,
+        form, record = backends.select(cfg, st, probe_texts or [], used=used, n_texts=n_texts,
                                        max_seq_length=max_len, batch_size=batch)
-    return Encoder(form, used, ident, record)
+    return Encoder(form, ident, record)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +223,7 @@ def read_shard(ds, cfg: Config, index: int) -> tuple[list[str], list[str]]:
 def encode_and_write(encoder, folder: Path, cfg: Config, index: int, ids: list[str], texts: list[str],
                      fingerprint: str) -> dict:
     started, wall = time.perf_counter(), time.time()
-    vectors = encoder.encode(texts)
+    vectors = encoder.encode(texts, "document")  # a corpus is what is searched
     if vectors.shape[0] != len(ids):
         raise RuntimeError(f"encoder returned {vectors.shape[0]} vectors for {len(ids)} texts")
     info = write_shard(folder, index, index * cfg.corpus.shard_rows, ids, vectors, fingerprint=fingerprint,
@@ -297,8 +300,10 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         return [infos[i] for i in range(n_shards)]
     from pipeline.core import raycluster
 
-    started_here = raycluster.connect(c.ray_address)  # an existing cluster, or a loopback-only local one
-    try:
+    kept = "the shards written so far are kept: rerun the same command to encode the others"
+    # an existing cluster, or a loopback-only local one; watched while the job runs
+    with raycluster.session(c.ray_address, setting="corpus.ray_address", timeout_s=cfg.services.timeout_s,
+                            kept=kept):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
@@ -308,9 +313,6 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos[info["index"]] = info
-    finally:
-        if started_here:
-            ray.shutdown()
     missing = [i for i in range(n_shards) if i not in infos]
     if missing:
         raise RuntimeError(f"embed-corpus: the Ray job ended without shards {missing[:10]}")
@@ -370,7 +372,7 @@ def run(cfg: Config, *, force: bool = False, factory: EncoderFactory = make_enco
              n_shards, cfg.corpus.shard_rows, shards, cfg.corpus.executor)
     started = time.perf_counter()
     # The encoder form is chosen once, here, on the first shard's texts; Ray workers build the same form.
-    encoder = factory(cfg, threads=cfg.train.num_threads, probe_texts=read_shard(ds, cfg, 0)[1])
+    encoder = factory(cfg, threads=cfg.train.num_threads, probe_texts=read_shard(ds, cfg, 0)[1], n_texts=rows)
     backend = encoder.backend
     if cfg.corpus.executor == "ray":
         del encoder  # the workers hold their own

@@ -82,3 +82,34 @@ def paired_deltas(adapted: dict[str, np.ndarray], base: dict[str, np.ndarray], c
         r = M.paired_bootstrap_mean(adapted[k], base[k], cfg.eval.bootstrap, cfg.seed)
         out[k] = {"delta": round(r["delta"], 5), "ci": [round(x, 5) for x in r["ci"]], "verdict": r["verdict"]}
     return out
+
+
+JUDGED_SIZES = (25, 50, 100, 200, 300)
+
+
+def judged_budget(adapted: np.ndarray, base: np.ndarray, *, sizes=JUDGED_SIZES, repeats: int = 100, n_boot: int = 1000,
+                  seed: int = 0) -> list[dict]:
+    """How many judged queries give what CI width, measured on these queries' per-query values (e.g. nDCG@10):
+    for each size n, ``repeats`` random subsets of n queries (without replacement), each with the 95% percentile
+    bootstrap CI of the adapted mean and of the paired difference adapted - base; the medians of their widths and
+    the share of subsets whose difference CI lies above zero (how often n queries would call the run better).
+    The last row is every query once. Vectorised over replicates (the project's ``metrics.bootstrap`` loops)."""
+    adapted, base = np.asarray(adapted, dtype=float), np.asarray(base, dtype=float)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in [s for s in sizes if s < len(adapted)] + [len(adapted)]:
+        reps = repeats if n < len(adapted) else 1
+        widths, delta_widths, above = [], [], 0
+        for _ in range(reps):
+            pick = rng.choice(len(adapted), n, replace=False) if n < len(adapted) else np.arange(n)
+            idx = rng.integers(0, n, (n_boot, n))
+            a, d = adapted[pick][idx].mean(1), (adapted[pick] - base[pick])[idx].mean(1)
+            lo, hi = np.quantile(a, [0.025, 0.975])
+            dlo, dhi = np.quantile(d, [0.025, 0.975])
+            widths.append(hi - lo)
+            delta_widths.append(dhi - dlo)
+            above += int(dlo > 0)
+        rows.append({"queries": int(n), "subsets": reps, "ci_width": round(float(np.median(widths)), 4),
+                     "delta_ci_width": round(float(np.median(delta_widths)), 4),
+                     "delta_better_share": round(above / reps, 3)})
+    return rows

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -51,6 +51,7 @@ class ForeignBaseError(ArtifactError):
 class EmbedRequest(BaseModel):
     texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
     adapter: str | None = None
+    role: Literal["query", "document"] = "document"  # which of the adapter's prompts (pipeline/model/prompts.py)
 
 
 class AddRequest(BaseModel):
@@ -65,6 +66,8 @@ class Adapter:
     peft_name: str  # PEFT module keys cannot hold every character a run name may, so adapters get a1, a2, ...
     meta: dict
     max_seq_length: int
+    prompts: object  # pipeline.model.prompts.Prompts the adapter was trained and exported with
+    outer: dict  # its trained modules after the transformer (st_modules.safetensors), swapped in per switch
     index: object | None  # the export's SearchIndex; None for a bare adapter folder (no /search)
     gate: dict
     metrics: dict | None
@@ -98,18 +101,17 @@ class AdapterSet:
     """The base encoder with its adapters; ``encode`` and ``add`` take turns on one lock."""
 
     def __init__(self, base_meta: dict, reports_dir: Path | None = None):
-        from pipeline.model.encoder import base_fingerprint, load_encoder, resolve_base
+        from pipeline.model.encoder import load_encoder, require_base_weights
 
-        resolved = resolve_base(base_meta["base"])
-        actual = base_fingerprint(resolved)
-        if actual != base_meta["base_fingerprint"]:
-            raise ForeignBaseError(f"base '{base_meta['base']}' at {resolved} has weights {actual}, but the adapters "
-                                   f"were trained on weights {base_meta['base_fingerprint']}")
-        self.base, self.fingerprint = base_meta["base"], actual
+        require_base_weights(base_meta["base"], base_meta["base_fingerprint"], "the adapters", ForeignBaseError)
+        self.base, self.fingerprint = base_meta["base"], base_meta["base_fingerprint"]
         self.st = load_encoder(base_meta["base"], revision=base_meta.get("revision"),
                                trust_remote_code=base_meta.get("trust_remote_code", False),
                                max_seq_length=base_meta.get("max_seq_length"))
         self.st.eval()
+        # the base's own modules after the transformer: what an adapter that trained none of them runs with
+        self.outer_base = {n: t.clone() for n, t in self.st.state_dict().items() if not n.startswith("0.")}
+        self._outer_now: str | None = None
         self.peft = None
         self.adapters: dict[str, Adapter] = {}
         self.reports_dir = Path(reports_dir) if reports_dir else None
@@ -145,8 +147,10 @@ class AdapterSet:
                    metrics: dict | None = None, export_dir: Path | None = None) -> Adapter:
         """A PEFT adapter folder with ``base_model.json`` (as export writes it) put beside the others."""
         from peft import PeftModel
+        from safetensors.torch import load_file
 
-        from pipeline.model.encoder import inner_model, set_inner_model
+        from pipeline.model import prompts
+        from pipeline.model.encoder import ST_MODULES_FILE, inner_model, set_inner_model
 
         started = time.perf_counter()
         with self.lock:  # the check and the insert together: two requests adding one name cannot both pass
@@ -159,8 +163,14 @@ class AdapterSet:
             else:
                 self.peft.load_adapter(str(adapter_dir), adapter_name=peft_name)
             self.st.eval()
+            outer_file = Path(adapter_dir) / ST_MODULES_FILE
+            outer = load_file(str(outer_file)) if outer_file.exists() else {}
+            unknown = sorted(set(outer) - set(self.outer_base))
+            if unknown:
+                raise ArtifactError(f"{outer_file} holds weights the base model has no place for: {unknown[:5]}")
             adapter = Adapter(name=name, export_dir=Path(export_dir or adapter_dir), peft_name=peft_name, meta=meta,
-                              max_seq_length=int(meta["max_seq_length"]), index=index, gate=gate or {},
+                              max_seq_length=int(meta["max_seq_length"]), prompts=prompts.of_record(meta.get("prompts")),
+                              outer=outer, index=index, gate=gate or {},
                               metrics=metrics, load_seconds=round(time.perf_counter() - started, 3))
             self.adapters[name] = adapter
         log.info("serve: adapter %s from %s (%.2fs)", name, adapter_dir, adapter.load_seconds)
@@ -178,22 +188,49 @@ class AdapterSet:
             raise KeyError(f"no adapter '{name}'; served: {sorted(self.adapters)}")
         return self.adapters[name]
 
-    def encode(self, name: str, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, name: str, texts: Sequence[str], role: str = "document") -> np.ndarray:
+        """Adapter ``name``'s vectors of ``texts`` in ``role``, its prompts applied."""
         from pipeline.model import tokens as encoding
 
         adapter = self.get(name)
         with self.lock:
             self.peft.set_adapter(adapter.peft_name)
-            return encoding.encode_texts(self.st, list(texts), max_seq_length=adapter.max_seq_length,
-                                         batch_size=64, device="cpu", dtype=None)
+            self._switch_outer(adapter)
+            return encoding.encode_texts(self.st, adapter.prompts.apply(texts, role),
+                                         max_seq_length=adapter.max_seq_length, batch_size=64, device="cpu", dtype=None)
+
+    def _switch_outer(self, adapter: Adapter) -> None:
+        """The modules after the transformer as ``adapter`` trained them (the base's where it trained none)."""
+        import torch
+
+        if self._outer_now == adapter.name:
+            return
+        own = self.st.state_dict()
+        with torch.no_grad():
+            for n, t in self.outer_base.items():
+                own[n].copy_(adapter.outer.get(n, t))
+        self._outer_now = adapter.name
+
+    def encoder(self, name: str) -> "AdapterEncoder":
+        return AdapterEncoder(self, name)
+
+
+class AdapterEncoder:
+    """One served adapter as a pipeline.model.interface.Encoder."""
+
+    def __init__(self, adapters: AdapterSet, name: str):
+        self.adapters, self.name = adapters, name
+
+    def encode(self, texts: Sequence[str], role: str) -> np.ndarray:
+        return self.adapters.encode(self.name, texts, role)
 
 
 class Batcher:
-    """Collects requests for ``window_s`` (at most ``max_texts`` texts), then encodes them grouped per
-    adapter: one adapter switch and one padded batch run per adapter per window, not per request.
-    ``windows`` keeps, for the last windows, the (adapter, requests, texts) of each group."""
+    """Collects requests for ``window_s`` (at most ``max_texts`` texts), then encodes them grouped per key
+    (an adapter, or an adapter and a role): one adapter switch and one padded batch run per key per window,
+    not per request. ``windows`` keeps, for the last windows, the (key, requests, texts) of each group."""
 
-    def __init__(self, encode: Callable[[str, list[str]], np.ndarray], window_s: float, max_texts: int = 1024):
+    def __init__(self, encode: Callable[[Hashable, list[str]], np.ndarray], window_s: float, max_texts: int = 1024):
         self.encode, self.window_s, self.max_texts = encode, window_s, max_texts
         self.queue: Queue = Queue()
         self.windows: deque = deque(maxlen=1000)
@@ -201,9 +238,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="adapter-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, adapter: str, texts: list[str]) -> np.ndarray:
+    def submit(self, key: Hashable, texts: list[str]) -> np.ndarray:
         fut: Future = Future()
-        self.queue.put((adapter, texts, fut))
+        self.queue.put((key, texts, fut))
         return fut.result(timeout=REQUEST_TIMEOUT_S)
 
     def close(self) -> None:
@@ -291,7 +328,7 @@ def build_app(adapters: AdapterSet, *, exports_root: Path = Path("exports"), win
     from fastapi import FastAPI, HTTPException, Query
 
     default = next(iter(adapters.adapters))
-    batcher = Batcher(adapters.encode, window_ms / 1000)
+    batcher = Batcher(lambda key, texts: adapters.encode(key[0], texts, key[1]), window_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -308,10 +345,10 @@ def build_app(adapters: AdapterSet, *, exports_root: Path = Path("exports"), win
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
 
-    def embed(adapter: Adapter, texts: list[str]) -> np.ndarray:
+    def embed(adapter: Adapter, texts: list[str], role: str) -> np.ndarray:
         if any(len(t) > MAX_CHARS for t in texts):
             raise HTTPException(413, f"each text must have at most {MAX_CHARS} characters")
-        return batcher.submit(adapter.name, texts)
+        return batcher.submit((adapter.name, role), texts)
 
     @app.get("/health")
     def health() -> dict:
@@ -335,7 +372,7 @@ def build_app(adapters: AdapterSet, *, exports_root: Path = Path("exports"), win
     @app.post("/embed")
     def embed_endpoint(req: EmbedRequest) -> dict:
         adapter = pick(req.adapter)
-        vectors = embed(adapter, req.texts)
+        vectors = embed(adapter, req.texts, req.role)
         return {"adapter": adapter.name, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
 
     @app.get("/search")
@@ -345,7 +382,7 @@ def build_app(adapters: AdapterSet, *, exports_root: Path = Path("exports"), win
         chosen = pick(adapter)
         if chosen.index is None:
             raise HTTPException(404, f"adapter '{chosen.name}' was added without an index; only /embed serves it")
-        hits = chosen.index.search(embed(chosen, [q]), k)[0]
+        hits = chosen.index.search(embed(chosen, [q], "query"), k)[0]
         return {"query": q, "k": k, "adapter": chosen.name, "results": hits,
                 "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 

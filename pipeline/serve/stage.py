@@ -44,28 +44,18 @@ class ClassifyRequest(BaseModel):
     k: int = Field(1, ge=1, le=MAX_K)  # labels returned per text, most probable first
 
 
-def pick_form(export_dir: Path, wanted: str) -> str:
-    """The wanted form if the export has it, else the merged model (always present)."""
-    manifest = require_manifest(export_dir, "export", "run `make export` first")
-    if manifest.get("forms", {}).get(wanted):
-        return wanted
-    log.warning("serve: export %s has no %s form; serving the merged model", export_dir, wanted)
-    return "merged"
-
-
 def create_app(export_dir: Path, form: str = "onnx"):
     """A FastAPI app over ``export_dir``; loads the encoder and index once, at creation."""
     from fastapi import FastAPI, HTTPException, Query
 
     from pipeline.contracts import label_head
-    from pipeline.contracts.export_folder import SearchIndex, load_form
+    from pipeline.contracts.export_search import ExportSearch
 
-    export_dir = Path(export_dir)
-    form = pick_form(export_dir, form)
-    manifest = require_manifest(export_dir, "export", "run `make export` first")
-    encoder = load_form(export_dir, form)
-    index = SearchIndex(export_dir / "index")
-    head = label_head.load(export_dir / "head")  # None: the run trained no label head
+    export = ExportSearch(export_dir, form)
+    if export.form != form:
+        log.warning("serve: export %s has no %s form; serving the merged model", export_dir, form)
+    manifest, form, index = export.manifest, export.form, export.index
+    head = label_head.load(Path(export_dir) / "head")  # None: the run trained no label head
     # onnxruntime sessions and torch modules are not documented as safe for concurrent calls; FastAPI
     # runs sync endpoints in a thread pool, so requests take turns on the encoder.
     lock = threading.Lock()
@@ -73,11 +63,9 @@ def create_app(export_dir: Path, form: str = "onnx"):
     app = FastAPI(title=f"embedding search: {manifest['run_name']}",
                   description="Embeddings and nearest-neighbour search over an exported, gate-checked encoder.")
 
-    def embed(texts: list[str], role: str):
+    def check(texts: list[str]) -> None:
         if any(len(t) > MAX_CHARS for t in texts):
             raise HTTPException(413, f"each text must have at most {MAX_CHARS} characters")
-        with lock:
-            return encoder.encode(texts, role)
 
     @app.get("/health")
     def health() -> dict:
@@ -88,7 +76,9 @@ def create_app(export_dir: Path, form: str = "onnx"):
 
     @app.post("/embed")
     def embed_endpoint(req: EmbedRequest) -> dict:
-        vectors = embed(req.texts, req.role)
+        check(req.texts)
+        with lock:
+            vectors = export.encode(req.texts, req.role)
         return {"form": form, "role": req.role, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
 
     @app.post("/classify")
@@ -96,14 +86,24 @@ def create_app(export_dir: Path, form: str = "onnx"):
         if head is None:
             raise HTTPException(404, f"export {manifest['run_name']} has no label head: the run trained none "
                                      "(train.label_loss_weight > 0 trains one)")
-        top = head.top(embed(req.texts, label_head.ROLE), req.k)
+        check(req.texts)
+        with lock:
+            vectors = export.encode(req.texts, label_head.ROLE)
+        top = head.top(vectors, req.k)
         return {"form": form, "labels": [t[0]["label"] for t in top], "results": top}
 
     @app.get("/search")
-    def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K)) -> dict:
+    def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K),
+               mode: str | None = Query(None)) -> dict:
         started = time.perf_counter()
-        hits = index.search(embed([q], "query"), k)[0]  # the index holds documents
-        return {"query": q, "k": k, "form": form, "results": hits,
+        mode = mode or export.default_mode
+        if mode not in export.modes:
+            if export.documents is None:
+                raise HTTPException(400, "this export has no lexical index (only a retrieval set's export has one)")
+            raise HTTPException(422, f"mode must be one of {', '.join(export.modes)}")
+        with lock:
+            hits = export.search(q, k, mode)[0]
+        return {"query": q, "k": k, "form": form, "mode": mode, "results": hits,
                 "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
     return app

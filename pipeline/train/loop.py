@@ -57,6 +57,11 @@ class PairTensors:
         # where the positive is another text of the corpus (a label-name positive is not a text to classify).
         self.anchor_class = classes_of(pairs["label"], label_names or [])
         self.positive_class = np.where(self.positive_is_label, -1, self.anchor_class)
+        # retrieval sets: document id -> text id of its training text, for the judged-relevant mask
+        self.doc_text_id = {d: text_id[t] for col, texts in (("positive_id", positives), ("negative_id", negs))
+                            if col in pairs for d, t in zip(pairs[col], texts) if isinstance(d, str) and t is not None}
+        # set by the train stage for a retrieval set (pipeline/train/retrieval.py): judged-relevant texts per query
+        self.relevant = None
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -153,13 +158,17 @@ def batch_loss(sp: Stepper, idx: np.ndarray) -> torch.Tensor:
 
 def _pair_loss(sp: Stepper, idx: np.ndarray, a_emb, p_emb, n_emb) -> torch.Tensor:
     """The masked in-batch contrastive loss of the pairs ``idx`` (with their mined negatives): two pairs of
-    one group, identical texts or a label that is right for another anchor never count as negatives."""
+    one group, identical texts, a label that is right for another anchor, or (retrieval sets) a document judged
+    relevant to the anchor's query never count as negatives."""
     data, t = sp.data, sp.t
     a_ids, p_ids = data.anchor[idx], data.positive[idx]
     mask = false_negative_mask(
         torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
         torch.as_tensor(a_ids), torch.as_tensor(data.positive_is_label[idx]), t.mask_same_label,
     ).to(sp.device)
+    if data.relevant is not None:  # a retrieval set: no judged-relevant document of the anchor's query
+        mask = mask | data.relevant(idx, p_ids).to(sp.device)
+        mask.fill_diagonal_(False)
     neg_rows = idx[data.negative[idx] >= 0]
     neg_mask = hard_negative_mask(
         torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(a_ids),
@@ -167,6 +176,8 @@ def _pair_loss(sp: Stepper, idx: np.ndarray, a_emb, p_emb, n_emb) -> torch.Tenso
         torch.as_tensor(data.negative_label[neg_rows]), torch.as_tensor(data.negative[neg_rows]),
         torch.as_tensor(data.negative_is_label[neg_rows]), t.mask_same_label,
     ).to(sp.device)
+    if data.relevant is not None:
+        neg_mask = neg_mask | data.relevant(idx, data.negative[neg_rows]).to(sp.device)
     return contrastive_loss_with_negatives(a_emb, p_emb, n_emb if len(neg_rows) else None, scale=t.scale,
                                            mask=mask, negative_mask=neg_mask, symmetric=t.symmetric)
 

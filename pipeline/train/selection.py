@@ -12,8 +12,11 @@ class Selection:
     same best step; the best step's trainable weights are in ``runs/<run>/best/``.
     """
 
-    def __init__(self, vset: validation.ValidationSet | None, vcfg, state: dict | None = None):
+    def __init__(self, vset: validation.ValidationSet | None, vcfg, state: dict | None = None,
+                 base_is_candidate: bool = False):
         self.vset, self.vcfg = vset, vcfg
+        # the untrained base (step 0) may be the model kept: a run whose trained steps never beat it keeps the base
+        self.base_is_candidate = base_is_candidate
         state = state or {}
         self.curve: list[dict] = state.get("curve", [])
         self.best_step: int | None = state.get("best_step")
@@ -29,13 +32,20 @@ class Selection:
         the new best trained step."""
         self.curve.append({"step": step, "epoch": round(epoch, 4), "value": round(value, 6),
                            **{k: round(v, 6) for k, v in (figures or {}).items()}})
-        if step == 0:
-            return False  # the untrained base: the reference level, never the model kept
+        if step == 0:  # the untrained base: the reference level; the model kept only where it is a candidate
+            if self.base_is_candidate:
+                self.best_step, self.best_value = 0, value
+            return False
         if self.best_value is None or value > self.best_value + self.vcfg.min_delta:
             self.best_step, self.best_value, self.bad_evals = step, value, 0
             return True
         self.bad_evals += 1
         return False
+
+    @property
+    def kept_base(self) -> bool:
+        """True when the base is a candidate and no trained step beat it: the run keeps the untrained base."""
+        return self.active and self.base_is_candidate and self.best_step == 0
 
     @property
     def exhausted(self) -> bool:
@@ -52,7 +62,8 @@ class Selection:
         return {"metric": self.vset.metric, "split": "val", "what": self.vset.description, "curve": self.curve,
                 "best_step": self.best_step, "best_value": self.best_value, "base_value": base,
                 "stopped_early": last_step < total_steps, "last_step": last_step,
-                "patience": self.vcfg.patience}
+                "patience": self.vcfg.patience, "base_is_candidate": self.base_is_candidate,
+                "kept": "base" if self.kept_base else "trained"}
 
 
 def eval_steps(total_steps: int, steps_per_epoch: int, every: int | None) -> set[int]:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from pipeline.contracts import label_head as head_contract
 from pipeline.contracts import pair_kinds as objectives
 from pipeline.contracts.identity import run_fingerprint
-from pipeline.contracts.prepared_data import load_labels, load_pairs, load_split
+from pipeline.contracts.prepared_data import dataset_files, load_labels, load_pairs, load_split, with_encoder_length
+from pipeline.train import retrieval as retrieval_sets
 from pipeline.core import recovery, tracking
 from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, require_manifest,
                                      skip_or_refuse, write_json_atomic)
@@ -36,8 +37,8 @@ from pipeline.core.memory import current_rss_mb, peak_rss_mb
 from pipeline.model import prompts
 from pipeline.model import tokens as encoding
 from pipeline.model.encoder import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing,
-                                    inner_model, load_base, lora_b_norm, pick_device, pick_dtype, resolve_base,
-                                    training_model_kwargs, write_model_info)
+                                    load_base, lora_b_norm, pick_device, pick_dtype, resolve_base, save_lora,
+                                    saved_parameters, training_model_kwargs, verify_reload, write_model_info)
 from pipeline.search import metrics as M
 from pipeline.train import distributed, label_head, speed, validation
 from pipeline.train.checkpoints import load_checkpoint, restore_best, save_best, save_checkpoint
@@ -92,6 +93,7 @@ class Progress:
     validation_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     rss_before: float | None = None
+    pre_step: dict | None = None  # what the pre-step (train.pre_step) did
 
     @property
     def seconds(self) -> float:
@@ -119,6 +121,7 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
     main = dist is None or dist.is_main
     layout = Layout(cfg)
     prep = require_manifest(layout.processed, "prepared data", "run `make data` (python -m pipeline prepare) first")
+    cfg = with_encoder_length(cfg, prep)  # a retrieval set: the length prepare chose from its texts
     fp = run_fingerprint(cfg, prep["fingerprint"])
     run_dir, model_dir, ckpt_dir = layout.run(), layout.model_dir(), layout.checkpoints()
     clean_stale(run_dir)
@@ -186,8 +189,10 @@ class _Setup:
         self.prompts = prompts.for_run(cfg, self.model)
         self.label_names = load_labels(layout.processed)
         self.head = self._label_head(cfg, layout, prep)
-        self.data = PairTensors(load_pairs(layout.processed), self.model, t.max_seq_length, self.prompts,
+        pairs = load_pairs(layout.processed)
+        self.data = PairTensors(pairs, self.model, t.max_seq_length, self.prompts,
                                 self.label_names if self.head is not None else None)
+        self.data.relevant = retrieval_sets.relevant_mask(layout.processed, pairs, self.data.doc_text_id)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
         self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
         self.vset = (validation.load(layout.processed, prep, max_texts=t.validation.max_texts, seed=cfg.seed)
@@ -257,7 +262,7 @@ def _train(job: Job) -> Path:
         log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, progress.start_step, su.total_steps)
     if job.dist:
         job.dist.broadcast_params(su.params)
-    sel = Selection(su.vset, t.validation, sel_state)
+    sel = Selection(su.vset, t.validation, sel_state, base_is_candidate=base_is_candidate(cfg, job.prep))
 
     tags = {"method": t.method, "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with (tracking.run(cfg, run_name=cfg.resolved_run_name, run_id=mlflow_run_id, tags=tags) if job.main
@@ -269,17 +274,40 @@ def _train(job: Job) -> Path:
             tracker.set_tags({"pipeline.resumed_from_step": progress.start_step})
         if job.ckpt_state is None or tracker.run_id != mlflow_run_id:  # a new MLflow run gets the params
             _log_params(tracker, cfg, job.prep, su)
+            tracker.log_datasets(cfg.data.name, dataset_files(job.layout.processed, job.prep))
         stats = _loop(job, su, sel, tracker, progress)
         if not job.main:
             return job.model_dir
-        info = _model_info(cfg, su, stats)
-        _write_model(job, su, info, stats, tracker)
+        if sel.kept_base:
+            _write_kept_base(job, su, stats, tracker)
+        else:
+            _write_model(job, su, _model_info(cfg, su, stats), stats, tracker)
     shutil.rmtree(job.ckpt_dir, ignore_errors=True)
     shutil.rmtree(job.best_dir, ignore_errors=True)
     log.info("train: %s done in %.0fs (%.1f pairs/s in the steps, %.0fs validating), saved to %s",
              cfg.resolved_run_name, stats["seconds"], stats["pairs_per_second"] or 0, stats["validation_seconds"],
              job.model_dir)
     return job.model_dir
+
+
+def base_is_candidate(cfg: Config, prep: dict) -> bool:
+    """Is the untrained base a model the run may keep? The config's ``train.validation.base_is_candidate``, else yes
+    for the corpus objective (pseudo pairs may not help a base that saw a billion pairs), no otherwise."""
+    if cfg.train.validation.base_is_candidate is not None:
+        return cfg.train.validation.base_is_candidate
+    return (prep.get("objective") or {}).get("name") == "corpus"
+
+
+def _corpus_params(cfg: Config, prep: dict) -> dict:
+    """MLflow params of the corpus objective: the pseudo-pair counts per method and the pre-step."""
+    pseudo = prep.get("pseudo")
+    if not pseudo:
+        return {}
+    out = {"pseudo_pairs": pseudo.get("pairs"), "pseudo_methods": ",".join(pseudo.get("methods", [])),
+           "pseudo_with_negative": (pseudo.get("negatives") or {}).get("with_negative", 0),
+           "pre_step": cfg.train.pre_step}
+    out.update({f"pseudo_pairs.{k}": v for k, v in (pseudo.get("by_method") or {}).items()})
+    return out
 
 
 def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
@@ -291,6 +319,7 @@ def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
                         "objective": (prep.get("objective") or {}).get("name", "unknown"),
                         "mask_same_label": su.mask_same_label, "label_loss_weight": su.label_loss_weight,
                         "validation_metric": su.vset.metric if su.vset else "none",
+                        **_corpus_params(cfg, prep),
                         **({"prompt_query": su.prompts.query, "prompt_document": su.prompts.document}
                            if su.prompts.any else {}),
                         **({"resolved_target_modules": ",".join(su.targets.modules),
@@ -335,6 +364,8 @@ def _loop(job: Job, su: _Setup, sel: Selection, tracker, progress: Progress) -> 
     progress.started = time.perf_counter()
     if sel.active and progress.start_step == 0:
         _evaluate_at(0, su, sel, tracker, job, progress)
+    if progress.start_step == 0 and job.cfg.train.pre_step == "tsdae":
+        progress.pre_step = _tsdae(job, su, tracker)
     progress.rss_before = current_rss_mb()
     bar = tqdm(range(progress.start_step, su.total_steps), initial=progress.start_step, total=su.total_steps,
                desc="train", unit="step", file=sys.stderr, disable=not job.main,
@@ -351,14 +382,30 @@ def _loop(job: Job, su: _Setup, sel: Selection, tracker, progress: Progress) -> 
             break
         tick = time.perf_counter()
     bar.close()
-    if sel.active and sel.best_step is not None and sel.best_step != progress.done:
+    if sel.kept_base:
+        log.info("train: no trained step beat the untrained base on validation (%s %.4f at step 0); keeping the base",
+                 su.vset.metric, sel.best_value)
+    elif sel.active and sel.best_step is not None and sel.best_step != progress.done:
         if job.main:
             restore_best(job.best_dir, su.model, sel.best_step, su.head)
         log.info("train: keeping step %d (validation %s %.4f), the best of %d evaluations", sel.best_step,
                  su.vset.metric, sel.best_value, len(sel.curve))
     elif not sel.active:
         log.info("train: no validation set to choose a step with; keeping the last step")
-    return {**_finish_stats(su, sel, progress, job.dist), "resumed_from_step": progress.start_step}
+    return {**_finish_stats(su, sel, progress, job.dist), "resumed_from_step": progress.start_step,
+            **({"pre_step": progress.pre_step} if progress.pre_step else {})}
+
+
+def _tsdae(job: Job, su: _Setup, tracker) -> dict:
+    """The TSDAE pre-step (pipeline/train/tsdae.py) on the model being trained, before the contrastive steps."""
+    from pipeline.train import tsdae
+
+    t = job.cfg.train.tsdae
+    texts = tsdae.sentences(job.layout.processed, job.prep, t.max_sentences, job.cfg.seed)
+    stats = {"name": "tsdae", **tsdae.run(su.model, texts, t, resolve_base(job.cfg.model.base), su.device,
+                                          job.cfg.seed)}
+    tracker.log_metrics({f"tsdae_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    return stats
 
 
 def _trust_checks(su: _Setup) -> tuple[float | None, float, int]:
@@ -435,12 +482,17 @@ def _write_model(job: Job, su: _Setup, info: dict, stats: dict, tracker) -> None
     cfg = job.cfg
     with atomic_dir(job.model_dir) as tmp:
         if cfg.train.method == "lora":
-            inner_model(su.model).save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            _save_lora_checked(tmp, su, info, stats)
         else:
             su.model.save(str(tmp), safe_serialization=True)
         write_model_info(tmp, info)
         if su.head is not None:
             head_contract.save(tmp, su.head.to_contract(), {"loss_weight": su.label_loss_weight})
+        if cfg.train.method == "lora" and cfg.train.quantization == "none" and cfg.train.weights_dtype == "fp32":
+            # the run as it loads from disk must be the model validation chose (before the folder is committed)
+            stats["reload_min_cos"] = round(verify_reload(tmp, su.model, su.probe_ids, su.device), 6)
+        elif cfg.train.method == "lora":  # the base reloads in fp32, so it cannot equal 4/8-bit or bf16 weights
+            stats["reload_min_cos"] = None
         write_json_atomic(tmp / MANIFEST, make_manifest(
             "train", cfg, fingerprint=job.fp, inputs={"prepared_data": job.prep["fingerprint"]},
             extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info,
@@ -453,6 +505,37 @@ def _write_model(job: Job, su: _Setup, info: dict, stats: dict, tracker) -> None
         tracker.log_artifact(job.model_dir / head_contract.META, "label_head")
     if cfg.train.method == "lora":
         tracker.log_artifact(job.model_dir / "adapter", "adapter")
+
+
+def _write_kept_base(job: Job, su: _Setup, stats: dict, tracker) -> None:
+    """Validation kept the untrained base: the model folder records the base (as ``train.method=base`` does) with
+    the training that did not beat it, so embed, eval and export treat the run as the base model and say why."""
+    cfg, t = job.cfg, job.cfg.train
+    resolved = resolve_base(cfg.model.base)
+    info = {"method": "base", "kept_base": True, "trained_method": t.method, "base": cfg.model.base,
+            "base_resolved": resolved, "base_fingerprint": base_fingerprint(resolved), "revision": cfg.model.revision,
+            "trust_remote_code": cfg.model.trust_remote_code, "max_seq_length": t.max_seq_length, "lora": None,
+            "prompts": su.prompts.record(), "trainable_params": 0, "total_params": su.total,
+            "embedding_dim": stats.pop("embedding_dim")}
+    with atomic_dir(job.model_dir) as tmp:
+        write_model_info(tmp, info)
+        write_json_atomic(tmp / MANIFEST, make_manifest(
+            "train", cfg, fingerprint=job.fp, inputs={"prepared_data": job.prep["fingerprint"]},
+            extra={"mlflow_run_id": tracker.run_id, "train": stats, "model": info, "kept": "base",
+                   "objective": job.prep.get("objective")}))
+    tracker.log_metrics({f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)})
+    tracker.set_tags({"kept": "base"})
+    tracker.log_artifact(job.model_dir / MANIFEST)
+
+
+def _save_lora_checked(folder: Path, su: _Setup, info: dict, stats: dict) -> None:
+    """The adapter (and any named heads) in ``folder``; what was saved must be what was trained."""
+    stats["saved_params"] = saved_parameters(save_lora(su.model, folder))
+    if stats["saved_params"] != su.trainable:
+        raise TrainingError(f"the run trained {su.trainable:,} parameters but its adapter holds "
+                            f"{stats['saved_params']:,}: a trained module is not saved")
+    info["saved_params"] = stats["saved_params"]
 
 
 def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> Path:
@@ -469,6 +552,7 @@ def _write_base_reference(cfg: Config, model_dir: Path, fp: str, prep: dict) -> 
     tags = {"method": "base", "dataset": cfg.data.name, "stage": "train", "run_name": cfg.resolved_run_name}
     with tracking.run(cfg, run_name=cfg.resolved_run_name, tags=tags) as tracker:
         tracker.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+        tracker.log_datasets(cfg.data.name, dataset_files(Layout(cfg).processed, prep))
         with atomic_dir(model_dir) as tmp:
             write_model_info(tmp, info)
             write_json_atomic(tmp / MANIFEST, make_manifest(

@@ -10,7 +10,9 @@ What is scored depends on the corpus's shape:
   texts (eval also fits logistic regression, which is too slow to repeat every epoch); a run that trains a
   label head takes the better of that vote and the head's own macro-F1 (pipeline/train/stage.py);
 - query -> positive pairs: ``recall@1`` of the val queries against their relevant items plus a seeded
-  sample of the gallery.
+  sample of the gallery;
+- retrieval sets: graded ``ndcg@10`` of val queries over their judged documents plus a sample of the corpus
+  (pipeline/train/retrieval.py).
 
 Each evaluation embeds at most ``train.validation.max_texts`` texts (seeded samples), so it costs seconds.
 """
@@ -141,6 +143,10 @@ def load(processed: Path, prep_manifest: dict, *, max_texts: int, seed: int) -> 
     rng = np.random.default_rng(seed + 7)
     if prep_manifest.get("kind") == "pairs":
         return _pairs_set(processed, max_texts, rng)
+    if prep_manifest.get("kind") == "retrieval":
+        from pipeline.train import retrieval
+
+        return retrieval.validation_set(processed, prep_manifest, max_texts, rng)
     val = _read_jsonl(processed / "val.jsonl")
     objective = (prep_manifest.get("objective") or {}).get("name")
     if has_groups(val) and objective != "label":

@@ -23,13 +23,15 @@ def test_unreachable_server_fails_fast_before_training(project, capsys, monkeypa
     capsys.readouterr()
     assert cli("train", "--config", str(project), f"tracking.uri={uri}") == 2
     err = capsys.readouterr().err
-    assert err == (f"error: MLflow tracking server {uri} is unreachable (checked {uri}/health); start it, unset "
-                   "MLFLOW_TRACKING_URI, or set tracking.on_unreachable=local\n")
+    port = uri.rsplit(":", 1)[1]
+    assert err == (f"error: tracking.uri={uri}: cannot reach the MLflow tracking server: TCP connect to "
+                   f"127.0.0.1:{port} refused (services.timeout_s=5); start it, unset MLFLOW_TRACKING_URI, or set "
+                   "tracking.on_unreachable=local\n")
     assert not Path("runs").exists() and not Path("mlflow.db").exists()
     # the same through the environment variable users usually set
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert cli("train", "--config", str(project)) == 2
-    assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
+    assert f"error: MLFLOW_TRACKING_URI={uri}: cannot reach the MLflow tracking server" in capsys.readouterr().err
     assert not Path("runs").exists()
 
 
@@ -40,7 +42,9 @@ def test_unreachable_server_falls_back_to_the_local_store_when_configured(projec
         assert cli("train", "--config", str(project), f"tracking.uri={uri}", "tracking.on_unreachable=local") == 0
     local = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
-    assert warnings == [f"MLflow server {uri} is unreachable; logging to the local store {local} instead"]
+    port = uri.rsplit(":", 1)[1]
+    assert warnings == [f"MLflow server {uri} is unreachable (TCP connect to 127.0.0.1:{port} refused); logging to "
+                        f"the local store {local} instead"]
     manifest = json.loads((Path("runs") / RUN / "model" / "manifest.json").read_text())
     assert manifest["config"]["tracking"]["uri"] == local  # the manifest says where the run really went
     import mlflow
@@ -55,7 +59,7 @@ def test_eval_fails_fast_before_writing_the_report(project, capsys):
     uri = f"http://127.0.0.1:{free_port()}"
     capsys.readouterr()
     assert cli("eval", "--config", str(project), "eval.lexical=false", f"tracking.uri={uri}") == 2
-    assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
+    assert f"error: tracking.uri={uri}: cannot reach the MLflow tracking server" in capsys.readouterr().err
     assert not Path("reports").exists()
 
 
@@ -65,7 +69,8 @@ def test_reachability_probe_reads_the_health_endpoint(status):
     import http.server
     import threading
 
-    from pipeline.core.tracking import _reachable
+    from pipeline.core.config import Config
+    from pipeline.core.services import mlflow_service, probe
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -79,7 +84,8 @@ def test_reachability_probe_reads_the_health_endpoint(status):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        assert _reachable(f"http://127.0.0.1:{server.server_port}") is (status == 200)
+        cfg = Config.model_validate({"tracking": {"uri": f"http://127.0.0.1:{server.server_port}"}})
+        assert (probe(mlflow_service(cfg), 5.0) is None) is (status == 200)
     finally:
         server.shutdown()
         server.server_close()

@@ -114,3 +114,16 @@ def test_suite_table_mlflow_structure_and_resume(project, monkeypatch):
     assert again["parent_run_id"] == summary["parent_run_id"]
     assert {r["corpus"]: r["objective"] for r in again["corpora"]} == {"products": "group", "pairsynth": "query-positive"}
     assert "| query-positive |" in (out / "summary.md").read_text()
+
+
+def test_a_corpus_objective_set_runs_in_the_suite(beir_project):
+    from pathlib import Path as _P
+
+    _P("beir/qrels/train.tsv").unlink()  # documents without train judgments: the corpus objective
+    cfg = load_config(beir_project, ["suite.name=c", f"suite.configs={json.dumps([str(beir_project)])}",
+                                     "suite.overrides=[train.max_steps=4,pairs.corpus.max_pairs=64,"
+                                     "train.validation.base_is_candidate=false]"])
+    suite.run(cfg)
+    row = json.loads(Path("reports/suite/c/summary.json").read_text())["corpora"][0]
+    assert row["objective"] == "corpus" and row["models"]["adapted"]["retrieval.ndcg@10"]["ci"]
+    assert "| corpus |" in Path("reports/suite/c/summary.md").read_text()

@@ -123,7 +123,8 @@ def test_a_trial_that_raises_is_a_failed_child(ray_cluster, project, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = load_config(project, [*SMALL, *RAY, "sweep.name=t"])
     jobs = [sweep.child_job(cfg, p, p.config_id, parent_run_id=None, tracking_uri=None) for p in sweep.grid(cfg)]
-    outcomes = sweep_ray.run_children(cfg.sweep, jobs, _raise_for_full, tmp_path)
+    outcomes = sweep_ray.run_children(cfg.sweep, jobs, _raise_for_full, tmp_path,
+                                       timeout_s=cfg.services.timeout_s)
     assert outcomes["sweep-t-lora-r2-a4-qkv-s0"] == ({"run": "sweep-t-lora-r2-a4-qkv-s0"}, None)
     record, failure = outcomes["sweep-t-full-s0"]
     assert record is None and failure["config_id"] == "full"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import QUIET, REPO, RUN, cli, run_stages, split_texts, trained
+from tests.conftest import QUIET, REPO, RUN, cli, run_stages, save_trained, split_texts, trained
 
 def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(project, trained_cache, monkeypatch):
     # mlflow.set_tracking_uri also sets this variable for the whole process; pin it to this project's
@@ -21,8 +20,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     cfg = ["--config", str(project)]
     run_stages(*cfg)
-    shutil.copytree("data", trained_cache["root"] / "lora" / "data", dirs_exist_ok=True)
-    shutil.copytree("runs", trained_cache["root"] / "lora" / "runs", dirs_exist_ok=True)
+    save_trained(trained_cache)
     # A few steps of the tiny model may or may not beat the base on validation; this test is about the
     # forms, so it exports either way (the refusal has its own test below).
     assert cli("export", *cfg, "--force") == 0
@@ -84,7 +82,7 @@ def test_export_writes_every_form_passes_the_gate_and_logs_an_mlflow_model(proje
 
     sample = split_texts()[:5]
     a = loaded.encode(sample, normalize_embeddings=True)
-    b = load_form(out, "merged").encode(sample)
+    b = load_form(out, "merged").encode(sample, "document")
     assert np.allclose(a, b, atol=1e-5)
 
     # a rerun is a no-op; a changed export config needs --overwrite
@@ -219,7 +217,7 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache,
     from pipeline.contracts.export_folder import SearchIndex, load_form
 
     index = SearchIndex(out / "index")
-    hits = index.search(load_form(out, "merged").encode(test[:5]), k=3)
+    hits = index.search(load_form(out, "merged").encode(test[:5], "document"), k=3)
     assert [h[0]["text"] for h in hits] == test[:5]
     assert all(h[0]["split"] == "test" and h[0]["score"] > 0.999 for h in hits)
 
@@ -240,6 +238,42 @@ def test_hnsw_index_over_the_test_split_and_ivf_settings(project, trained_cache,
     assert meta["factory"] == "IVF10,Flat" and meta["params"] == {"nlist": 10, "nprobe": 10}
     _, rows = index.search(x[:20], 1)
     assert rows[:, 0].tolist() == list(range(20))  # every list probed: exact
+
+
+def test_a_model_whose_onnx_trace_fails_ships_its_other_forms_with_the_reason(project, trained_cache, monkeypatch):
+    """Issue 22: the ONNX exporter dying inside a model's code (Gemma3's vmap-built mask gave
+    ``RuntimeError: unordered_map::at``) must not cost the user the merged model, the adapter and the index.
+    Both exporters (TorchScript, then dynamo) are made to fail the way that model did."""
+    import torch
+
+    from pipeline.contracts.export_folder import load_form
+    from pipeline.core.errors import ArtifactError
+
+    cfg = trained(project, trained_cache)
+    calls = []
+
+    def dies(*args, **kwargs):
+        calls.append(kwargs.get("dynamo"))
+        raise RuntimeError("unordered_map::at")
+
+    monkeypatch.setattr(torch.onnx, "export", dies)
+    assert cli("export", *cfg, "--force") == 0
+    assert calls == [False, True]  # the TorchScript trace, then the dynamo exporter
+    out = Path("exports") / RUN
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["gate"]["passed"] and m["gate"]["onnx_vs_torch_min_cos"] is None
+    assert m["forms"]["onnx"]["left_out"] == ("torchscript: RuntimeError: unordered_map::at; "
+                                              "dynamo: RuntimeError: unordered_map::at")
+    assert m["forms"]["onnx_int8"] == {"left_out": "no ONNX graph to quantise"}
+    assert m["forms"]["merged"] and m["forms"]["adapter"] and m["index"]["encoder"] == "merged"
+    assert not (out / "onnx").exists() and (out / "index" / "index.faiss").exists()
+    card = (out / "README.md").read_text()
+    assert "ONNX: **not included**" in card and "unordered_map::at" in card
+    with pytest.raises(ArtifactError, match="has no onnx form \\(left out: torchscript: RuntimeError"):
+        load_form(out, "onnx")
+    texts = split_texts()[:4]
+    a, b = load_form(out, "merged").encode(texts, "query"), load_form(out, "adapter").encode(texts, "query")
+    assert np.min(np.sum(a * b, axis=1)) >= 0.9999
 
 
 def test_full_fine_tuned_run_exports_without_adapter_and_base_reference_is_refused(project, trained_cache, capsys):

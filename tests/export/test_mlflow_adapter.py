@@ -34,15 +34,16 @@ def test_adapter_is_an_mlflow_model_that_loads_onto_its_checked_base(project, tr
     from pipeline.contracts.export_folder import load_form
 
     vectors = model.predict(texts)
-    assert vectors.shape == (6, 32) and row_cosines(vectors, load_form(out, "merged").encode(texts)).min() >= 0.9999
+    assert vectors.shape == (6, 32) and row_cosines(vectors, load_form(out, "merged").encode(texts, "document")).min() >= 0.9999
     assert np.allclose(model.predict(__import__("pandas").DataFrame({"text": texts})), vectors, atol=1e-6)
     assert model.metadata.metadata["base_fingerprint"] == json.loads(
         (out / "adapter" / "base_model.json").read_text())["base_fingerprint"]
 
     # the same model on a base whose weights changed since: refused, naming both fingerprints
-    from pipeline.contracts import export_folder as exported
     from pipeline.core.errors import ArtifactError
+    from pipeline.model import encoder
 
-    monkeypatch.setattr(exported, "base_fingerprint", lambda resolved: "feedfacefeedface")
+    monkeypatch.setattr(encoder, "base_fingerprint", lambda resolved: "feedfacefeedface")  # the one check
+    assert model.predict(texts[:2], params={"role": "query"}).shape == (2, 32)
     with pytest.raises(ArtifactError, match="feedfacefeedface"):
         mlflow.pyfunc.load_model(f"models:/tiny-adapter/{adapter['registered_version']}")

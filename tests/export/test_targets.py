@@ -56,7 +56,7 @@ def test_qdrant_and_lancedb_loads_agree_with_faiss_and_carry_the_payload(loaded)
 
     # independently of the load's own check: fresh query texts, embedded here, against each engine
     k = 10
-    vectors = load_form(out, "merged").encode(_queries())
+    vectors = load_form(out, "merged").encode(_queries(), "document")
     want, scores = _faiss_top(out, vectors, k)
     kth = scores[:, -1]
 

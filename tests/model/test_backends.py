@@ -12,6 +12,7 @@ from pipeline.model import backends
 from pipeline.model import tokens as encoding
 from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError
+from pipeline.model.interface import Encoder
 from tests.conftest import CATEGORIES, cli
 
 TEXTS = [f"{brand} model {i} {'extra words ' * (i % 5)}".strip()
@@ -41,12 +42,13 @@ def _reference(st) -> np.ndarray:
 def test_each_backend_agrees_with_the_project_encoder(tiny, tmp_path, backend):
     encoder, record = backends.select(_cfg(tmp_path, backend), tiny, TEXTS)
     assert encoder.name.startswith(backend) and record["name"] == encoder.name
-    out = encoder.encode(TEXTS)
+    out = encoder.encode(TEXTS, "document")
     assert out.shape == (len(TEXTS), tiny.get_embedding_dimension()) and out.dtype == np.float32
     assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
     assert backends.row_cosines(out, _reference(tiny)).min() >= 0.999
     # input order is kept although batches run longest first
-    assert np.allclose(encoder.encode(TEXTS[::-1])[::-1], out, atol=1e-5)
+    assert np.allclose(encoder.encode(TEXTS[::-1], "document")[::-1], out, atol=1e-5)
+    assert isinstance(encoder, Encoder)  # the one interface (pipeline/model/interface.py)
 
 
 def test_auto_picks_a_form_that_passed_and_records_the_gate(tiny, tmp_path):
@@ -64,7 +66,7 @@ class _Wrong:
 
     name = "onnx-wrong"
 
-    def encode(self, texts):
+    def encode(self, texts, role):
         rng = np.random.default_rng(len(texts))
         x = rng.normal(size=(len(texts), 32)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -74,7 +76,7 @@ def test_a_form_that_fails_the_gate_is_never_chosen(tiny, tmp_path, monkeypatch)
     real = backends.candidates
 
     def with_wrong(cfg, *a, **kw):
-        return [c for c in real(cfg, *a, **kw) if c[0] == "torch-fp32"] + [("onnx-wrong", _Wrong)]
+        return [c for c in real(cfg, *a, **kw) if c.name == "torch-fp32"] + [backends.Candidate("onnx-wrong", _Wrong)]
 
     monkeypatch.setattr(backends, "candidates", with_wrong)
     encoder, record = backends.select(_cfg(tmp_path, "auto"), tiny, TEXTS)
@@ -90,8 +92,8 @@ def test_a_form_that_cannot_be_built_is_recorded_under_auto_and_fatal_when_asked
     def broken():
         raise RuntimeError("unsupported operator in the trace")
 
-    monkeypatch.setattr(backends, "candidates", lambda cfg, *a, **kw: [c for c in real(cfg, *a, **kw)
-                                                                      if c[0] == "torch-fp32"] + [("onnx-fp32", broken)])
+    monkeypatch.setattr(backends, "candidates", lambda cfg, *a, **kw: [
+        c for c in real(cfg, *a, **kw) if c.name == "torch-fp32"] + [backends.Candidate("onnx-fp32", broken)])
     encoder, record = backends.select(_cfg(tmp_path, "auto"), tiny, TEXTS)
     assert encoder.name == "torch-fp32" and record["candidates"]["onnx-fp32"] == {
         "passed": False, "error": "RuntimeError: unsupported operator in the trace"}
@@ -172,3 +174,54 @@ def test_bench_encode_measures_the_selected_backend_against_sentence_transformer
     assert project_row["speed_ratio_to_reference"] == round(project_row["texts_per_s"] / rows["reference fp32"]["texts_per_s"], 2)
     assert project_row["cosine_to_reference"]["min"] >= 0.999
     assert project_row["real_tokens_per_s"] > 0  # tokens counted without a torch forward to hook
+
+
+def test_auto_does_not_trace_for_a_job_too_small_to_pay_for_it(tiny, tmp_path, monkeypatch):
+    """Issue 22: a few hundred texts on a large base must not be traced. The trace cost is set to what a 110M
+    base costs here (about a minute); the tiny model encodes a text in well under a millisecond."""
+    def no_trace(*a, **kw):
+        raise AssertionError("traced for a job that cannot pay for the trace")
+
+    monkeypatch.setattr(backends, "export_onnx", no_trace)
+    monkeypatch.setattr(backends, "estimated_trace_seconds", lambda *a: 60.0)
+    encoder, record = backends.select(_cfg(tmp_path, "auto"), tiny, TEXTS, n_texts=1000)
+    onnx = record["candidates"]["onnx-fp32"]
+    assert onnx["passed"] is False and "more than it could save on 1000 texts" in onnx["skipped"]
+    assert onnx["estimated_build_s"] == 60.0 and onnx["best_case_saving_s"] < 60.0
+    assert encoder.name == record["name"] != "onnx-fp32" and record["n_texts"] == 1000
+    assert not (tmp_path / "cache" / "onnx").exists()
+    # a job large enough to repay the trace tries it (here: the trace is refused, so it is recorded as an error)
+    _, big = backends.select(_cfg(tmp_path, "auto"), tiny, TEXTS, n_texts=10**9)
+    assert "traced for a job" in big["candidates"]["onnx-fp32"]["error"]
+    # asked for by name, ONNX is built whatever the job's size
+    with pytest.raises(AssertionError, match="traced for a job"):
+        backends.select(_cfg(tmp_path, "onnx"), tiny, TEXTS, n_texts=10)
+
+
+def test_a_cached_trace_costs_nothing_and_the_cost_estimate_learns_from_the_cache(tiny, tmp_path):
+    cfg = _cfg(tmp_path, "onnx")
+    backends.select(cfg, tiny, TEXTS)
+    meta = json.loads(next((tmp_path / "cache" / "onnx").glob(f"*/{backends.ONNX_META}")).read_text())
+    assert meta["build"]["seconds"] > 0 and meta["build"]["params"] == sum(p.numel() for p in tiny.parameters())
+    rate = meta["build"]["seconds"] / (meta["build"]["params"] / 1e6)
+    assert backends.estimated_trace_seconds(tiny, tmp_path / "cache") == pytest.approx(
+        rate * meta["build"]["params"] / 1e6)
+    onnx = next(c for c in backends.candidates(_cfg(tmp_path, "auto"), tiny, "cpu", 32, 4) if c.name == "onnx-fp32")
+    assert onnx.build_seconds == 0.0  # in the cache: no trace to pay for
+
+
+def test_the_onnx_cache_keeps_to_its_size_bound(tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "onnx"
+    for i, age in enumerate((300, 200, 100)):  # entry 0 used longest ago
+        folder = root / f"entry{i}"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"x" * 2**20)
+        (folder / backends.ONNX_META).write_text("{}")
+        os.utime(folder / backends.ONNX_META, (time.time() - age,) * 2)
+    removed = backends.prune_onnx_cache(root, limit_mb=2.5, keep=root / "entry0")
+    assert removed == ["entry1"]  # the oldest is the one just built, so the next oldest goes
+    assert sorted(p.name for p in root.iterdir()) == ["entry0", "entry2"]
+    assert backends.prune_onnx_cache(root, limit_mb=10) == []

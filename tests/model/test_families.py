@@ -155,11 +155,25 @@ def test_each_family_trains_evaluates_and_exports_through_the_gate(family, famil
     _run_stages(family_project(tmp_path, base), tracked=tracked)
     info = json.loads(Path("runs/fam/model/model_info.json").read_text())
     assert info["lora"]["target_modules"] == EXPECTED_QKV[family]
+    # the run trains exactly what it saves, and reloads as the model it validated (issue 22)
+    from pipeline.model.encoder import saved_parameters
+
+    train = json.loads(Path("runs/fam/model/manifest.json").read_text())["train"]
+    assert info["trainable_params"] == saved_parameters(Path("runs/fam/model/adapter")) == train["saved_params"]
+    assert train["reload_min_cos"] >= 0.9999
     if tracked:
         import mlflow
 
         run_id = json.loads(Path("runs/fam/model/manifest.json").read_text())["mlflow_run_id"]
-        params = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.params
+        run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+        params = run.data.params
+        # the prepared data the run read, as MLflow dataset inputs (the UI's Dataset column)
+        inputs = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                  for d in run.inputs.dataset_inputs}
+        from pipeline.core.artifacts import sha256_file
+
+        assert inputs == {f"synthetic-{s}": (sha256_file(f"data/processed/synthetic/{s}.jsonl")[:16], s)
+                          for s in ("train", "val", "test", "pairs")}
         assert params["resolved_target_modules"] == "q_lin,k_lin,v_lin" and params["adapted_modules"] == "6"
         assert params["train.lora.target_modules"] == "qkv" and params["architecture"] == "distilbert"
     lora = json.loads(Path("reports/fam/metrics.json").read_text())["model"]["lora"]
@@ -169,6 +183,7 @@ def test_each_family_trains_evaluates_and_exports_through_the_gate(family, famil
     assert set(adapter["target_modules"]) == set(EXPECTED_QKV[family])
     manifest = json.loads(Path("exports/fam/manifest.json").read_text())
     assert manifest["gate"]["passed"] and manifest["gate"]["onnx_vs_torch_min_cos"] >= 0.999
+    assert manifest["gate"]["changed_outside_adapted"] == []  # the merge touched only the adapted modules
     _, _, _, pooling, side = FAMILIES[family]
     onnx_meta = json.loads(Path("exports/fam/onnx/onnx_config.json").read_text())
     assert (onnx_meta["pooling_mode"], onnx_meta["padding_side"]) == (pooling, side)

@@ -56,11 +56,11 @@ class FailAfter:
         class Failing:
             backend = inner.backend
 
-            def encode(self, texts):
+            def encode(self, texts, role):
                 if budget[0] == 0:
                     raise RuntimeError("simulated crash")
                 budget[0] -= 1
-                return inner.encode(texts)
+                return inner.encode(texts, role)
 
         return Failing()
 
@@ -79,11 +79,11 @@ class CrashOnce:
         class Crashing:
             backend = inner.backend
 
-            def encode(self, texts):
+            def encode(self, texts, role):
                 try:
                     fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 except FileExistsError:
-                    return inner.encode(texts)
+                    return inner.encode(texts, role)
                 os.close(fd)
                 os._exit(1)
 
@@ -102,7 +102,8 @@ def test_local_shards_match_direct_encoding_and_resume(project):
     assert manifest["rows"] == len(df) and len(manifest["shards"]) == -(-len(df) // 40)
     assert [s["first_row"] for s in manifest["shards"]] == list(range(0, len(df), 40))
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    direct = corpus.make_encoder(cfg, probe_texts=df["title"].tolist()[:8]).encode(df["title"].tolist()[:40])
+    direct = corpus.make_encoder(cfg, probe_texts=df["title"].tolist()[:8]).encode(df["title"].tolist()[:40],
+                                                                                  "document")
     assert np.min(np.sum(direct * vecs[:40], axis=1)) >= 0.9999
     assert manifest["backend"]["name"] == "torch-fp32"  # the form the gate chose is recorded
 

@@ -56,7 +56,7 @@ def test_served_adapters_equal_their_merged_exports_under_interleaved_requests(t
 
     out_a, out_b = two_exports
     texts = _texts_b()[:12] + ["samsung tv", "a", "Ünïcödé café – 4K"]
-    want = {RUN: load_form(out_a, "merged").encode(texts), RUN_B: load_form(out_b, "merged").encode(texts)}
+    want = {RUN: load_form(out_a, "merged").encode(texts, "document"), RUN_B: load_form(out_b, "merged").encode(texts, "document")}
     assert _min_cos(want[RUN], want[RUN_B]) < 0.9999  # the two adapters really differ: equality below means something
 
     # a wide window so the concurrent requests below fall into one or two windows
@@ -129,9 +129,9 @@ def test_adapters_are_listed_added_at_run_time_and_a_foreign_base_is_refused(two
         assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == [RUN, RUN_B]
         texts = _texts_b()[:4]
         vec = np.asarray(client.post("/embed", json={"texts": texts, "adapter": RUN_B}).json()["embeddings"])
-        assert _min_cos(vec, load_form(out_b, "merged").encode(texts)) >= 0.9999
+        assert _min_cos(vec, load_form(out_b, "merged").encode(texts, "document")) >= 0.9999
         vec = np.asarray(client.post("/embed", json={"texts": texts}).json()["embeddings"])  # the default: first
-        assert _min_cos(vec, load_form(out_a, "merged").encode(texts)) >= 0.9999
+        assert _min_cos(vec, load_form(out_a, "merged").encode(texts, "document")) >= 0.9999
 
         r = client.post("/adapters", json={"export": "foreign", "name": "foreign"})
         assert r.status_code == 409

@@ -13,7 +13,7 @@ from tests.conftest import RUN, cli, free_port, trained
 
 
 @pytest.fixture
-def exported(project, trained_cache):  # noqa: F811
+def exported(project, trained_cache):
     cfg = trained(project, trained_cache)
     assert cli("export", *cfg, "export.quantize_int8=false") == 0
     return Path("exports") / RUN

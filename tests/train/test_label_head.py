@@ -106,6 +106,15 @@ def test_a_run_with_a_label_head_saves_it_and_eval_offers_it_as_a_head(tmp_path,
     assert info["label_head"]["labels"] == 6
     trained = json.loads((model / "manifest.json").read_text())["train"]
     assert trained["label_loss_weight"] == 1.0 and trained["pair_loss_weight"] == pair_weight
+    # the head was trained beside the pairs, not left at its start, the base model's class centroids
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.contracts.prepared_data import load_split
+    from pipeline.model import prompts
+    start = centroids(SentenceTransformer(str(tiny_model_dir), device="cpu"),
+                      load_split(Path("data/processed/intents"), "train"), list(head.labels), prompts.Prompts(), 32,
+                      "cpu", 0)
+    assert not np.allclose(head.prototypes, start, atol=1e-4)
     curve = trained["validation"]["curve"]
     assert all("label_head_macro_f1" in c and "macro_f1_without_head" in c for c in curve)
     assert all(c["value"] == max(c["label_head_macro_f1"], c["macro_f1_without_head"]) for c in curve)
@@ -115,7 +124,7 @@ def test_a_run_with_a_label_head_saves_it_and_eval_offers_it_as_a_head(tmp_path,
     assert m["objective"]["label_loss_weight"] == 1.0
     # the head's test figure is the saved head applied to the embeddings eval read
     emb = np.load(Path(json.loads(Path(f"runs/{run}/embeddings/manifest.json").read_text())["adapted_dir"]) / "test.npy")
-    test = pd.read_json(f"data/processed/intents/test.jsonl", lines=True, dtype=str)
+    test = pd.read_json("data/processed/intents/test.jsonl", lines=True, dtype=str)
     from pipeline.search import metrics as M
     assert m["heads"]["adapted"]["label_head"]["test_macro_f1"] == pytest.approx(
         M.classification_scores(test["label"].to_numpy(), head.predict(emb))["macro_f1"], abs=1e-5)
