@@ -58,12 +58,12 @@ export: ## merged model, adapter, ONNX and FAISS index under exports/<run>/, ver
 	$(RUN) export $(CFG) $(ARGS)
 
 serve: ## HTTP /embed and /search over an export, on 127.0.0.1:$(SERVE_PORT)
-	$(RUN) serve $(CFG) export.serve_port=$(SERVE_PORT) $(ARGS)
+	$(RUN) serve $(CFG) serve.port=$(SERVE_PORT) $(ARGS)
 
 serve-adapters: ## one base + every adapter export of it: /embed and /search take "adapter", GET/POST /adapters
-	$(RUN) serve $(CFG) export.serve_port=$(SERVE_PORT) export.serve_adapters=[all] $(ARGS)
+	$(RUN) serve $(CFG) serve.port=$(SERVE_PORT) serve.adapters=[all] $(ARGS)
 
-targets: ## load an export into search engines (ARGS="export.targets=[qdrant,lancedb,opensearch]"), checked against FAISS
+targets: ## load an export into search engines (ARGS="targets.engines=[qdrant,lancedb,opensearch]"), checked against FAISS
 	$(RUN) targets $(CFG) $(ARGS)
 
 ui: ## MLflow UI on 127.0.0.1:$(MLFLOW_PORT) over the project's tracking store

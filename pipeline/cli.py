@@ -124,14 +124,14 @@ def _dispatch(args, cfg) -> int | None:
         stages.run(stage, cfg, overwrite=args.overwrite)
     elif stage == "export":
         out = stages.run("export", cfg, overwrite=args.overwrite, force=args.force)
-        if cfg.export.targets:
+        if cfg.targets.engines:
             stages.run("targets", cfg, export_dir=out)
-    elif stage == "targets":  # load an existing export into export.targets without exporting again
+    elif stage == "targets":  # load an existing export into targets.engines without exporting again
         from pipeline.core.artifacts import Layout
         from pipeline.core.errors import ConfigError
 
-        if not cfg.export.targets:
-            raise ConfigError("targets: export.targets is empty; e.g. export.targets=[qdrant,lancedb,opensearch]")
+        if not cfg.targets.engines:
+            raise ConfigError("targets: targets.engines is empty; e.g. targets.engines=[qdrant,lancedb,opensearch]")
         stages.run("targets", cfg, export_dir=Layout(cfg).export())
     else:
         stages.run(stage, cfg)

@@ -80,9 +80,9 @@ def project(tmp_path, monkeypatch, tiny_model_dir):
                  "label_column": "category", "group_column": "cluster",
                  "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
         "train": {"method": "lora", "batch_size": 8, "epochs": 1, "lr": 1e-3, "max_seq_length": 32,
-                  "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 5,
-                  # one thread: on a shared 2-core machine two threads of a tiny model spin-wait ~10x slower
-                  "num_threads": 1},
+                  "lora": {"r": 4, "alpha": 8}, "checkpoint_every": 5},
+        # one thread: on a shared 2-core machine two threads of a tiny model spin-wait ~10x slower
+        "runtime": {"num_threads": 1},
         "eval": {"bootstrap": 50, "classifier_c": [1.0], "batch_size": 32},
         "tracking": {"experiment": "tests"},
     }
@@ -287,7 +287,8 @@ def beir_project(tmp_path, monkeypatch, tiny_model_dir):
     make_beir(tmp_path / "beir")
     cfg = {"seed": 0, "model": {"base": str(tiny_model_dir)},
            "data": {"name": "tinybeir", "format": "beir", "path": "beir"},
-           "train": {"batch_size": 8, "epochs": 3, "lr": 5e-3, "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
+           "train": {"batch_size": 8, "epochs": 3, "lr": 5e-3, "lora": {"r": 4, "alpha": 8}},
+           "runtime": {"num_threads": 1},
            "eval": {"bootstrap": 50, "batch_size": 32}, "tracking": {"experiment": "tests"}}
     (tmp_path / "configs").mkdir()
     path = tmp_path / "configs" / "beir.yaml"

@@ -80,7 +80,8 @@ def test_all_stages_write_exactly_their_artefacts(project):
     assert t["validation"]["curve"] and t["validation_seconds"] > 0 and t["step_seconds"] > 0
     assert t["step_seconds"] + t["validation_seconds"] <= t["seconds"]
     pairs = sum(1 for _ in open(processed / "pairs.jsonl")) * t["steps"] / t["planned_steps"]  # whole epochs here
-    assert abs(t["pairs_per_second"] * t["step_seconds"] - pairs) <= 0.01 * pairs + 1
+    # step_seconds is rounded to 0.01 s: on a tiny run that alone moves the product by pairs_per_second * 0.005
+    assert abs(t["pairs_per_second"] * t["step_seconds"] - pairs) <= t["pairs_per_second"] * 0.005 + 0.01 * pairs + 1
     assert 0 < m["train"]["rss_before_train_mb"] <= m["train"]["peak_rss_mb"]
     assert "| base (untrained) |" in (report / "report.md").read_text()
 

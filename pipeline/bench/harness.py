@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -363,14 +364,36 @@ def _parity_blocks(per_query: dict[str, list[np.ndarray]], preds: dict[str, list
     return scores, comparison
 
 
-def _parity_seed(cfg: Config, seed: int, with_base: bool, work: Path, pairs_file: Path, texts_file: Path,
-                 splits: dict, label_names: list[str], per_query: dict, preds: dict) -> dict:
+@dataclass(frozen=True)
+class ParityData:
+    """What every seed of the parity part trains and scores on: the work folder, the sampled pairs and evaluation
+    texts (files the workers read), the splits and the label names."""
+
+    work: Path
+    pairs_file: Path
+    texts_file: Path
+    splits: dict
+    label_names: list[str]
+
+
+@dataclass
+class ParityScores:
+    """Per model, one entry per seed: recall@1 per test query and the chosen head's test predictions."""
+
+    per_query: dict = field(default_factory=dict)
+    preds: dict = field(default_factory=dict)
+
+
+def _parity_seed(cfg: Config, seed: int, with_base: bool, data: ParityData, out: ParityScores) -> dict:
     """Both training paths for one seed, each in a worker; their (and, once, the base's) test scores are
-    appended to ``per_query`` (recall@1 per query) and ``preds`` (the chosen head's predictions)."""
+    appended to ``out``."""
     from pipeline.contracts.prepared_data import has_groups, has_labels
     from pipeline.evaluate.heads import classify
     from pipeline.search import metrics as M
 
+    work, pairs_file, texts_file, splits, label_names = (data.work, data.pairs_file, data.texts_file, data.splits,
+                                                         data.label_names)
+    per_query, preds = out.per_query, out.preds
     b, test = cfg.bench, splits["test"]
     labelled, grouped = has_labels(test), has_groups(test)
     seed_cfg = cfg.model_copy(update={"seed": seed})
@@ -425,12 +448,12 @@ def bench_parity(cfg: Config, work: Path, layout: Layout) -> dict:
         raise BenchError("the parity part needs bootstrap intervals: set eval.bootstrap to a positive count "
                          "(e.g. eval.bootstrap=1000), or leave the parity part out")
 
-    per_query: dict[str, list[np.ndarray]] = {}
-    preds: dict[str, list[np.ndarray]] = {}
+    data, scored = ParityData(work, pairs_file, texts_file, splits, label_names), ParityScores()
+    per_query: dict[str, list[np.ndarray]] = scored.per_query
+    preds: dict[str, list[np.ndarray]] = scored.preds
     runs: list[dict] = []
     for seed in seeds:
-        run = _parity_seed(cfg, seed, seed == seeds[0], work, pairs_file, texts_file, splits, label_names,
-                           per_query, preds)
+        run = _parity_seed(cfg, seed, seed == seeds[0], data, scored)
         k = len(runs)
         run["scores"], run["comparison"] = _parity_blocks(
             {w: [per_query[w][k]] for w in ("project", "reference") if w in per_query},
@@ -507,7 +530,7 @@ def bench_faiss(cfg: Config, work: Path) -> dict:
     results = []
     for n in b.faiss_sizes:
         spec = {"task": "faiss", "n": n, "dim": b.faiss_dim, "queries": b.faiss_queries, "k": b.faiss_k,
-                "seed": cfg.seed, "threads": cfg.train.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n,
+                "seed": cfg.seed, "threads": cfg.runtime.num_threads, "hnsw_m": b.hnsw_m, "hnsw_max_n": b.hnsw_max_n,
                 "data": b.faiss_data, "cluster_size": b.faiss_cluster_size}
         log.info("bench: FAISS on %d %s vectors (dim %d) ...", n, b.faiss_data, b.faiss_dim)
         results.append(run_worker(spec, work / f"faiss-{n}"))
@@ -835,7 +858,7 @@ def _cpu_parts(cfg: Config, report: dict, work: Path, pairs_file: Path, texts_fi
     """The parts measured on the CPU, each into ``report`` under its name."""
     b = cfg.bench
     log.info("bench: measuring matmul peaks on the CPU ...")
-    report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", cfg.train.num_threads or os.cpu_count() or 1)}
+    report["peaks"] = {"cpu": measure_peaks(b.matmul_size, "cpu", cfg.runtime.num_threads or os.cpu_count() or 1)}
     if "train" in b.parts:
         report["train"], shape = bench_train(cfg, work, pairs_file, report["peaks"]["cpu"], "cpu")
         report["flop_model"]["shape"] = shape
@@ -874,7 +897,7 @@ def _gpu_part(cfg: Config, work: Path, pairs_file: Path, texts_file: Path) -> di
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device visible (torch.cuda.is_available() is False)"}
     log.info("bench: CUDA found, measuring the GPU ...")
-    peaks = measure_peaks(b.gpu_matmul_size, "cuda", cfg.train.num_threads or os.cpu_count() or 1)
+    peaks = measure_peaks(b.gpu_matmul_size, "cuda", cfg.runtime.num_threads or os.cpu_count() or 1)
     gpu = {"peaks": peaks}
     gpu["train"], _ = bench_train(cfg, work, pairs_file, peaks, "cuda")
     gpu["encode"] = bench_encode(cfg, work, texts_file, peaks, "cuda")

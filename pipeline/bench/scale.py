@@ -113,7 +113,7 @@ def bench_memory(cfg: Config, work: Path, titles: list[str]) -> list[dict]:
         m = run_stage(cfg, work, f"memory-{n}", [f"corpus.input={data}", "corpus.encoder=base", f"model.base={model}",
                                                  "corpus.index.enabled=false", "corpus.executor=local",
                                                  # one thread: a tiny model's second thread only spin-waits
-                                                 "train.num_threads=1"])
+                                                 "runtime.num_threads=1"])
         rows.append(_row(f"memory-{n}", m))
         (work / f"titles-{n}.parquet").unlink()
     return rows

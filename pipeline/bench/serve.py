@@ -7,7 +7,7 @@
 - Throughput: requests/s and p50/p99 latency over HTTP on 127.0.0.1 for one adapter, and for requests spread
   round-robin over ``bench.serve_spread`` adapters, against one process per merged model (the CPU threads
   split between those processes, so both sides use the same cores). Both kinds of server group the
-  requests of one ``export.serve_batch_ms`` window into one batch per model, so batching is not the difference.
+  requests of one ``serve.batch_ms`` window into one batch per model, so batching is not the difference.
 - Adding an adapter at run time: the seconds ``AdapterSet.add_folder`` takes in a serving process.
 
 The adapters are random LoRA weights of the ``train.lora`` shape on ``model.base`` (memory and speed do not
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -254,14 +255,27 @@ def load(targets: list[tuple[str, str]], texts: list[str], n: int, concurrency: 
 
 def _spec(mode: str, dirs: list[Path], threads: int, cfg: Config, meta: dict, extra: list[Path] = ()) -> dict:
     return {"mode": mode, "dirs": [str(d) for d in dirs], "threads": threads, "base_meta": meta,
-            "max_seq_length": meta["max_seq_length"], "window_ms": cfg.export.serve_batch_ms,
+            "max_seq_length": meta["max_seq_length"], "window_ms": cfg.serve.batch_ms,
             "extra": [str(d) for d in extra]}
 
 
-def _memory_rows(cfg: Config, work: Path, adapters: list[Path], merged: list[Path], meta: dict, threads: int,
-                 seen: dict) -> list[dict]:
-    """One row per (mode, models); ``seen`` holds the readings of the throughput servers of the same shape
+@dataclass(frozen=True)
+class Served:
+    """The bench's models: adapter folders, the same adapters merged, extra adapters that are added while serving,
+    and the base's metadata; ``threads`` per serving process, ``seen`` the servers' readings so far."""
+
+    adapters: list[Path]
+    merged: list[Path]
+    extra: list[Path]
+    meta: dict
+    threads: int
+    seen: dict
+
+
+def _memory_rows(cfg: Config, work: Path, models: Served) -> list[dict]:
+    """One row per (mode, models); ``models.seen`` holds the readings of the throughput servers of the same shape
     (one process, all threads, read before any load), so those are not started twice."""
+    adapters, merged, meta, threads, seen = models.adapters, models.merged, models.meta, models.threads, models.seen
     counts = sorted(set(cfg.bench.serve_adapter_counts))
     rows = []
     for mode, dirs, wanted in (("adapters", adapters, counts), ("merged", merged, sorted(set(counts) | {3}))):
@@ -276,8 +290,9 @@ def _memory_rows(cfg: Config, work: Path, adapters: list[Path], merged: list[Pat
     return rows
 
 
-def _throughput_rows(cfg: Config, work: Path, adapters: list[Path], merged: list[Path], extra: list[Path],
-                     meta: dict, texts: list[str], threads: int, seen: dict) -> tuple[list[dict], list[float]]:
+def _throughput_rows(cfg: Config, work: Path, models: Served, texts: list[str]) -> tuple[list[dict], list[float]]:
+    adapters, merged, extra, meta = models.adapters, models.merged, models.extra, models.meta
+    threads, seen = models.threads, models.seen
     b = cfg.bench
     spread = min(b.serve_spread, len(adapters))
 
@@ -330,16 +345,16 @@ def verdict(memory: list[dict]) -> dict:
 def run(cfg: Config, work: Path, texts: list[str]) -> dict:
     """The serve part of ``make bench``: memory, throughput and run-time add; every server on 127.0.0.1."""
     b = cfg.bench
-    threads = cfg.train.num_threads or os.cpu_count() or 1
+    threads = cfg.runtime.num_threads or os.cpu_count() or 1
     most = max(max(b.serve_adapter_counts), 3, b.serve_spread)
     log.info("bench serve: building %d random adapters and their merged models ...", most + EXTRA_ADAPTERS)
     adapters, merged, meta = make_models(cfg, work / "serve-models", most + EXTRA_ADAPTERS)
     extra, adapters, merged = adapters[most:], adapters[:most], merged[:most]
-    seen: dict = {}
-    throughput, add_seconds = _throughput_rows(cfg, work, adapters, merged, extra, meta, texts, threads, seen)
-    memory = _memory_rows(cfg, work, adapters, merged, meta, threads, seen)
+    models = Served(adapters, merged, extra, meta, threads, seen={})
+    throughput, add_seconds = _throughput_rows(cfg, work, models, texts)
+    memory = _memory_rows(cfg, work, models)
     return {"base": cfg.model.base, "lora": cfg.train.lora.model_dump(mode="json"), "threads": threads,
-            "batch_window_ms": cfg.export.serve_batch_ms, "requests": b.serve_requests,
+            "batch_window_ms": cfg.serve.batch_ms, "requests": b.serve_requests,
             "concurrency": b.serve_concurrency, "memory": memory, "throughput": throughput,
             "add_adapter_seconds": add_seconds,
             "add_adapter_seconds_median": statistics.median(add_seconds) if add_seconds else None,

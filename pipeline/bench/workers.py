@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,7 +140,7 @@ def _setup_torch(cfg, device_pref: str, precision: str):
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.runtime.num_threads or os.cpu_count() or 1)
     device = pick_device(device_pref)
     return device, pick_dtype(precision, device)
 
@@ -166,17 +167,35 @@ def _load(cfg, device):
     return load_base(cfg.model, device=device, max_seq_length=cfg.train.max_seq_length)
 
 
-def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
-                 on_step: Callable[[int, int, float], None], replay_after: int | None = None,
-                 replay_window: int | None = None) -> None:
-    """The train stage's loop (same batches, optimiser, schedule and step), without its bookkeeping.
+@dataclass(frozen=True)
+class LoopSetup:
+    """What the project's loop trains: the model, its pair tensors, the config (train settings and seed), and where."""
 
-    ``replay_after=w``, ``replay_window=s``: after ``w`` warm-up steps, every window of ``s`` steps
-    replays the first ``s`` batches of epoch 0, so each timed window sees exactly the same batches
-    (length-grouped batches differ a lot in length, and other batches would measure other texts).
-    """
+    st_model: Any
+    data: Any
+    cfg: Any
+    device: Any
+    dtype: Any = None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """After ``after`` warm-up steps, every window of ``window`` steps replays the first ``window`` batches of
+    epoch 0, so each timed window sees exactly the same batches (length-grouped batches differ a lot in length,
+    and other batches would measure other texts)."""
+
+    after: int
+    window: int | None = None
+
+
+def project_loop(setup: LoopSetup, total_steps: int, on_step: Callable[[int, int, float], None],
+                 replay: Replay | None = None) -> None:
+    """The train stage's loop (same batches, optimiser, schedule and step), without its bookkeeping."""
     from pipeline.train.loop import Batches, Stepper, make_optimizer, make_scheduler, run_steps
 
+    st_model, data, t, seed, device, dtype = (setup.st_model, setup.data, setup.cfg.train, setup.cfg.seed,
+                                              setup.device, setup.dtype)
+    replay_after, replay_window = (replay.after, replay.window) if replay else (None, None)
     optimizer = make_optimizer(st_model, t)
     stepper = Stepper(st_model, data, t, optimizer, make_scheduler(optimizer, t, total_steps), device, dtype)
     batches = Batches(data.lengths, t, seed)
@@ -191,9 +210,20 @@ def project_loop(st_model, data, t, seed: int, device, dtype, total_steps: int,
         on_step(step, len(idx), loss)
 
 
-def reference_trainer(st_model, pairs, cfg, *, precision: str, device, max_steps: int, epochs: float,
-                      drop_last: bool, out_dir: Path, callbacks=()):
+@dataclass(frozen=True)
+class RefRun:
+    """How the reference trainer runs: precision and device, and its schedule (max_steps -1: by epochs)."""
+
+    precision: str
+    device: Any
+    max_steps: int
+    epochs: float
+    drop_last: bool
+
+
+def reference_trainer(st_model, pairs, cfg, run: RefRun, out_dir: Path, callbacks=()):
     """sentence-transformers' own trainer + MultipleNegativesRankingLoss, its defaults except what must match."""
+    precision, device, max_steps, epochs, drop_last = run.precision, run.device, run.max_steps, run.epochs, run.drop_last
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -279,8 +309,7 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
 
         rss_before = current_rss_mb()
         stamps.append({"time": time.perf_counter(), "items": 0, "counter": counter.snapshot()})
-        project_loop(st_model, data, t, cfg.seed, device, dtype, total, on_step, replay_after=warmup,
-                     replay_window=steps)
+        project_loop(LoopSetup(st_model, data, cfg, device, dtype), total, on_step, Replay(warmup, steps))
     else:
         from transformers import TrainerCallback
 
@@ -301,8 +330,9 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
                 if after_step:
                     after_step()
 
-        trainer = reference_trainer(st_model, pairs, cfg, precision=spec["precision"], device=device, max_steps=total,
-                                    epochs=1, drop_last=True, out_dir=out_dir / "hf-trainer", callbacks=[Stamp()])
+        trainer = reference_trainer(st_model, pairs, cfg, RefRun(spec["precision"], device, max_steps=total, epochs=1,
+                                                                 drop_last=True),
+                                    out_dir / "hf-trainer", callbacks=[Stamp()])
         rss_before = current_rss_mb()
         trainer.train()
     if len(stamps) != total + 1:
@@ -404,12 +434,13 @@ def task_parity(spec: dict, out_dir: Path) -> dict:
         steps = max(1, math.ceil(spec["epochs"] * len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0,
                                                                       t.length_grouping))))
         started = time.perf_counter()
-        project_loop(st_model, data, t, cfg.seed, device, dtype, steps, lambda s, n, loss: losses.append(loss))
+        project_loop(LoopSetup(st_model, data, cfg, device, dtype), steps, lambda s, n, loss: losses.append(loss))
     else:
         add_reference_lora(st_model, t.lora)
         st_model.to(device)
-        trainer = reference_trainer(st_model, pairs, cfg, precision=spec["precision"], device=device, max_steps=-1,
-                                    epochs=spec["epochs"], drop_last=False, out_dir=out_dir / "hf-trainer")
+        trainer = reference_trainer(st_model, pairs, cfg, RefRun(spec["precision"], device, max_steps=-1,
+                                                                 epochs=spec["epochs"], drop_last=False),
+                                    out_dir / "hf-trainer")
         started = time.perf_counter()
         out = trainer.train()
         steps = int(out.global_step)

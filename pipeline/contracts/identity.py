@@ -45,8 +45,8 @@ def _sections_hash(cfg: Config, sections: tuple[str, ...]) -> str:
 def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
     """Identity of a trained model: base, training settings, seed, prompts and the prepared data."""
     # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
-    # run resumed with another thread count, checkpoint interval or checkpointing setting continues.
-    train = cfg.train.model_dump(mode="json", exclude={"num_threads", "checkpoint_every", "gradient_checkpointing"})
+    # run resumed with another checkpoint interval or checkpointing setting continues (threads: runtime.num_threads).
+    train = cfg.train.model_dump(mode="json", exclude={"checkpoint_every", "gradient_checkpointing"})
     for key, default in (("weights_dtype", "fp32"), ("quantization", "none"), ("pre_step", "none"),
                          ("label_loss_weight", None), ("pair_loss_weight", 1.0)):
         if train[key] == default:  # at their defaults, runs keep the identity they had before these existed

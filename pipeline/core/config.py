@@ -253,7 +253,6 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_seq_length: int = Field(64, ge=8)
     checkpoint_every: int = Field(200, ge=1)  # steps
-    num_threads: int | None = None
     grad_clip: float = 1.0
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     pre_step: Literal["none", "tsdae"] = "none"  # before the contrastive steps (the corpus objective's option)
@@ -298,9 +297,19 @@ class ServicesConfig(Section):
     timeout_s: float = Field(5.0, gt=0, le=600)
 
 
-class TargetOptions(Section):
-    """Where ``export.targets`` load the exported index (pipeline/export/targets.py)."""
+class RuntimeConfig(Section):
+    """How this machine runs a command, for every stage: not part of any artefact's identity, so a run resumed or
+    re-embedded with another thread count continues from what it has."""
 
+    num_threads: int | None = None  # torch, onnxruntime and FAISS threads; None: the libraries' default
+
+
+class TargetsConfig(Section):
+    """``make targets`` (and ``make export`` when ``engines`` is set): the search engines an export's index is
+    loaded into, and where they are (pipeline/export/targets.py). Loading reads a finished export; it never
+    changes it, so none of this is in the export's identity."""
+
+    engines: list[Literal["qdrant", "lancedb", "opensearch", "elasticsearch"]] = Field(default_factory=list)
     # Qdrant collection / LanceDB table / OpenSearch index; default: the run name. It mirrors one export:
     # a load deletes the rows of any other export found in it.
     name: str | None = None
@@ -329,6 +338,17 @@ class EmbedConfig(Section):
     onnx_cache_mb: float = Field(4096, gt=0)  # <paths.cache>/onnx/ at most; least recently used traces go first
 
 
+class ServeConfig(Section):
+    """``make serve``: HTTP /embed and /search over a finished export on 127.0.0.1 (pipeline/serve/)."""
+
+    form: Literal["onnx", "onnx_int8", "merged"] = "onnx"  # the form queries are embedded with
+    port: int = Field(8000, ge=1, le=65535)
+    # Adapter exports (run names under exports/, or folders) put on one base model; [all]: every adapter export
+    # of the served run's base; empty: serve one export (pipeline/serve/adapters.py).
+    adapters: list[str] = Field(default_factory=list)
+    batch_ms: float = Field(5.0, ge=0, le=1000)  # requests this close together are grouped per adapter
+
+
 class ExportConfig(Section):
     onnx: bool = True
     quantize_int8: bool = True
@@ -349,15 +369,6 @@ class ExportConfig(Section):
     hnsw_ef_search: int = Field(128, ge=1)
     mlflow_model: bool = True  # log the merged model to the run's MLflow run (sentence_transformers flavor)
     register_name: str | None = None  # also register it in the MLflow model registry under this name
-    serve_form: Literal["onnx", "onnx_int8", "merged"] = "onnx"
-    serve_port: int = Field(8000, ge=1, le=65535)
-    # Search engines the exported index is loaded into after the export (pipeline/export/targets.py).
-    targets: list[Literal["qdrant", "lancedb", "opensearch", "elasticsearch"]] = Field(default_factory=list)
-    target_options: TargetOptions = Field(default_factory=TargetOptions)
-    # Adapter exports (run names under exports/, or folders) that `serve` puts on one base model; [all]:
-    # every adapter export of the served run's base; empty: serve one export (pipeline/serve/adapters.py).
-    serve_adapters: list[str] = Field(default_factory=list)
-    serve_batch_ms: float = Field(5.0, ge=0, le=1000)  # requests this close together are grouped per adapter
 
 
 class SweepConfig(Section):
@@ -536,6 +547,9 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
@@ -607,6 +621,22 @@ def _yaml_error_line(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
+# Keys that moved to their own section: an old config gets one line saying where, not "unknown key".
+MOVED = {"train.num_threads": "runtime.num_threads", "export.serve_form": "serve.form",
+         "export.serve_port": "serve.port", "export.serve_adapters": "serve.adapters",
+         "export.serve_batch_ms": "serve.batch_ms", "export.targets": "targets.engines",
+         "export.target_options": "targets"}
+
+
+def _check_moved(tree: dict, source: str) -> None:
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            raise ConfigError(f"{source}: '{old}' is now '{new}'" + (" (same keys inside)" if new.count(".") == 0
+                                                                     else ""))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (default ``configs/default.yaml``) and apply ``key=value`` overrides."""
     path = Path(path) if path else DEFAULT_CONFIG
@@ -628,6 +658,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
         overridden.add(key)
+    _check_moved(tree, str(path))
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

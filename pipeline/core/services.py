@@ -10,7 +10,7 @@ finished stays on disk (every stage writes atomically) and the rerun continues f
   ``auto`` and turns a loopback address into this machine's address unless multi-node clusters are off)
   must accept a TCP connection and answer a gRPC health check. A Ray GCS answers it; a Ray Client server
   (``ray://``) answers "unimplemented", which is an answer too.
-- HTTP (Qdrant's ``export.target_options.qdrant_url``, an MLflow tracking server): an answer below 500 to a GET.
+- HTTP (Qdrant's ``targets.qdrant_url``, an MLflow tracking server): an answer below 500 to a GET.
 
 The stages call :func:`preflight` through pipeline/stages.py; the Ray helpers (pipeline/core/raycluster.py),
 the Qdrant loader and the tracking store use :func:`check` and :class:`Watch` from here.
@@ -177,12 +177,12 @@ def ray_service(setting: str, address: str | None, target: str | None = None) ->
 
 
 def qdrant_service(cfg: Config) -> Service | None:
-    """The Qdrant server ``export.target_options.qdrant_url`` names; None for Qdrant's local mode."""
-    url = cfg.export.target_options.qdrant_url
+    """The Qdrant server ``targets.qdrant_url`` names; None for Qdrant's local mode."""
+    url = cfg.targets.qdrant_url
     if not url:
         return None
     full = url if "://" in url else f"http://{url}"
-    return Service("export.target_options.qdrant_url", url, "Qdrant server", "http", full.rstrip("/") + "/",
+    return Service("targets.qdrant_url", url, "Qdrant server", "http", full.rstrip("/") + "/",
                    "start Qdrant or fix the URL; unset it to load into Qdrant's local mode under "
                    "exports/<run>/targets/")
 
@@ -208,7 +208,7 @@ def needed(stage: str, cfg: Config) -> list[Service]:
         found.append(ray_service("sweep.ray_address", cfg.sweep.ray_address))
     if stage == "embed-corpus" and cfg.corpus.executor == "ray" and cfg.corpus.ray_address:
         found.append(ray_service("corpus.ray_address", cfg.corpus.ray_address))
-    if stage in ("export", "targets") and "qdrant" in cfg.export.targets:  # the CLI loads them after an export
+    if stage in ("export", "targets") and "qdrant" in cfg.targets.engines:  # the CLI loads them after an export
         found.append(qdrant_service(cfg))
     if stage in TRACKED and cfg.tracking.on_unreachable == "error":  # "local": tracking falls back by itself
         found.append(mlflow_service(cfg))

@@ -74,7 +74,7 @@ def run(cfg: Config, *, force: bool = False) -> Path:
     if not force and is_up_to_date(out, fp):
         log.info("embed: %s is up to date", out)
         return out
-    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.runtime.num_threads or torch.get_num_threads())
     device = pick_device(cfg.train.device)
     max_len = info.get("max_seq_length") or cfg.train.max_seq_length
     base_dir = ensure_base_embeddings(cfg, layout, prep, device, max_len)

@@ -16,7 +16,9 @@ Writes ``reports/probes/<run>--on--<dataset>/probe.json`` and ``probe.md`` and l
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -57,13 +59,33 @@ def _needed(prep: dict, processed: Path, pcfg: Config) -> tuple[list[str], list[
     return ["test.jsonl"], [pcfg.pairs.label_template.format(label=l) for l in labels]
 
 
-def _cached_embeddings(folder: Path, key: str, pcfg: Config, make_model, processed: Path, files, label_texts,
-                       max_len: int, stage: str, prompts_of) -> Path:
+@dataclass(frozen=True)
+class ProbeTexts:
+    """What the probe embeds: the probe corpus's prepared folder, its text files, the label texts and the length."""
+
+    processed: Path
+    files: list[str]
+    label_texts: list[str]
+    max_len: int
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """One side of the probe: how to load its model and its prompts, and the stage its cache manifest names."""
+
+    stage: str
+    load: Callable
+    prompts_of: Callable
+
+
+def _cached_embeddings(folder: Path, key: str, pcfg: Config, texts: ProbeTexts, side: _Encoder) -> Path:
     """The probe corpus's files embedded as the embed stage writes them (pipeline/model/backends.py), cached by key."""
     if is_up_to_date(folder, key):
         return folder
-    st_model = make_model()
-    used = prompts_of(st_model)
+    processed, files, label_texts, max_len, stage = (texts.processed, texts.files, texts.label_texts, texts.max_len,
+                                                     side.stage)
+    st_model = side.load()
+    used = side.prompts_of(st_model)
     encoder, backend = backends.select_for_files(pcfg, st_model, processed, files, max_len, used,
                                                  backends.texts_to_embed(processed, files, label_texts, used))
     with atomic_dir(folder) as tmp:
@@ -133,8 +155,9 @@ def run(cfg: Config) -> Path:
     files, label_texts = _needed(prep, processed, pcfg)
     label_names = load_labels(processed) if label_texts else []
     max_len = info.get("max_seq_length") or cfg.train.max_seq_length
-    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.runtime.num_threads or torch.get_num_threads())
     device = pick_device(cfg.train.device)
+    texts = ProbeTexts(processed, files, label_texts, max_len)
 
     # The base model's embeddings: reuse the probe dataset's own eval cache when it holds them.
     key = base_embeddings_key(pcfg, prep.get("texts_fingerprint", prep["fingerprint"]), max_len)
@@ -143,10 +166,9 @@ def run(cfg: Config) -> Path:
             and (not label_texts or (base_dir / "labels.npy").exists())):
         fkey = digest([key, files, label_texts])
         base_dir = _cached_embeddings(
-            Path(cfg.paths.cache) / "probe-embeddings" / f"{key}-{fkey}", fkey, pcfg,
-            lambda: load_base(cfg.model, device=device, max_seq_length=max_len),
-            processed, files, label_texts, max_len, "probe-embed-base",
-            lambda st: prompts.for_run(cfg, st))
+            Path(cfg.paths.cache) / "probe-embeddings" / f"{key}-{fkey}", fkey, pcfg, texts,
+            _Encoder("probe-embed-base", lambda: load_base(cfg.model, device=device, max_seq_length=max_len),
+                     lambda st: prompts.for_run(cfg, st)))
 
     def trained():
         st_model = load_trained(model_dir, device=device, expected_base=cfg.model.base)
@@ -159,9 +181,8 @@ def run(cfg: Config) -> Path:
         adapted_dir = base_dir
     else:
         akey = digest([train_manifest["fingerprint"], prep["fingerprint"], files, label_texts, backend_key(cfg)])
-        adapted_dir = _cached_embeddings(layout.run() / f"probe-{pcfg.data.name}", akey, pcfg, trained, processed,
-                                         files, label_texts, max_len, "probe-embed",
-                                         lambda st: prompts.of_record(info.get("prompts")))
+        adapted_dir = _cached_embeddings(layout.run() / f"probe-{pcfg.data.name}", akey, pcfg, texts,
+                                         _Encoder("probe-embed", trained, lambda st: prompts.of_record(info.get("prompts"))))
 
     result = score(prep, processed, pcfg, adapted_dir, base_dir, label_names)
     payload = {"run_name": cfg.resolved_run_name, "trained_on": cfg.data.name, "probe_dataset": pcfg.data.name,

@@ -11,7 +11,7 @@ RRF (pipeline/search/ir.py). Qdrant does all three natively on one point per doc
   export's ``hybrid.json`` (``k`` and the weights chosen on validation).
 
 After the load, the collection answers the export's sample queries in hybrid mode and its top-k must agree with
-serve's :class:`~pipeline.contracts.document_index.DocumentSearch` (``target_options.min_overlap``).
+serve's :class:`~pipeline.contracts.document_index.DocumentSearch` (``targets.min_overlap``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _create(client, name: str, dim: int) -> None:
         dense = vectors.get(DENSE) if isinstance(vectors, dict) else None
         if dense is None or dense.size != dim or dense.multivector_config is None:
             raise ExportError(f"Qdrant collection '{name}' is not a document collection of {dim}-dim passage "
-                              "multivectors; delete it or set export.target_options.name to another collection")
+                              "multivectors; delete it or set targets.name to another collection")
         return
     client.create_collection(
         name, vectors_config={DENSE: models.VectorParams(size=dim, distance=models.Distance.COSINE,
@@ -87,7 +87,7 @@ def load(client, data, cfg: Config, name: str, namespace: uuid.UUID) -> dict:
     passages_of: dict[int, list[int]] = {}
     for row, doc in enumerate(search.doc_of):
         passages_of.setdefault(int(doc), []).append(row)
-    size = cfg.export.target_options.batch_size
+    size = cfg.targets.batch_size
     for start in range(0, len(search.documents), size):
         points = []
         for i in range(start, min(start + size, len(search.documents))):

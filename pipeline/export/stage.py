@@ -32,6 +32,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -158,9 +159,21 @@ def _fmt_metric(value, ci) -> str:
     return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{value:.4f}"
 
 
-def model_card(*, run_name: str, info: dict, cfg: Config, prep: dict, train_manifest: dict, metrics: dict | None,
-               gate: dict, forms: dict, index_meta: dict, neighbours: dict | None, mlflow_info: dict | None) -> str:
+@dataclass
+class Built:
+    """What an export built and checked: the forms written, the gate's numbers, the index, and how often every
+    form finds the same neighbours in it."""
+
+    forms: dict
+    gate: dict
+    index_meta: dict
+    neighbours: dict | None
+
+
+def model_card(ex: _Export, metrics: dict | None, built: Built, mlflow_info: dict | None) -> str:
     """The export's README.md: model, data, metrics, the equivalence gate, files, training config."""
+    run_name, info, cfg, prep, train_manifest = ex.run_name, ex.info, ex.cfg, ex.prep, ex.train_manifest
+    gate, forms, index_meta, neighbours = built.gate, built.forms, built.index_meta, built.neighbours
     lines = [f"# {run_name}", "",
              f"`{info['base']}` adapted to **{cfg.data.name}** ({info['method']} fine-tuning) by this pipeline.", ""]
     lines += _card_model(info, train_manifest)
@@ -321,11 +334,7 @@ def log_to_mlflow(cfg: Config, run_id: str | None, merged_st, folder: Path, summ
 # --------------------------------------------------------------------------------------------------- run
 
 def fingerprint(cfg: Config, train_manifest: dict, prep: dict, metrics_path: Path) -> str:
-    ecfg = cfg.export.model_dump(mode="json")
-    # Serving and loading into search engines read a finished export; they do not change it.
-    for k in ("serve_form", "serve_port", "targets", "target_options", "serve_adapters",
-              "serve_batch_ms"):
-        ecfg.pop(k, None)
+    ecfg = cfg.export.model_dump(mode="json")  # serving and loading into engines have their own sections
     metrics_hash = sha256_file(metrics_path) if metrics_path.exists() else None
     payload = [EXPORT_VERSION, train_manifest["fingerprint"], prep["fingerprint"], ecfg, metrics_hash,
                cfg.tracking.enabled]
@@ -440,7 +449,7 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
         from pipeline.core import tracking
 
         tracking.resolve_uri(cfg)  # an unreachable server fails here, before minutes of work
-    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.runtime.num_threads or torch.get_num_threads())
     ex = _Export(cfg, layout, prep, train_manifest, info, fp)
     log.info("export: %s (%s) -> %s", run_name, info["method"], out)
     with atomic_dir(out) as tmp:
@@ -454,9 +463,10 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
         _raise_on_failures(check_gate(gate, ex.ecfg), run_name, out)
         gate["passed"] = True
         index_meta, neighbours = _index_and_neighbours(ex, tmp, encoders)
-        mlflow_info = _card_and_mlflow(ex, tmp, merged_st, gate, forms, index_meta, neighbours)
+        built = Built(forms, gate, index_meta, neighbours)
+        mlflow_info = _card_and_mlflow(ex, tmp, merged_st, built)
         ex.timing["total_seconds"] = round(time.perf_counter() - ex.started, 2)
-        _write_manifest(ex, tmp, forms, gate, neighbours, index_meta, mlflow_info)
+        _write_manifest(ex, tmp, built, mlflow_info)
     log.info("export: wrote %s in %.0fs (index %d items, %s)", out, ex.timing["total_seconds"], index_meta["n"],
              index_meta["factory"])
     return out
@@ -607,9 +617,9 @@ def _index_and_neighbours(ex: _Export, tmp: Path, encoders: dict) -> tuple[dict,
     return index_meta, neighbours
 
 
-def _card_and_mlflow(ex: _Export, tmp: Path, merged_st, gate: dict, forms: dict, index_meta: dict,
-                     neighbours: dict) -> dict | None:
+def _card_and_mlflow(ex: _Export, tmp: Path, merged_st, built: Built) -> dict | None:
     """README.md (the model card) and, when tracking is on, the merged model (and adapter) in MLflow."""
+    gate, index_meta = built.gate, built.index_meta
     metrics = read_json(ex.metrics_path) if ex.metrics_path.exists() else None
     summary = {"merged_vs_reference_min_cos": gate["merged_vs_reference_min_cos"],
                "merged_vs_base_mean_cos": gate["merged_vs_base_mean_cos"],
@@ -617,28 +627,25 @@ def _card_and_mlflow(ex: _Export, tmp: Path, merged_st, gate: dict, forms: dict,
                **({"onnx_int8_vs_torch_min_cos": gate["onnx_int8_vs_torch_min_cos"]}
                   if gate["onnx_int8_vs_torch_min_cos"] is not None else {}),
                "index_items": index_meta["n"], "export_fingerprint": ex.fp}
-    card = dict(run_name=ex.run_name, info=ex.info, cfg=ex.cfg, prep=ex.prep, train_manifest=ex.train_manifest,
-                metrics=metrics, gate=gate, forms=forms, index_meta=index_meta, neighbours=neighbours)
-    (tmp / "README.md").write_text(model_card(**card, mlflow_info=None), encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(ex, metrics, built, mlflow_info=None), encoding="utf-8")
     mlflow_info = log_to_mlflow(ex.cfg, ex.train_manifest.get("mlflow_run_id"), merged_st, tmp, summary)
     if mlflow_info and ex.info["method"] == "lora":  # the adapter as a model of its own, beside the merged one
         from pipeline.export import mlflow_adapter
 
         mlflow_info["adapter"] = mlflow_adapter.log_adapter_model(
             ex.cfg, mlflow_info["run_id"], tmp / "adapter", read_json(tmp / "adapter" / BASE_META))
-    if mlflow_info and forms.get("head"):  # the merged model with its label head: a pyfunc that classifies
+    if mlflow_info and built.forms.get("head"):  # the merged model with its label head: a pyfunc that classifies
         from pipeline.export import mlflow_classifier
 
         mlflow_info["classifier"] = mlflow_classifier.log_classifier_model(
             ex.cfg, mlflow_info["run_id"], tmp / "merged", tmp / label_head.FOLDER)
     if mlflow_info:
-        (tmp / "README.md").write_text(model_card(**card, mlflow_info=mlflow_info), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(ex, metrics, built, mlflow_info=mlflow_info), encoding="utf-8")
     ex.lap("mlflow_seconds")
     return mlflow_info
 
 
-def _write_manifest(ex: _Export, tmp: Path, forms: dict, gate: dict, neighbours: dict, index_meta: dict,
-                    mlflow_info: dict | None) -> None:
+def _write_manifest(ex: _Export, tmp: Path, built: Built, mlflow_info: dict | None) -> None:
     inputs = {"model": ex.train_manifest["fingerprint"], "prepared_data": ex.prep["fingerprint"]}
     if ex.metrics_path.exists():
         inputs["metrics"] = sha256_file(ex.metrics_path)
@@ -646,7 +653,8 @@ def _write_manifest(ex: _Export, tmp: Path, forms: dict, gate: dict, neighbours:
     write_json_atomic(tmp / MANIFEST, make_manifest("export", ex.cfg, fingerprint=ex.fp, inputs=inputs, extra={
         "run_name": ex.run_name, "method": info["method"],
         "base": {k: info.get(k) for k in ("base", "base_resolved", "base_fingerprint", "revision")},
-        "forms": forms, "gate": gate, "neighbours": neighbours, "index": index_meta, "timing": ex.timing,
+        "forms": built.forms, "gate": built.gate, "neighbours": built.neighbours, "index": built.index_meta,
+        "timing": ex.timing,
         "mlflow": mlflow_info, "merged_hash": hash_tree(tmp / "merged"),
         "mlflow_run_id": (mlflow_info or {}).get("run_id") or ex.train_manifest.get("mlflow_run_id")}))
 

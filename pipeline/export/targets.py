@@ -1,14 +1,14 @@
 """targets: load a finished export's index into the search engines users run, and check it against FAISS.
 
-``export.targets`` names the engines; ``export.target_options`` says where they are. Each load reads
+``targets.engines`` names the engines; the rest of ``targets`` says where they are. Each load reads
 ``exports/<run>/index/`` (the FAISS vectors and ``records.jsonl``), so every engine holds exactly the
 vectors the export's gate checked, and writes what it did to ``exports/<run>/targets/targets.json``.
 
 - ``qdrant``: a collection of ``dim`` vectors, cosine distance, payload text/label/group/split/record_id.
   Local mode (``QdrantClient(path=...)``) under ``exports/<run>/targets/qdrant`` unless
-  ``target_options.qdrant_url`` names a server (API key from ``QDRANT_API_KEY``).
+  ``targets.qdrant_url`` names a server (API key from ``QDRANT_API_KEY``).
 - ``lancedb``: an embedded LanceDB table (``vector`` a fixed-size list of float32) searched with the
-  cosine metric; under ``exports/<run>/targets/lancedb`` unless ``target_options.lancedb_uri`` is set.
+  cosine metric; under ``exports/<run>/targets/lancedb`` unless ``targets.lancedb_uri`` is set.
 - ``opensearch`` / ``elasticsearch``: no engine runs here, so the load is the files a user posts: an index
   body (``mapping.json``: knn_vector/cosinesimil, or dense_vector/cosine) and ``bulk-NNNNN.ndjson`` files
   for ``POST /_bulk``; the agreement check runs on the vectors as read back from those files.
@@ -21,7 +21,7 @@ Re-running is idempotent: point and document ids are derived from the record ids
 replaces rather than duplicates, and rows left from an earlier export (another fingerprint) are deleted
 after the load. A collection of another dimension is refused, never silently recreated. After each load
 the engine answers the export's sample queries and its top-k must agree with FAISS flat
-(``target_options.min_overlap``); otherwise ``ExportError``.
+(``targets.min_overlap``); otherwise ``ExportError``.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def _qdrant_collection(client, name: str, dim: int) -> None:
         if getattr(params, "size", None) != dim or params.distance != models.Distance.COSINE:
             raise ExportError(f"Qdrant collection '{name}' holds {getattr(params, 'size', '?')}-dim "
                               f"{getattr(params, 'distance', '?')} vectors, this export {dim}-dim cosine; delete it "
-                              "or set export.target_options.name to another collection")
+                              "or set targets.name to another collection")
         return
     client.create_collection(name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
 
@@ -202,7 +202,7 @@ def load_qdrant(data: ExportedIndex, cfg: Config, name: str, rows: Sequence[int]
     try:
         with _qdrant_answers(cfg, name, sent, len(data.records)):
             _qdrant_collection(client, name, data.dim)
-            for batch in data.batches(cfg.export.target_options.batch_size, f"qdrant {name}"):
+            for batch in data.batches(cfg.targets.batch_size, f"qdrant {name}"):
                 client.upsert(name, wait=True, points=[
                     models.PointStruct(id=data.point_id(i), vector=data.vectors[i].tolist(), payload=data.payload(i))
                     for i in batch])
@@ -257,7 +257,7 @@ def _lance_batch(data: ExportedIndex, rows: range):
 def load_lancedb(data: ExportedIndex, cfg: Config, name: str, rows: Sequence[int]) -> dict:
     import lancedb
 
-    uri = cfg.export.target_options.lancedb_uri or str(data.export_dir / "targets" / "lancedb")
+    uri = cfg.targets.lancedb_uri or str(data.export_dir / "targets" / "lancedb")
     db = lancedb.connect(uri)
     try:
         table = db.open_table(name)
@@ -268,10 +268,10 @@ def load_lancedb(data: ExportedIndex, cfg: Config, name: str, rows: Sequence[int
         size = getattr(field.type, "list_size", None) if field is not None else None
         if size != data.dim:
             raise ExportError(f"LanceDB table '{name}' in {uri} holds {size}-dim vectors, this export {data.dim}; "
-                              "drop it or set export.target_options.name to another table")
+                              "drop it or set targets.name to another table")
     else:
         table = db.create_table(name, schema=_lance_batch(data, range(0, 1)).schema)
-    for batch in data.batches(cfg.export.target_options.batch_size, f"lancedb {name}"):
+    for batch in data.batches(cfg.targets.batch_size, f"lancedb {name}"):
         (table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
          .execute(_lance_batch(data, batch)))
     table.delete(f"export_fingerprint != '{data.fingerprint}'")
@@ -310,7 +310,7 @@ def write_bulk(data: ExportedIndex, cfg: Config, engine: str, name: str, rows: S
     for old in folder.glob("bulk-*.ndjson"):
         old.unlink()
     write_json_atomic(folder / "mapping.json", search_mapping(engine, data.dim))
-    per_file, files = cfg.export.target_options.bulk_docs_per_file, []
+    per_file, files = cfg.targets.bulk_docs_per_file, []
     for n, batch in enumerate(data.batches(per_file, f"{engine} {name}")):
         path = folder / f"bulk-{n:05d}.ndjson"
         with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as fh:
@@ -352,11 +352,11 @@ def read_bulk(folder: Path) -> tuple[list[str], np.ndarray]:
 
 def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> dict:
     """Load the export into each target, check it against FAISS, and record the outcome."""
-    targets = list(targets if targets is not None else cfg.export.targets)
+    targets = list(targets if targets is not None else cfg.targets.engines)
     if not targets:
         return {}
     data = ExportedIndex(export_dir)
-    name = cfg.export.target_options.name or data.run_name
+    name = cfg.targets.name or data.run_name
     rows = sample_query_rows(data, cfg)
     report_path = Path(export_dir) / "targets" / TARGETS_FILE
     report = read_json(report_path) if report_path.exists() else {}
@@ -374,10 +374,10 @@ def run(cfg: Config, export_dir: Path, targets: Sequence[str] | None = None) -> 
                  result["count"], k, result[f"overlap@{k}"])
         if result["count"] != result.get("documents", len(data.records)):
             raise ExportError(f"{target} holds {result['count']} vectors after the load, the export "
-                              f"{len(data.records)}: another writer shares '{name}'? Set export.target_options.name")
-        if result[f"overlap@{k}"] < cfg.export.target_options.min_overlap:
+                              f"{len(data.records)}: another writer shares '{name}'? Set targets.name")
+        if result[f"overlap@{k}"] < cfg.targets.min_overlap:
             raise ExportError(f"{target} search disagrees with FAISS: top-{k} overlap {result[f'overlap@{k}']:.3f} "
-                              f"< export.target_options.min_overlap={cfg.export.target_options.min_overlap}")
+                              f"< targets.min_overlap={cfg.targets.min_overlap}")
         report[target] = {**result, "export_fingerprint": data.fingerprint}
         report_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report_path, report)

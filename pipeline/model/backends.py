@@ -429,7 +429,7 @@ def candidates(cfg, st_model, device, max_seq_length: int, batch_size: int,
 
         def build_onnx() -> Encoder:
             path, meta = cached_onnx(st_model, cache, max_seq_length, cfg.embed.onnx_fusion, cfg.embed.onnx_cache_mb)
-            return OnnxEncoder("onnx-fp32", onnx_session(path, cfg.train.num_threads),
+            return OnnxEncoder("onnx-fp32", onnx_session(path, cfg.runtime.num_threads),
                                lambda texts: encoding.tokenize(st_model, texts, max_seq_length), meta,
                                used=used or prompts.Prompts(), batch_size=batch_size,
                                token_budget=cfg.embed.onnx_token_budget)

@@ -24,15 +24,17 @@ Rules, per pair (``pairs.hard_negatives``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from pipeline.model import tokens as encoding
 from pipeline.model import prompts
-from pipeline.core.config import Config
+from pipeline.core.config import Config, HardNegativesConfig
 from pipeline.search.metrics import search
 
 log = logging.getLogger(__name__)
@@ -56,19 +58,49 @@ def _embed(cfg: Config, texts: list[str], anchors: list[str]) -> tuple[np.ndarra
     return encode(texts, "document"), (encode(anchors, "query") if used.differ else None)
 
 
-def choose(scores: np.ndarray, ok: np.ndarray, positive_score: float, *, range_min: int, range_max: int | None,
-           relative_margin: float, sampling: str, rng: np.random.Generator) -> int | None:
+@dataclass(frozen=True)
+class Window:
+    """Which ranked candidates may become a negative: ranks ``[range_min, range_max)`` among those that pass the
+    guard, scoring at most ``(1 - relative_margin)`` x the pair's positive; ``top`` takes the first, ``random``
+    a seeded one."""
+
+    range_min: int = 0
+    range_max: int | None = None
+    relative_margin: float = 0.0
+    sampling: str = "top"
+
+    @classmethod
+    def of(cls, hn: HardNegativesConfig) -> Window:
+        return cls(hn.range_min, hn.range_max, hn.relative_margin, hn.sampling)
+
+
+def choose(scores: np.ndarray, ok: np.ndarray, positive_score: float, window: Window,
+           rng: np.random.Generator) -> int | None:
     """Pick one candidate from a ranked list; returns its position in ``scores`` or None.
 
     scores: (depth,) similarities in descending order; ok: (depth,) bool, False for guarded candidates.
     The rank window counts only candidates that pass the guard.
     """
     valid = np.flatnonzero(ok)
-    window = valid[range_min:range_max]
-    window = window[scores[window] <= (1.0 - relative_margin) * positive_score]
-    if len(window) == 0:
+    eligible = valid[window.range_min:window.range_max]
+    eligible = eligible[scores[eligible] <= (1.0 - window.relative_margin) * positive_score]
+    if len(eligible) == 0:
         return None
-    return int(window[0]) if sampling == "top" else int(rng.choice(window))
+    return int(eligible[0]) if window.sampling == "top" else int(rng.choice(eligible))
+
+
+@dataclass
+class _Mining:
+    """One mining pass: the pairs, their anchors' query embeddings and positive scores, and what is filled in
+    (``out``: the negative columns, ``neg_scores``: each pick's similarity)."""
+
+    pairs: pd.DataFrame
+    a_emb: np.ndarray
+    pos_score: np.ndarray
+    window: Window
+    rng: np.random.Generator
+    out: dict
+    neg_scores: np.ndarray
 
 
 def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
@@ -96,13 +128,12 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
     a_emb = (emb[[row[t] for t in pairs["anchor"]]] if anchor_form is None
              else anchor_form[[anchor_row[t] for t in pairs["anchor"]]])
     pos_score = np.sum(a_emb * emb[[row[t] for t in pairs["positive"]]], axis=1)
-    out = {c: [None] * len(pairs) for c in NEGATIVE_COLUMNS}
-    neg_scores = np.full(len(pairs), np.nan)
+    m = _Mining(pairs, a_emb, pos_score, Window.of(hn), rng, out={c: [None] * len(pairs) for c in NEGATIVE_COLUMNS},
+                neg_scores=np.full(len(pairs), np.nan))
     guard = cfg.train.mask_same_label if mask_same_label is None else mask_same_label
-    _mine_texts(pairs, pool, emb[[row[t] for t in pool["text"]]], a_emb, pos_score, hn, guard, rng, out, neg_scores)
-    _mine_labels(pairs, label_names, emb[[row[t] for t in label_texts]] if label_texts else None, a_emb,
-                 pos_score, hn, rng, out, neg_scores, label_texts)
-    mined = pairs.assign(**out)
+    _mine_texts(m, pool, emb[[row[t] for t in pool["text"]]], guard)
+    _mine_labels(m, label_names, emb[[row[t] for t in label_texts]] if label_texts else None, label_texts)
+    mined, neg_scores = pairs.assign(**m.out), m.neg_scores
     has = mined["negative"].notna().to_numpy()
     stats = {
         "pairs": int(len(pairs)),
@@ -119,10 +150,10 @@ def mine(pairs: pd.DataFrame, pool: pd.DataFrame, cfg: Config,
     return mined, stats
 
 
-def _mine_texts(pairs: pd.DataFrame, pool: pd.DataFrame, pool_emb: np.ndarray, a_emb: np.ndarray,
-                pos_score: np.ndarray, hn, label_guard: bool, rng, out: dict, neg_scores: np.ndarray) -> None:
+def _mine_texts(m: _Mining, pool: pd.DataFrame, pool_emb: np.ndarray, label_guard: bool) -> None:
     """Negatives of text pairs, drawn from ``pool``: never the pair's own group or texts, never the
-    anchor's label when the guard is on (or the pair is a same-label pair). Fills ``out`` in place."""
+    anchor's label when the guard is on (or the pair is a same-label pair). Fills ``m.out`` in place."""
+    pairs, out = m.pairs, m.out
     kinds = pairs["kind"].to_numpy()
     text_pairs = np.flatnonzero(kinds != "label")
     if not len(text_pairs) or not len(pool):
@@ -132,42 +163,41 @@ def _mine_texts(pairs: pd.DataFrame, pool: pd.DataFrame, pool_emb: np.ndarray, a
     pool_group = pool["group"].astype(str).to_numpy()
     pool_label = pool["label"].to_numpy()
     largest_group = int(pool.groupby("group").size().max())
-    depth = min(len(pool), hn.range_max + largest_group + 16)
-    scores, ids = search(pool_emb, a_emb[text_pairs], depth)
+    depth = min(len(pool), m.window.range_max + largest_group + 16)
+    scores, ids = search(pool_emb, m.a_emb[text_pairs], depth)
     for qi, i in enumerate(text_pairs):
         hit = ids[qi]
         ok = (hit >= 0) & (pool_group[hit] != groups[i])
         ok &= (pool_text[hit] != pairs["anchor"].iat[i]) & (pool_text[hit] != pairs["positive"].iat[i])
         if (label_guard or kinds[i] == "same_label") and isinstance(labels[i], str):
             ok &= pool_label[hit] != labels[i]
-        pick = choose(scores[qi], ok, pos_score[i], range_min=hn.range_min, range_max=hn.range_max,
-                      relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
+        pick = choose(scores[qi], ok, m.pos_score[i], m.window, m.rng)
         if pick is None:
             continue
         j = hit[pick]
         out["negative"][i], out["negative_group"][i] = pool_text[j], pool_group[j]
         out["negative_label"][i] = pool_label[j] if isinstance(pool_label[j], str) else None
         out["negative_kind"][i] = "text"
-        neg_scores[i] = scores[qi, pick]
+        m.neg_scores[i] = scores[qi, pick]
 
 
-def _mine_labels(pairs: pd.DataFrame, label_names: list[str], lab_emb: np.ndarray | None, a_emb: np.ndarray,
-                 pos_score: np.ndarray, hn, rng, out: dict, neg_scores: np.ndarray, label_texts: list[str]) -> None:
-    """Negatives of label pairs (anchor -> its category name): another category's name. Fills ``out``."""
+def _mine_labels(m: _Mining, label_names: list[str], lab_emb: np.ndarray | None, label_texts: list[str]) -> None:
+    """Negatives of label pairs (anchor -> its category name): another category's name. Fills ``m.out``."""
+    pairs, out = m.pairs, m.out
+    window = dataclasses.replace(m.window, range_min=0, range_max=None)  # the label set is closed: no rank window
     label_pairs = np.flatnonzero(pairs["kind"].to_numpy() == "label")
     if not len(label_pairs) or len(label_names) <= 1:
         return
     labels = pairs["label"].to_numpy()
-    sims = a_emb[label_pairs] @ lab_emb.T  # (n_label_pairs, n_labels)
+    sims = m.a_emb[label_pairs] @ lab_emb.T  # (n_label_pairs, n_labels)
     names = np.asarray(label_names)
     for qi, i in enumerate(label_pairs):
         order = np.argsort(-sims[qi], kind="stable")
         ok = names[order] != labels[i]
-        pick = choose(sims[qi][order], ok, pos_score[i], range_min=0, range_max=None,
-                      relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
+        pick = choose(sims[qi][order], ok, m.pos_score[i], window, m.rng)
         if pick is None:
             continue
         j = order[pick]
         out["negative"][i], out["negative_label"][i] = label_texts[j], names[j]
         out["negative_kind"][i] = "label"
-        neg_scores[i] = sims[qi, j]
+        m.neg_scores[i] = sims[qi, j]

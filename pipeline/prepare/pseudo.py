@@ -268,7 +268,7 @@ def _shard_pairs(docs: Documents, shard: np.ndarray, cfg: Config, rng: np.random
 
 def mine(pairs: pd.DataFrame, docs: Documents, rankers: Rankers, cfg: Config) -> tuple[pd.DataFrame, dict]:
     """One guarded negative per pseudo pair (see the module's docstring); pairs keep their order."""
-    from pipeline.prepare.hard_negatives import choose
+    from pipeline.prepare.hard_negatives import Window, choose
 
     hn, c = cfg.pairs.hard_negatives, cfg.pairs.corpus
     row_of = {d: i for i, d in enumerate(docs.ids)}
@@ -287,8 +287,7 @@ def mine(pairs: pd.DataFrame, docs: Documents, rankers: Rankers, cfg: Config) ->
             if lexical is not None:
                 ok &= ~np.isin(ids[j], lexical[j][lexical[j] >= 0])
             pos = float(q_emb[j] @ rankers.doc_emb[own])
-            pick = choose(scores[j], ok, pos, range_min=hn.range_min, range_max=hn.range_max,
-                          relative_margin=hn.relative_margin, sampling=hn.sampling, rng=rng)
+            pick = choose(scores[j], ok, pos, Window.of(hn), rng)
             if pick is not None:
                 out_text[s + j], out_id[s + j] = rankers.texts[ids[j, pick]], docs.ids[ids[j, pick]]
     mined = pairs.assign(negative=out_text, negative_id=out_id,

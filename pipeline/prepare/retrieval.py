@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -280,8 +281,7 @@ def mine_negatives(pairs: pd.DataFrame, corpus_ids: list[str], first_passage: di
     out = {"negative": [None] * len(pairs), "negative_id": [None] * len(pairs)}
     for i, qid in enumerate(pairs["query_id"]):
         r = q_row[qid]
-        pick = hn.choose(scores[r], ok[r], pos_score[i], range_min=settings.range_min, range_max=settings.range_max,
-                         relative_margin=settings.relative_margin, sampling=settings.sampling, rng=rng)
+        pick = hn.choose(scores[r], ok[r], pos_score[i], hn.Window.of(settings), rng)
         if pick is not None:
             j = ids[r, pick]
             out["negative"][i], out["negative_id"][i] = docs[j], corpus_ids[j]
@@ -347,7 +347,7 @@ def prepare(cfg: Config, *, force: bool = False) -> Path:
         pairs, hn_stats = _pseudo_pairs(rs, queries, cfg, lengths["encoder"])
     else:
         pairs, hn_stats = _pairs(queries, qrels, rs, first, cfg, lengths["encoder"])
-    summary = _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats, objective)
+    summary = _summary(rs, Judged(queries, qrels, plan, leaks), pairs, hn_stats, lengths, objective)
     with atomic_dir(out) as tmp:
         _write(tmp, rs.corpus, queries, qrels, passages, pairs)
         summary["texts_fingerprint"] = texts_fingerprint(tmp, summary["text_files"])
@@ -394,7 +394,18 @@ def _write(tmp: Path, corpus: pd.DataFrame, queries: pd.DataFrame, qrels: pd.Dat
         part.set_axis(list(QRELS_HEADER), axis=1).to_csv(tmp / QRELS_DIR / f"{split}.tsv", sep="\t", index=False)
 
 
-def _summary(rs, queries, qrels, pairs, plan, leaks, lengths, hn_stats, objective) -> dict:
+@dataclass(frozen=True)
+class Judged:
+    """The judged queries as split: queries and qrels with their split, the split plan and the leaks removed."""
+
+    queries: pd.DataFrame
+    qrels: pd.DataFrame
+    plan: dict
+    leaks: dict
+
+
+def _summary(rs, judged: Judged, pairs: pd.DataFrame, hn_stats: dict | None, lengths: dict, objective) -> dict:
+    queries, qrels, plan, leaks = judged.queries, judged.qrels, judged.plan, judged.leaks
     grades = {str(k): int(v) for k, v in qrels["score"].value_counts().sort_index().items()}
     corpus_objective = objective.name == "corpus"
     n_queries = {s: int((queries["split"] == s).sum()) for s in SPLITS}

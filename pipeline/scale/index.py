@@ -168,7 +168,7 @@ def tune(cfg: Config, folder: Path, queries: np.ndarray, out: Path, *, query_not
     from pipeline.search import index as faiss_index
 
     ix = cfg.corpus.index
-    faiss.omp_set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    faiss.omp_set_num_threads(cfg.runtime.num_threads or os.cpu_count() or 1)
     corpus = require_manifest(folder, "embedded corpus", "run `make embed-corpus` first")
     rows, dim = corpus["rows"], corpus["dim"]
     _, train = sample_rows(folder, ix.train_rows, ix.seed)

@@ -238,9 +238,22 @@ def encode_and_write(encoder, folder: Path, cfg: Config, index: int, ids: list[s
 EncoderFactory = Callable[..., object]
 
 
-def run_local(cfg: Config, ds, folder: Path, n_shards: int, fingerprint: str, encoder) -> list[dict]:
+@dataclass(frozen=True)
+class CorpusJob:
+    """One embed-corpus job: its input files and their format, the shard folder, how many shards, and the
+    fingerprint every finished shard carries (a shard with another one is encoded again)."""
+
+    files: list[Path]
+    fmt: str
+    folder: Path
+    n_shards: int
+    fingerprint: str
+
+
+def run_local(cfg: Config, ds, job: CorpusJob, encoder) -> list[dict]:
     from tqdm.auto import tqdm
 
+    folder, n_shards, fingerprint = job.folder, job.n_shards, job.fingerprint
     infos: dict[int, dict] = {i: {**s, "resumed": True} for i in range(n_shards)
                            if (s := done_shard(folder, i, fingerprint))}
     pending = [i for i in range(n_shards) if i not in infos]
@@ -278,21 +291,21 @@ class ShardWorker:
         return {"shard": np.array([o["index"] for o in out]), "info": np.array([json.dumps(o) for o in out])}
 
 
-def worker_args(cfg: Config, files: list[Path], fmt: str, folder: Path, fingerprint: str, factory, backend) -> tuple:
+def worker_args(cfg: Config, job: CorpusJob, factory, backend) -> tuple:
     """What each :class:`ShardWorker` is built with. Workers start in a directory of their own, so every
     path is absolute: the config's project folders (``runs/<run>/model``, ``cache/``), the inputs, the output."""
     paths = {k: (str(Path(v).resolve()) if isinstance(v, str) else v) for k, v in cfg.paths.model_dump().items()}
     sent = cfg.model_copy(update={"paths": cfg.paths.model_copy(update=paths)})
-    return (sent.model_dump_json(), [str(f.resolve()) for f in files], fmt, str(folder.resolve()), fingerprint,
-            factory, backend)
+    return (sent.model_dump_json(), [str(f.resolve()) for f in job.files], job.fmt, str(job.folder.resolve()),
+            job.fingerprint, factory, backend)
 
 
-def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: int, fingerprint: str,
-            factory: EncoderFactory = make_encoder, backend: str | None = None) -> list[dict]:
+def run_ray(cfg: Config, job: CorpusJob, factory: EncoderFactory = make_encoder,
+            backend: str | None = None) -> list[dict]:
     """The same shards as a Ray Data job: shard numbers -> map_batches(actor pool of encoders) -> shards."""
     import ray
 
-    c = cfg.corpus
+    c, folder, n_shards, fingerprint = cfg.corpus, job.folder, job.n_shards, job.fingerprint
     infos: dict[int, dict] = {i: {**s, "resumed": True} for i in range(n_shards)
                            if (s := done_shard(folder, i, fingerprint))}
     pending = [i for i in range(n_shards) if i not in infos]
@@ -309,7 +322,7 @@ def run_ray(cfg: Config, files: list[Path], fmt: str, folder: Path, n_shards: in
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=c.workers),
                             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker or None,
-                            fn_constructor_args=worker_args(cfg, files, fmt, folder, fingerprint, factory, backend))
+                            fn_constructor_args=worker_args(cfg, job, factory, backend))
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos[info["index"]] = info
@@ -372,15 +385,16 @@ def run(cfg: Config, *, force: bool = False, factory: EncoderFactory = make_enco
              n_shards, cfg.corpus.shard_rows, shards, cfg.corpus.executor)
     started = time.perf_counter()
     # The encoder form is chosen once, here, on the first shard's texts; Ray workers build the same form.
-    encoder = factory(cfg, threads=cfg.train.num_threads, probe_texts=read_shard(ds, cfg, 0)[1], n_texts=rows)
+    encoder = factory(cfg, threads=cfg.runtime.num_threads, probe_texts=read_shard(ds, cfg, 0)[1], n_texts=rows)
     backend = encoder.backend
+    job = CorpusJob(files, fmt, shards, n_shards, fp)
     if cfg.corpus.executor == "ray":
         del encoder  # the workers hold their own
-        infos = run_ray(cfg, files, fmt, shards, n_shards, fp, factory, backend["name"])
+        infos = run_ray(cfg, job, factory, backend["name"])
     else:
-        infos = run_local(cfg, ds, shards, n_shards, fp, encoder)
+        infos = run_local(cfg, ds, job, encoder)
     seconds = time.perf_counter() - started
-    manifest = corpus_manifest(cfg, fp, files, fmt, ident, infos, rows, seconds)
+    manifest = corpus_manifest(cfg, job, ident, infos, rows, seconds)
     write_json_atomic(out / MANIFEST, {**manifest, "backend": backend})
     log.info("embed-corpus: %d vectors in %s (%.0f texts/s this run, peak RSS %.0f MiB)", rows, out,
              read_json(out / MANIFEST)["throughput"]["texts_per_s_run"] or 0, peak_rss_mb())
@@ -399,8 +413,8 @@ def _index(cfg: Config, out: Path, fp: str) -> Path:
     return out
 
 
-def corpus_manifest(cfg: Config, fp: str, files: list[Path], fmt: str, ident: dict, infos: list[dict],
-                    rows: int, seconds: float) -> dict:
+def corpus_manifest(cfg: Config, job: CorpusJob, ident: dict, infos: list[dict], rows: int, seconds: float) -> dict:
+    fp, files, fmt = job.fingerprint, job.files, job.fmt
     encoded_now = [i for i in infos if not i.get("resumed")]
     busy = sum(i["seconds"] for i in encoded_now)
     workers = sorted({i["pid"] for i in encoded_now})

@@ -1,7 +1,7 @@
 """Serving many adapters: one base model in memory, any number of exported LoRA adapters on it, one per request.
 
-``python -m pipeline serve export.serve_adapters=[all]`` (or ``make serve-adapters``) serves every adapter
-export under ``exports/`` trained on the served run's base; ``export.serve_adapters=[runA,runB]`` (run names
+``python -m pipeline serve serve.adapters=[all]`` (or ``make serve-adapters``) serves every adapter
+export under ``exports/`` trained on the served run's base; ``serve.adapters=[runA,runB]`` (run names
 under ``exports/`` or export folders) serves those. Bound to 127.0.0.1 only, like ``serve``.
 
 - ``GET /adapters``: each adapter with its export, base fingerprint, gate numbers and eval metrics.
@@ -12,7 +12,7 @@ under ``exports/`` or export folders) serves those. Bound to 127.0.0.1 only, lik
   adapter's vectors, and the nearest records of that adapter's own exported index.
 
 The adapters sit side by side in one PEFT model (``PeftModel.load_adapter``) and a request switches to its
-adapter with ``set_adapter``. Requests arriving within ``export.serve_batch_ms`` are collected and grouped
+adapter with ``set_adapter``. Requests arriving within ``serve.batch_ms`` are collected and grouped
 per adapter, so each adapter's texts are encoded together with one switch (see ``Batcher``).
 """
 
@@ -284,10 +284,10 @@ class Batcher:
 # --------------------------------------------------------------------------------------------- discovery
 
 def discover(cfg: Config) -> list[Path]:
-    """The export folders ``export.serve_adapters`` names; ``[all]``: the served run's export first, then
+    """The export folders ``serve.adapters`` names; ``[all]``: the served run's export first, then
     every other adapter export under the exports folder on the same base (others are skipped, logged)."""
     root = Path(cfg.paths.exports)
-    wanted = cfg.export.serve_adapters
+    wanted = cfg.serve.adapters
     if wanted != ["all"]:
         return [resolve_export(ref, root) for ref in wanted]
     own = Layout(cfg).export()
@@ -315,7 +315,7 @@ def create_app(export_dirs: Sequence[Path], *, reports_dir: Path | None = None, 
                window_ms: float = 5.0):
     """A FastAPI app serving the adapters of ``export_dirs`` on their one base (the first one's)."""
     if not export_dirs:
-        raise ConfigError("serve: no adapter exports to serve (export.serve_adapters)")
+        raise ConfigError("serve: no adapter exports to serve (serve.adapters)")
     first = read_json(Path(export_dirs[0]) / "adapter" / "base_model.json")
     adapters = AdapterSet(first, reports_dir)
     for path in export_dirs:
@@ -394,6 +394,6 @@ def run(cfg: Config) -> None:
 
     dirs = discover(cfg)
     app = create_app(dirs, reports_dir=Path(cfg.paths.reports), exports_root=Path(cfg.paths.exports),
-                     window_ms=cfg.export.serve_batch_ms)
-    log.info("serve: %d adapters on one base on http://%s:%d (GET /adapters)", len(dirs), HOST, cfg.export.serve_port)
-    uvicorn.run(app, host=HOST, port=cfg.export.serve_port, log_level="info")
+                     window_ms=cfg.serve.batch_ms)
+    log.info("serve: %d adapters on one base on http://%s:%d (GET /adapters)", len(dirs), HOST, cfg.serve.port)
+    uvicorn.run(app, host=HOST, port=cfg.serve.port, log_level="info")

@@ -3,7 +3,7 @@
 ``GET /health``, ``POST /embed`` ({"texts": [...]} -> normalised vectors) and
 ``GET /search?q=...&k=...`` (the k nearest corpus records with cosine scores). Queries are embedded with
 the ONNX form by default (onnxruntime + tokenizers, no torch on the request path) or the form named by
-``export.serve_form``; every form was proven equal to the merged model by the export gate, so queries
+``serve.form``; every form was proven equal to the merged model by the export gate, so queries
 and index vectors agree whichever form embeds them. ``/search`` embeds ``q`` with the model's query prompt,
 ``/embed`` with its document prompt unless the request says ``"role": "query"`` (pipeline/model/prompts.py).
 ``POST /classify`` ({"texts": [...], "k": 1}) answers where the export has a label head (a run that trained one,
@@ -112,7 +112,7 @@ def create_app(export_dir: Path, form: str = "onnx"):
 def run(cfg: Config) -> None:
     import uvicorn
 
-    if cfg.export.serve_adapters:  # one base, many adapters
+    if cfg.serve.adapters:  # one base, many adapters
         from pipeline.serve import adapters as adapters_serve
 
         return adapters_serve.run(cfg)
@@ -120,6 +120,6 @@ def run(cfg: Config) -> None:
     export_dir = Layout(cfg).export()
     require_manifest(export_dir, f"export of run '{cfg.resolved_run_name}'",
                      "run `make export` (or pass --run NAME of an exported run)")
-    app = create_app(export_dir, cfg.export.serve_form)
-    log.info("serve: %s on http://%s:%d (try /search?q=...&k=5)", export_dir, HOST, cfg.export.serve_port)
-    uvicorn.run(app, host=HOST, port=cfg.export.serve_port, log_level="info")
+    app = create_app(export_dir, cfg.serve.form)
+    log.info("serve: %s on http://%s:%d (try /search?q=...&k=5)", export_dir, HOST, cfg.serve.port)
+    uvicorn.run(app, host=HOST, port=cfg.serve.port, log_level="info")

@@ -20,7 +20,7 @@ from pipeline.model import tokens as encoding
 from pipeline.train import distributed
 from pipeline.train.batching import epoch_batches
 from pipeline.train.label_head import CosineHead, classes_of, head_loss
-from pipeline.train.losses import contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
+from pipeline.train.losses import Tagged, contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 
 
 class PairTensors:
@@ -170,12 +170,11 @@ def _pair_loss(sp: Stepper, idx: np.ndarray, a_emb, p_emb, n_emb) -> torch.Tenso
         mask = mask | data.relevant(idx, p_ids).to(sp.device)
         mask.fill_diagonal_(False)
     neg_rows = idx[data.negative[idx] >= 0]
-    neg_mask = hard_negative_mask(
-        torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(a_ids),
-        torch.as_tensor(p_ids), torch.as_tensor(data.negative_group[neg_rows]),
-        torch.as_tensor(data.negative_label[neg_rows]), torch.as_tensor(data.negative[neg_rows]),
-        torch.as_tensor(data.negative_is_label[neg_rows]), t.mask_same_label,
-    ).to(sp.device)
+    positives = Tagged(torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
+                       torch.as_tensor(data.positive_is_label[idx]))
+    negatives = Tagged(torch.as_tensor(data.negative_group[neg_rows]), torch.as_tensor(data.negative_label[neg_rows]),
+                       torch.as_tensor(data.negative[neg_rows]), torch.as_tensor(data.negative_is_label[neg_rows]))
+    neg_mask = hard_negative_mask(positives, torch.as_tensor(a_ids), negatives, t.mask_same_label).to(sp.device)
     if data.relevant is not None:
         neg_mask = neg_mask | data.relevant(idx, data.negative[neg_rows]).to(sp.device)
     return contrastive_loss_with_negatives(a_emb, p_emb, n_emb if len(neg_rows) else None, scale=t.scale,

@@ -10,8 +10,20 @@ score matrix before the softmax. With an all-False mask this is exactly MNRL (te
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class Tagged(NamedTuple):
+    """Texts of a batch with what makes two of them the same thing: integer group and label codes (-1: none),
+    text ids (equal strings, equal ids), and whether each is a label name."""
+
+    groups: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    is_label: torch.Tensor
 
 
 def false_negative_mask(groups: torch.Tensor, labels: torch.Tensor, positive_ids: torch.Tensor,
@@ -43,21 +55,20 @@ def in_batch_contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, *,
     return contrastive_loss_with_negatives(anchors, positives, None, scale=scale, mask=mask, symmetric=symmetric)
 
 
-def hard_negative_mask(groups: torch.Tensor, labels: torch.Tensor, anchor_ids: torch.Tensor,
-                       positive_ids: torch.Tensor, neg_groups: torch.Tensor, neg_labels: torch.Tensor,
-                       neg_ids: torch.Tensor, neg_is_label: torch.Tensor,
+def hard_negative_mask(positives: Tagged, anchor_ids: torch.Tensor, negatives: Tagged,
                        mask_same_label: bool = False) -> torch.Tensor:
     """(B, N) bool: True where extra negative n must not count as a negative for anchor i.
 
-    The first four inputs describe the B pairs, the last four the N extra negatives of the batch (every
-    pair's mined negative is offered to every anchor, as MNRL does with a third column). Same rules as
-    :func:`false_negative_mask`: same group, same text as the anchor or its positive, a label name that
-    is the right answer for the anchor, and (optionally) same label.
+    ``positives`` and ``anchor_ids`` describe the B pairs (a pair's group and label are its positive's),
+    ``negatives`` the N extra negatives of the batch (every pair's mined negative is offered to every anchor,
+    as MNRL does with a third column). Same rules as :func:`false_negative_mask`: same group, same text as the
+    anchor or its positive, a label name that is the right answer for the anchor, and (optionally) same label.
     """
-    same_group = (groups[:, None] == neg_groups[None, :]) & (groups[:, None] >= 0)
-    same_label = (labels[:, None] == neg_labels[None, :]) & (labels[:, None] >= 0)
-    same_text = (neg_ids[None, :] == positive_ids[:, None]) | (neg_ids[None, :] == anchor_ids[:, None])
-    label_answer = neg_is_label[None, :] & same_label
+    groups, labels, neg_ids = positives.groups, positives.labels, negatives.ids
+    same_group = (groups[:, None] == negatives.groups[None, :]) & (groups[:, None] >= 0)
+    same_label = (labels[:, None] == negatives.labels[None, :]) & (labels[:, None] >= 0)
+    same_text = (neg_ids[None, :] == positives.ids[:, None]) | (neg_ids[None, :] == anchor_ids[:, None])
+    label_answer = negatives.is_label[None, :] & same_label
     mask = same_group | same_text | label_answer
     if mask_same_label:
         mask = mask | same_label

@@ -250,8 +250,8 @@ def _train(job: Job) -> Path:
         return _write_base_reference(cfg, job.model_dir, job.fp, job.prep) if job.main else job.model_dir
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if t.num_threads or job.dist:
-        torch.set_num_threads(t.num_threads or distributed.default_threads())
+    if cfg.runtime.num_threads or job.dist:
+        torch.set_num_threads(cfg.runtime.num_threads or distributed.default_threads())
     su = _Setup(cfg, job.layout, job.prep, job.dist)
     progress, mlflow_run_id, sel_state = Progress(), None, None
     if job.ckpt_state is not None:

@@ -225,7 +225,7 @@ def test_parity_blocks_average_seeds_and_score_macro_f1_like_scikit_learn():
 def test_reference_trainer_uses_the_same_loraplus_groups_as_the_project(tiny_model_dir, tmp_path):
     import pandas as pd
 
-    from pipeline.bench.workers import add_reference_lora, reference_trainer
+    from pipeline.bench.workers import RefRun, add_reference_lora, reference_trainer
     from pipeline.core.config import Config
     from pipeline.model.encoder import load_encoder
 
@@ -235,8 +235,8 @@ def test_reference_trainer_uses_the_same_loraplus_groups_as_the_project(tiny_mod
                                                "lora": {"r": 2, "alpha": 4, "loraplus_lr_ratio": ratio}}})
         st = load_encoder(str(tiny_model_dir))
         add_reference_lora(st, cfg.train.lora)
-        trainer = reference_trainer(st, pairs, cfg, precision="fp32", device=torch.device("cpu"), max_steps=1,
-                                    epochs=1, drop_last=True, out_dir=tmp_path / f"r{ratio}")
+        trainer = reference_trainer(st, pairs, cfg, RefRun("fp32", torch.device("cpu"), max_steps=1, epochs=1,
+                                                           drop_last=True), tmp_path / f"r{ratio}")
         trainer.train()
         lrs = sorted({g["initial_lr"] for g in trainer.optimizer.param_groups if g["params"]})
         assert lrs == pytest.approx(expected)

@@ -73,7 +73,7 @@ def test_verdict_compares_the_most_adapters_with_three_merged_models():
 @pytest.mark.slow
 def test_serve_bench_with_child_servers_measures_memory_throughput_and_adds(project, tmp_path):
     cfg = load_config(project, ["bench.serve_adapter_counts=[1,2]", "bench.serve_spread=2", "bench.serve_requests=12",
-                                "bench.serve_concurrency=2", "bench.serve_timeout_s=120", "train.num_threads=1"])
+                                "bench.serve_concurrency=2", "bench.serve_timeout_s=120", "runtime.num_threads=1"])
     serve = run(cfg, tmp_path / "work", TEXTS)
 
     memory = {(r["mode"], r["models"]): r for r in serve["memory"]}

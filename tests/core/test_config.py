@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,24 @@ def test_unknown_top_level_key_in_file_is_named(tmp_path):
     p.write_text("seed: 1\ntrian: {epochs: 2}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'trian'"):
         load_config(p)
+
+
+@pytest.mark.parametrize("override, said", [
+    ("train.num_threads=2", "'train.num_threads' is now 'runtime.num_threads'"),
+    ("export.serve_port=8001", "'export.serve_port' is now 'serve.port'"),
+    ("export.targets=[qdrant]", "'export.targets' is now 'targets.engines'"),
+    ("export.target_options.qdrant_url=http://127.0.0.1:1", "'export.target_options' is now 'targets' (same keys")])
+def test_a_key_that_moved_to_its_own_section_says_where(override, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(REPO / "configs" / "default.yaml", [override])
+
+
+def test_serving_engines_and_threads_are_their_own_sections_outside_the_export_identity():
+    cfg = load_config(REPO / "configs" / "default.yaml",
+                      ["serve.port=8001", "targets.engines=[qdrant]", "runtime.num_threads=1"])
+    assert (cfg.serve.port, cfg.targets.engines, cfg.runtime.num_threads) == (8001, ["qdrant"], 1)
+    assert set(cfg.export.model_dump()).isdisjoint({"serve_port", "targets", "target_options", "serve_form"})
+    assert "num_threads" not in cfg.train.model_dump()
 
 
 def test_wrong_type_is_named():

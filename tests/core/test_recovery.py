@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO, cli, mlflow_client
 
-STEPS = ["train.max_steps=200", "train.checkpoint_every=10", "train.num_threads=1"]
+STEPS = ["train.max_steps=200", "train.checkpoint_every=10", "runtime.num_threads=1"]
 
 
 def _command(config: Path, run_name: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import RUN, cli, split_texts, trained
 
-ALL = "export.targets=[qdrant,lancedb,opensearch,elasticsearch]"
+ALL = "targets.engines=[qdrant,lancedb,opensearch,elasticsearch]"
 
 
 def _queries() -> list[str]:
@@ -117,7 +117,7 @@ def test_rerun_adds_no_duplicates_and_removes_rows_of_an_older_export(loaded):
     assert client.count(RUN, exact=True).count == n + 1
     client.close()
 
-    assert cli("targets", *cfg, ALL, "export.target_options.batch_size=7", "export.target_options.bulk_docs_per_file=10") == 0
+    assert cli("targets", *cfg, ALL, "targets.batch_size=7", "targets.bulk_docs_per_file=10") == 0
     client = QdrantClient(path=str(out / "targets" / "qdrant"))
     try:
         assert client.count(RUN, exact=True).count == n
@@ -137,11 +137,11 @@ def test_a_collection_of_another_dimension_is_refused_with_a_clear_message(loade
     client.create_collection("other", vectors_config=models.VectorParams(size=8, distance=models.Distance.COSINE))
     client.close()
     capsys.readouterr()
-    assert cli("targets", *cfg, "export.targets=[qdrant]", "export.target_options.name=other") == 2
+    assert cli("targets", *cfg, "targets.engines=[qdrant]", "targets.name=other") == 2
     err = capsys.readouterr().err
     assert "Qdrant collection 'other' holds 8-dim" in err and "this export 32-dim" in err
     assert cli("targets", *cfg) == 2
-    assert "export.targets is empty" in capsys.readouterr().err
+    assert "targets.engines is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])

@@ -42,7 +42,7 @@ def export(tmp_path, monkeypatch) -> list[str]:
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "targets.yaml"
     config.write_text(yaml.safe_dump({"run_name": RUN, "tracking": {"enabled": False},
-                                      "export": {"target_options": {"batch_size": BATCH}}}))
+                                      "targets": {"batch_size": BATCH}}))
     return ["--config", str(config)]
 
 
@@ -55,7 +55,7 @@ def _error_line(capsys) -> str:
 
 
 def _qdrant(url: str, *extra: str) -> list[str]:
-    return ["export.targets=[qdrant]", f"export.target_options.qdrant_url={url}", *extra]
+    return ["targets.engines=[qdrant]", f"targets.qdrant_url={url}", *extra]
 
 
 def test_refused_qdrant_url_is_one_line_before_anything_is_written(export, capsys):
@@ -64,7 +64,7 @@ def test_refused_qdrant_url_is_one_line_before_anything_is_written(export, capsy
     assert cli("targets", *export, *_qdrant(url)) == 2
     assert time.monotonic() - started < 15
     line = _error_line(capsys)
-    assert line.startswith(f"error: export.target_options.qdrant_url={url}: cannot reach the Qdrant server: ")
+    assert line.startswith(f"error: targets.qdrant_url={url}: cannot reach the Qdrant server: ")
     assert "refused" in line and "services.timeout_s=5" in line
     assert not (Path("exports") / RUN / "targets").exists()
 
@@ -87,12 +87,12 @@ def test_a_server_dying_mid_load_keeps_what_was_loaded_and_the_rerun_finishes(ex
     store = Store()
     server = StandIn(store, die_at=3)  # answers two upserts (100 vectors), drops the third and goes away
     # lancedb loads first and finishes: its record must survive qdrant's failure
-    args = [*export, "export.targets=[lancedb,qdrant]", f"export.target_options.qdrant_url={server.url}"]
+    args = [*export, "targets.engines=[lancedb,qdrant]", f"targets.qdrant_url={server.url}"]
     started = time.monotonic()
     assert cli("targets", *args) == 2
     assert time.monotonic() - started < 15
     line = _error_line(capsys)
-    assert line.startswith(f"error: export.target_options.qdrant_url={server.url}: the Qdrant server failed "
+    assert line.startswith(f"error: targets.qdrant_url={server.url}: the Qdrant server failed "
                            f"during the load of '{RUN}' (100 of {ROWS} vectors sent; ")
     assert line.endswith("the points it stored are kept: rerun the same command to finish the load (it is idempotent)")
     assert store.client.count(RUN, exact=True).count == 100  # the two answered batches stayed in the server

@@ -30,7 +30,7 @@ def tiny(tiny_model_dir):
 
 def _cfg(tmp_path: Path, backend: str, **embed) -> Config:
     return Config.model_validate({"embed": {"backend": backend, "probe_repeats": 1, **embed},
-                                  "train": {"num_threads": 1}, "eval": {"batch_size": 4},
+                                  "runtime": {"num_threads": 1}, "eval": {"batch_size": 4},
                                   "paths": {"cache": str(tmp_path / "cache")}})
 
 

@@ -32,7 +32,8 @@ def family_project(tmp_path: Path, base: Path, **overrides) -> Path:
                  "label_column": "category", "group_column": "cluster",
                  "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
         "train": {"method": "lora", "batch_size": 16, "max_steps": 4, "lr": 5e-3, "max_seq_length": 32,
-                  "lora": {"r": 4, "alpha": 8}, "num_threads": 1},
+                  "lora": {"r": 4, "alpha": 8}},
+        "runtime": {"num_threads": 1},
         "eval": {"bootstrap": 20, "classifier_c": [1.0], "knn_candidates": [5], "batch_size": 64},
         "export": {"quantize_int8": False, "mlflow_model": False, "sample_texts": 24},
     }
@@ -412,7 +413,7 @@ def test_bench_memory_part_runs_a_decoder_shape_with_and_without_checkpointing(t
                                                                                        for i in range(8)],
                           "kind": "group", "group": [str(i) for i in range(8)], "label": None})
     pairs.to_json(tmp_path / "pairs.jsonl", orient="records", lines=True)
-    cfg = Config.model_validate({"train": {"batch_size": 4, "max_seq_length": 16, "num_threads": 1},
+    cfg = Config.model_validate({"train": {"batch_size": 4, "max_seq_length": 16}, "runtime": {"num_threads": 1},
                                  "bench": {"memory_shapes": ["qwen3-tiny"], "memory_steps": 1}})
     rows = bench.bench_memory(cfg, tmp_path / "work", tmp_path / "pairs.jsonl", {}, "cpu")
     assert [r["name"] for r in rows] == ["qwen3-tiny lora checkpointing", "qwen3-tiny lora"]

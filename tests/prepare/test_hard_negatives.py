@@ -10,14 +10,13 @@ import torch
 
 from pipeline.prepare import stage as prepare
 from pipeline.core.config import load_config
-from pipeline.prepare.hard_negatives import choose, mine
+from pipeline.prepare.hard_negatives import Window, choose, mine
 from pipeline.contracts.prepared_data import load_pairs, load_split
 from tests.conftest import cli
 
 
-def _choose(scores, ok, pos, **kw):
-    args = dict(range_min=0, range_max=None, relative_margin=0.0, sampling="top", rng=np.random.default_rng(0))
-    return choose(np.asarray(scores), np.asarray(ok), pos, **{**args, **kw})
+def _choose(scores, ok, pos, rng=None, **window):
+    return choose(np.asarray(scores), np.asarray(ok), pos, Window(**window), rng or np.random.default_rng(0))
 
 
 def test_window_counts_only_guarded_candidates_and_margin_applies():

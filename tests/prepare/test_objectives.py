@@ -130,7 +130,7 @@ def test_a_labels_only_train_test_corpus_trains_with_no_extra_setting(tmp_path, 
     cfg = {"data": {"name": "intents", "format": "table", "path": "intents.csv", "text_column": "text",
                     "label_column": "category", "group_column": None, "split_column": "split"},
            "model": {"base": str(tiny_model_dir)},
-           "train": {"batch_size": 8, "max_seq_length": 32, "num_threads": 1, "epochs": 2},
+           "train": {"batch_size": 8, "max_seq_length": 32, "epochs": 2}, "runtime": {"num_threads": 1},
            "eval": {"bootstrap": 20}, "tracking": {"experiment": "tests"}}
     Path("c.yaml").write_text(yaml.safe_dump(cfg))
     run_stages("--config", "c.yaml")

@@ -207,7 +207,8 @@ def test_ray_workers_find_the_project_folders_from_their_own_directory(project, 
 
     cfg = _cfg(project, "corpus.encoder=run")
     here = Layout(cfg).model_dir().resolve()
-    args = corpus.worker_args(cfg, [Path("offers.csv")], "csv", Path("out/shards"), "fp", corpus.make_encoder, None)
+    job = corpus.CorpusJob([Path("offers.csv")], "csv", Path("out/shards"), 1, "fp")
+    args = corpus.worker_args(cfg, job, corpus.make_encoder, None)
     sent = Config.model_validate_json(args[0])
     monkeypatch.chdir(tmp_path)
     assert Layout(sent).model_dir() == here and Path(sent.paths.cache).is_absolute()

@@ -39,7 +39,7 @@ def _corpus_folder(cfg, folder: Path, vectors: np.ndarray, shard_rows: int) -> P
 def setup(tmp_path):
     cfg = load_config(None, ["corpus.index.train_rows=1500", "corpus.index.queries=50", "corpus.index.nlist=16",
                              "corpus.index.candidates=[sq8,pq4,pq16]", "corpus.index.recall_target=0.9",
-                             "train.num_threads=1"]) if Path("configs/default.yaml").exists() else None
+                             "runtime.num_threads=1"]) if Path("configs/default.yaml").exists() else None
     if cfg is None:
         pytest.skip("run from the repository root")
     vectors = _vectors(3000)

@@ -154,12 +154,12 @@ def test_serve_adapters_all_discovers_same_base_exports_and_names_are_checked(tw
     meta_path = Path("exports") / "foreign" / "adapter" / "base_model.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "base_fingerprint": "0123456789abcdef"}))
 
-    cfg = load_config(project, [*QUIET, "seed=1", "export.serve_adapters=[all]"])
+    cfg = load_config(project, [*QUIET, "seed=1", "serve.adapters=[all]"])
     assert discover(cfg) == [out_b, out_a]  # the served run's own export first; the foreign one skipped
-    cfg = load_config(project, [*QUIET, f"export.serve_adapters=[{RUN_B}]"])
+    cfg = load_config(project, [*QUIET, f"serve.adapters=[{RUN_B}]"])
     assert discover(cfg) == [out_b]
     with pytest.raises(ArtifactError, match="no finished export"):
-        discover(load_config(project, [*QUIET, "export.serve_adapters=[missing-run]"]))
+        discover(load_config(project, [*QUIET, "serve.adapters=[missing-run]"]))
 
 
 def test_cli_serve_with_serve_adapters_starts_the_multi_adapter_service_on_loopback(two_exports, project, monkeypatch,
@@ -169,10 +169,10 @@ def test_cli_serve_with_serve_adapters_starts_the_multi_adapter_service_on_loopb
 
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
-    assert cli("serve", "--config", str(project), *QUIET, "export.serve_adapters=[all]", "export.serve_port=8123") == 0
+    assert cli("serve", "--config", str(project), *QUIET, "serve.adapters=[all]", "serve.port=8123") == 0
     assert started["host"] == "127.0.0.1" and started["port"] == 8123
     with TestClient(started["app"]) as client:
         assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == [RUN, RUN_B]
     capsys.readouterr()
-    assert cli("serve", "--config", str(project), *QUIET, "export.serve_adapters=[missing-run]") == 2
+    assert cli("serve", "--config", str(project), *QUIET, "serve.adapters=[missing-run]") == 2
     assert "no finished export at exports/missing-run" in capsys.readouterr().err

@@ -40,8 +40,8 @@ def _config(tiny_model_dir, name: str, **train) -> dict:
     return {"data": {"name": name, "format": "table", "path": f"{name}.csv", "text_column": "text",
                      "label_column": "intent", "group_column": None, "split_column": "split"},
             "model": {"base": str(tiny_model_dir)},
-            "train": {"batch_size": 16, "max_seq_length": 32, "num_threads": 1, "epochs": 2, "lr": 2e-3,
-                      "lora": {"r": 4, "alpha": 8}, **train},
+            "train": {"batch_size": 16, "max_seq_length": 32, "epochs": 2, "lr": 2e-3,
+                      "lora": {"r": 4, "alpha": 8}, **train}, "runtime": {"num_threads": 1},
             "eval": {"bootstrap": 20, "classifier_c": [1.0]}, "tracking": {"experiment": "tests"}}
 
 

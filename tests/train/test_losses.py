@@ -92,15 +92,16 @@ def test_extra_negatives_join_the_candidates_and_are_masked_like_positives():
 
 
 def test_hard_negative_mask_rules():
-    from pipeline.train.losses import hard_negative_mask
+    from pipeline.train.losses import Tagged, hard_negative_mask
 
     t = torch.tensor
     # pairs: 0 (group 0, label 0), 1 (group 1, label 1); negatives: of group 0 / text == pair 1's positive /
     # the label-0 name / an unrelated text of label 0
-    m = hard_negative_mask(groups=t([0, 1]), labels=t([0, 1]), anchor_ids=t([10, 11]), positive_ids=t([20, 21]),
-                           neg_groups=t([0, 5, -1, 6]), neg_labels=t([0, 1, 0, 0]), neg_ids=t([30, 21, 40, 41]),
-                           neg_is_label=t([False, False, True, False]))
+    m = hard_negative_mask(Tagged(groups=t([0, 1]), labels=t([0, 1]), ids=t([20, 21]), is_label=t([False, False])),
+                           anchor_ids=t([10, 11]),
+                           negatives=Tagged(groups=t([0, 5, -1, 6]), labels=t([0, 1, 0, 0]), ids=t([30, 21, 40, 41]),
+                                            is_label=t([False, False, True, False])))
     assert m.tolist() == [[True, False, True, False], [False, True, False, False]]
-    same = hard_negative_mask(t([0]), t([0]), t([10]), t([20]), t([6]), t([0]), t([41]), t([False]),
-                              mask_same_label=True)
+    same = hard_negative_mask(Tagged(t([0]), t([0]), t([20]), t([False])), t([10]),
+                              Tagged(t([6]), t([0]), t([41]), t([False])), mask_same_label=True)
     assert same.tolist() == [[True]]
