@@ -28,8 +28,9 @@ from pipeline.core.config import PAIR_FORMATS, Config
 from pipeline.core.errors import DataError
 
 
-# The label head's loss weight ``auto`` gives each objective (train.label_loss_weight unset). Chosen on the
-# staged corpora's validation splits (configs/experiments/README.md, "Label head").
+# The label head's loss weight ``auto`` gives each objective (train.label_loss_weight unset): no head anywhere.
+# On the one staged labels-only corpus no variant with a head separated from the pairs alone on validation, and
+# the group objective was not measured (configs/experiments/README.md, "Label head"); corpus withholds labels.
 AUTO_LABEL_LOSS = {"group": 0.0, "label": 0.0, "pairs": 0.0, "corpus": 0.0}
 # Bump when what auto resolves changes: prepared folders record the resolved objective, so they are prepared
 # again (pipeline/contracts/identity.py), and the runs on them train again.
