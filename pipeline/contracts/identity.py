@@ -6,6 +6,7 @@ without importing the stage that trains it.
 
 from __future__ import annotations
 
+from pipeline.contracts import pair_kinds
 from pipeline.model import families
 from pipeline.model import prompts
 from pipeline.core.artifacts import digest
@@ -18,6 +19,8 @@ def prepared_fingerprint(cfg: Config, input_hashes: dict[str, str], *, splits_on
     depend only on the splits (base-model embeddings, the lexical baseline) survive a change of pairs."""
     sections = ("data",) if splits_only else ("data", "pairs")
     payload = {"cfg": _sections_hash(cfg, sections), "seed": cfg.seed, "in": input_hashes}
+    if pair_kinds.VERSION > 1 and not splits_only:  # what auto resolves changed: prepare again (version 1: as before)
+        payload["objectives"] = pair_kinds.VERSION
     if (cfg.pairs.hard_negatives.enabled or cfg.pairs.objective == "corpus") and not splits_only:
         # mined negatives and pseudo labels (the corpus objective's neighbours) come from the base encoder
         payload["miner"] = [base_fingerprint(resolve_base(cfg.model.base)), cfg.train.max_seq_length,
@@ -44,7 +47,8 @@ def run_fingerprint(cfg: Config, data_fingerprint: str) -> str:
     # Knobs that change how fast a run goes but not what it computes stay out of its identity, so a
     # run resumed with another checkpoint interval or checkpointing setting continues (threads: runtime.num_threads).
     train = cfg.train.model_dump(mode="json", exclude={"checkpoint_every", "gradient_checkpointing"})
-    for key, default in (("weights_dtype", "fp32"), ("quantization", "none"), ("pre_step", "none")):
+    for key, default in (("weights_dtype", "fp32"), ("quantization", "none"), ("pre_step", "none"),
+                         ("label_loss_weight", None), ("pair_loss_weight", 1.0)):
         if train[key] == default:  # at their defaults, runs keep the identity they had before these existed
             del train[key]
     if "pre_step" not in train and cfg.train.tsdae == TsdaeConfig():

@@ -28,12 +28,23 @@ from pipeline.core.config import PAIR_FORMATS, Config
 from pipeline.core.errors import DataError
 
 
+# The label head's loss weight ``auto`` gives each objective (train.label_loss_weight unset): no head anywhere.
+# On the staged labels-only and group corpora a head did not beat the pairs alone on validation (and cost
+# recall@1 with groups): configs/experiments/README.md, "Label head". The corpus objective withholds labels.
+AUTO_LABEL_LOSS = {"group": 0.0, "label": 0.0, "pairs": 0.0, "corpus": 0.0}
+# Bump when what auto resolves changes: prepared folders record the resolved objective, so they are prepared
+# again (pipeline/contracts/identity.py), and the runs on them train again.
+VERSION = 1
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str  # group | label | pairs | corpus
     reason: str
     same_label_pairs: float  # share of train texts paired with another text of their label
     mask_same_label: bool  # same-label texts are never in-batch negatives of each other
+    # weight of the label head's cross-entropy beside the pair loss (pipeline/train/label_head.py); 0: no head
+    label_loss_weight: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +83,17 @@ def resolve(cfg: Config, *, has_groups: bool, has_labels: bool) -> Objective:
     mask = cfg.train.mask_same_label
     if mask is None:
         mask = name == "label"
-    return Objective(name=name, reason=reason, same_label_pairs=float(same_label), mask_same_label=bool(mask))
+    head = cfg.train.label_loss_weight
+    if head is None:
+        head = AUTO_LABEL_LOSS[name] if has_labels else 0.0
+    if head > 0 and not has_labels:
+        raise DataError("train.label_loss_weight needs labels (data.label_column) to train a label head, and the "
+                        "corpus has none; set it to 0")
+    if head > 0 and name == "corpus":
+        raise DataError("train.label_loss_weight trains a label head on the labels, and pairs.objective=corpus "
+                        "withholds them from training; set it to 0 or choose another objective")
+    return Objective(name=name, reason=reason, same_label_pairs=float(same_label), mask_same_label=bool(mask),
+                     label_loss_weight=float(head))
 
 
 def resolve_retrieval(cfg: Config, *, has_train_judgments: bool) -> Objective:
@@ -100,3 +121,11 @@ def mask_same_label(cfg: Config, prep_manifest: dict) -> bool:
     if cfg.train.mask_same_label is not None:
         return cfg.train.mask_same_label
     return bool((prep_manifest.get("objective") or {}).get("mask_same_label", False))
+
+
+def label_loss_weight(cfg: Config, prep_manifest: dict) -> float:
+    """The label head's loss weight a training run uses: the config's explicit value, else the prepared
+    data's objective (prepared folders from before label heads: 0, no head)."""
+    if cfg.train.label_loss_weight is not None:
+        return float(cfg.train.label_loss_weight)
+    return float((prep_manifest.get("objective") or {}).get("label_loss_weight", 0.0))

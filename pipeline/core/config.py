@@ -243,6 +243,11 @@ class TrainConfig(Section):
     symmetric: bool = False  # also score positive -> anchors
     # do not push two same-label texts apart in a batch; None: decided by the objective (on for label)
     mask_same_label: bool | None = None
+    # A classification head over the pooled, normalised embedding, trained with the encoder
+    # (pipeline/train/label_head.py) and saved with the run: the weight of its cross-entropy beside the
+    # pair loss. None: the objective's choice (pipeline/contracts/pair_kinds.py); 0: no head.
+    label_loss_weight: float | None = Field(None, ge=0)
+    pair_loss_weight: float = Field(1.0, ge=0)  # the contrastive pair loss; 0: the label head's loss alone
     length_grouping: bool = True  # batches of similar length: less padding, same negatives quality
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -264,7 +269,9 @@ class EvalConfig(Section):
     batch_size: int = 256
     knn_k: int = 10  # the contract's knn_macro_f1
     knn_candidates: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
-    heads: list[Literal["logreg", "knn", "zero_shot"]] = Field(default_factory=lambda: ["logreg", "knn", "zero_shot"])
+    # candidates chosen among on validation; label_head: the head trained with the encoder, where the run has one
+    heads: list[Literal["logreg", "knn", "zero_shot", "label_head"]] = Field(
+        default_factory=lambda: ["logreg", "knn", "zero_shot", "label_head"])
     retrieval_k: int = 10
     classifier_c: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0, 30.0])
     bootstrap: int = Field(1000, ge=0)
@@ -353,6 +360,9 @@ class ExportConfig(Section):
     merged_vs_base_max_cos: float = 0.999999  # mean cosine at or above this: the merge changed nothing
     neighbour_queries: int = Field(8, ge=1)  # sample texts whose top-k must agree across the forms
     neighbour_k: int = Field(10, ge=1)
+    # the label head (runs that trained one) on the merged and ONNX forms, against the trained model: the most
+    # any label's probability may differ on the gate's sample (pipeline/export/head.py)
+    head_max_prob_diff: float = Field(0.01, gt=0, le=1)
     ivf_nlist: int | None = None  # None: about sqrt(corpus size), pipeline/search/index.py's one rule
     ivf_nprobe: int = Field(16, ge=1)
     hnsw_m: int = Field(32, ge=4)

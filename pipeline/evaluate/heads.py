@@ -2,9 +2,11 @@
 
 Logistic regression on standardised train embeddings (its C chosen by validation macro-F1); kNN, a
 similarity-weighted vote of the k nearest train items (FAISS inner product; k chosen on validation from
-``eval.knn_candidates``); zero-shot, the nearest label-name embedding. The reported head is the one with the
-best validation macro-F1 among ``eval.heads``; the test split only scores the chosen head. Each head's test
-macro-F1 is reported beside it so heads can be compared. The bench scores its parity runs with the same code.
+``eval.knn_candidates``); zero-shot, the nearest label-name embedding; and, for a run that trained one, the
+label head trained with the encoder (pipeline/contracts/label_head.py). The reported head is the one with the
+best validation macro-F1 among ``eval.heads``; the choice never sees the test split. Every candidate's test
+macro-F1 is reported beside it (``test_macro_f1``) so heads can be compared, never to choose. The bench scores
+its parity runs with the same code.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.contracts.label_head import LabelHead
 from pipeline.core.config import Config
 from pipeline.search import metrics as M
 
@@ -28,6 +31,7 @@ class Classification:
     head: str  # e.g. "logreg(C=1)", "knn(k=10)", "zero_shot"
     classifier_C: float
     validation_macro_f1: dict[str, float] = field(default_factory=dict)  # every candidate head, as the choice saw it
+    test_macro_f1: dict[str, float] = field(default_factory=dict)  # every candidate head on test: reported, not chosen
 
     @property
     def chosen_validation_macro_f1(self) -> float:
@@ -70,12 +74,23 @@ def _zero_shot(query_emb, y, label_emb, label_names) -> tuple[float, np.ndarray]
     return M.classification_scores(y["val"], zero_val)["macro_f1"], zero_test
 
 
+LABEL_HEAD = "label_head"
+
+
+def _label_head(emb, y, head: LabelHead | None) -> tuple[float, np.ndarray] | None:
+    """The head trained with the encoder, on the texts' document form (the form it was saved for)."""
+    if head is None:
+        return None
+    return M.classification_scores(y["val"], head.predict(emb["val"]))["macro_f1"], head.predict(emb["test"])
+
+
 def classify(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_emb, cfg: Config,
-             label_names: list[str], query_emb: dict[str, np.ndarray] | None = None) -> Classification:
+             label_names: list[str], query_emb: dict[str, np.ndarray] | None = None,
+             label_head: LabelHead | None = None) -> Classification:
     """Fit every head on train, choose on validation, score the chosen one (and each head beside it) on test.
 
     Zero-shot reads the texts' query form (``query_emb``, when the model has query prompts;
-    pipeline/model/prompts.py), the other heads their document form.
+    pipeline/model/prompts.py), the other heads their document form. ``label_head``: the run's trained head.
     """
     query_emb = query_emb or emb
     y = {s: splits[s]["label"].to_numpy() for s in splits}
@@ -88,6 +103,9 @@ def classify(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_
     zero = _zero_shot(query_emb, y, label_emb, label_names)
     if zero is not None:
         candidates["zero_shot"] = zero
+    trained = _label_head(emb, y, label_head)
+    if trained is not None:
+        candidates[LABEL_HEAD] = trained
     allowed = {h: v for h, v in candidates.items() if h.split("(")[0] in cfg.eval.heads}
     head = max(allowed, key=lambda h: allowed[h][0])
     pred = allowed[head][1]
@@ -99,11 +117,14 @@ def classify(emb: dict[str, np.ndarray], splits: dict[str, pd.DataFrame], label_
           "accuracy": M.bootstrap_mean_ci(pred == y["test"], n, seed),
           "logreg_macro_f1": M.bootstrap_macro_f1_ci(y["test"], logreg_test, n, seed),
           "knn_macro_f1": M.bootstrap_macro_f1_ci(y["test"], knn_test[cfg.eval.knn_k], n, seed)}
-    if zero is not None:
-        figures["zero_shot_macro_f1"] = M.classification_scores(y["test"], zero[1])["macro_f1"]
-        ci["zero_shot_macro_f1"] = M.bootstrap_macro_f1_ci(y["test"], zero[1], n, seed)
+    for name, found in (("zero_shot", zero), (LABEL_HEAD, trained)):
+        if found is not None:
+            figures[f"{name}_macro_f1"] = M.classification_scores(y["test"], found[1])["macro_f1"]
+            ci[f"{name}_macro_f1"] = M.bootstrap_macro_f1_ci(y["test"], found[1], n, seed)
     return Classification(figures=figures, ci=ci, y_pred=pred, head=head, classifier_C=c,
-                          validation_macro_f1={h: round(v[0], 5) for h, v in candidates.items()})
+                          validation_macro_f1={h: round(v[0], 5) for h, v in candidates.items()},
+                          test_macro_f1={h: round(M.classification_scores(y["test"], v[1])["macro_f1"], 5)
+                                         for h, v in candidates.items()})
 
 
 def classify_tfidf(x: dict, splits: dict[str, pd.DataFrame], cfg: Config) -> Classification:

@@ -104,6 +104,13 @@ def validation_line(v: dict) -> str:
             "run unless given `--force`.")
 
 
+def _heads_sentence(heads: dict | None) -> str:
+    if not heads:
+        return ""
+    return (f" Macro-F1 compares each model's best classifier head on validation: adapted {heads['adapted']}, base "
+            f"model {heads['base']} (every head of both models is under \"Classifier heads\").")
+
+
 def lexical_label(m: dict) -> str:
     """The lexical baseline's name: TF-IDF, or BM25 where metrics.json's ``lexical.method`` says so (retrieval sets)."""
     return "BM25" if str((m.get("lexical") or {}).get("method", "")).startswith("bm25") else "TF-IDF"
@@ -125,7 +132,7 @@ def verdict_lines(verdict: dict | None, lexical_name: str = "TF-IDF") -> list[st
         lines += ["", "Difference adapted minus reference on the same test items, with its 95% CI from a paired "
                       "bootstrap (the items are resampled once per replicate and both models are scored on the same "
                       "draw): *better* when the whole interval is above 0, *worse* when below, else *no measurable "
-                      "difference*.", ""]
+                      "difference*." + _heads_sentence(verdict.get("heads")), ""]
     return lines + [validation_line(verdict["validation"]), ""]
 
 
@@ -157,16 +164,52 @@ def curve_png(curve: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _head_order(name: str) -> tuple:
+    kind, _, arg = name.partition("(")
+    order = {"logreg": 0, "knn": 1, "zero_shot": 2, "label_head": 3}.get(kind, 4)
+    number = arg.rstrip(")").split("=")[-1]
+    return order, float(number) if number.replace(".", "", 1).isdigit() else 0.0
+
+
+def heads_table(heads: dict, classifier: dict) -> list[str]:
+    """Every candidate classifier head of both models: validation macro-F1 (which chose the head, marked) and
+    test macro-F1 (reported, never used to choose)."""
+    adapted, base = heads.get("adapted") or {}, heads.get("base") or {}
+    if not adapted and not base:
+        return []
+    chosen = {"adapted": classifier.get("head"), "base": classifier.get("base_head")}
+
+    def cell(block: dict, name: str, key: str, who: str) -> str:
+        v = (block.get(name) or {}).get(key)
+        if v is None:
+            return "–"
+        return f"**{v:.4f}**" if key == "val_macro_f1" and chosen[who] == name else f"{v:.4f}"
+
+    lines = ["## Classifier heads (macro-F1)", "",
+             "Each head fitted on the train split; the one with the best validation macro-F1 (bold) is each model's "
+             "reported head, and the verdict compares the adapted model's with the base model's. Test figures of the "
+             "other heads are shown for comparison only.", "",
+             "| head | adapted val | adapted test | base val | base test |", "|---|---|---|---|---|"]
+    for name in sorted(set(adapted) | set(base), key=_head_order):
+        lines.append(f"| {name} | {cell(adapted, name, 'val_macro_f1', 'adapted')} | "
+                     f"{cell(adapted, name, 'test_macro_f1', 'adapted')} | {cell(base, name, 'val_macro_f1', 'base')} | "
+                     f"{cell(base, name, 'test_macro_f1', 'base')} |")
+    return lines + [""]
+
+
 def _objective_sentence(objective: dict | None) -> str:
     """The training objective prepare chose (pipeline/contracts/pair_kinds.py), as one sentence of the report."""
     if not objective:
         return ""
     mask = ", same-label mask on" if objective.get("mask_same_label") else ""
-    return f" Training objective **{objective['name']}** ({objective.get('reason', '')}{mask})."
+    head = (f", label head trained with the encoder (loss weight {objective['label_loss_weight']:g})"
+            if objective.get("label_loss_weight") else "")
+    return f" Training objective **{objective['name']}** ({objective.get('reason', '')}{mask}{head})."
 
 
 def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve: bool = False) -> str:
-    cls_keys = [k for k in ("macro_f1", "accuracy", "logreg_macro_f1", "knn_macro_f1", "zero_shot_macro_f1") if k in m["classification"]]
+    cls_keys = [k for k in ("macro_f1", "accuracy", "logreg_macro_f1", "knn_macro_f1", "zero_shot_macro_f1",
+                            "label_head_macro_f1") if k in m["classification"]]
     ret_keys = [k for k in ("recall@1", "recall@10", "ndcg@10", "mrr@10", "recall_all@10") if k in m["retrieval"]]
     keys = [("classification", k) for k in cls_keys] + [("retrieval", k) for k in ret_keys]
     unverified = [] if m.get("verified", True) else [
@@ -202,6 +245,7 @@ def markdown(m: dict, per_class: list[dict] | None, others: list[dict], *, curve
     lines += ["", f"Training: {t.get('seconds', 0):.0f} s, {t.get('pairs_per_second') or 0:.1f} pairs/s, "
                   f"peak RSS {t.get('peak_rss_mb') or 0:.0f} MB, {t.get('device')}/{t.get('precision')}. "
                   f"Embedding: {m.get('embed', {}).get('texts_per_second') or 0:.0f} texts/s.", ""]
+    lines += heads_table(m.get("heads") or {}, m.get("classifier") or {})
     if curve:
         lines += ["## Validation during training", "", "![validation curve](curve.png)", ""]
     if per_class:

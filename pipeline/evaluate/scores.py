@@ -20,14 +20,16 @@ import pandas as pd
 
 from pipeline.contracts.prepared_data import has_groups, has_labels
 from pipeline.core.artifacts import Layout, digest, read_json, sha256_file, write_json_atomic
+from pipeline.contracts.label_head import LabelHead
 from pipeline.core.config import Config
 from pipeline.evaluate.heads import Classification, classify, classify_tfidf
 from pipeline.search import metrics as M
 from pipeline.search import scoring
 
 # Bump when a baseline, a classifier head, a metric definition or what the cache keeps changes, so cached
-# scores are recomputed. 4: results are stored as Scores (typed) rather than dicts with private keys.
-SCORES_VERSION = 4
+# scores are recomputed. 4: results are stored as Scores (typed) rather than dicts with private keys;
+# 5: every candidate head's test macro-F1 (test_macro_f1) and the label_head candidate.
+SCORES_VERSION = 5
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Scores:
     y_pred: np.ndarray | None = None  # the chosen head's test predictions
     head: str | None = None
     validation_macro_f1: dict[str, float] = field(default_factory=dict)  # per candidate head, on val
+    test_macro_f1: dict[str, float] = field(default_factory=dict)  # per candidate head, on test (reported only)
     per_query: dict[str, np.ndarray] = field(default_factory=dict)  # retrieval metric -> per-query test values
     val_retrieval: dict[str, float] | None = None  # retrieval on the val split (None: not scored)
     retrieval_queries: int = 0
@@ -58,12 +61,20 @@ class Scores:
     def add_classification(self, c: Classification) -> None:
         self.classification, self.ci["classification"] = c.figures, c.ci
         self.y_pred, self.head, self.validation_macro_f1 = c.y_pred, c.head, c.validation_macro_f1
+        self.test_macro_f1 = c.test_macro_f1
+
+    @property
+    def heads(self) -> dict[str, dict[str, float]]:
+        """Every candidate head: its validation macro-F1 (what the choice saw) and its test macro-F1."""
+        return {h: {"val_macro_f1": v, "test_macro_f1": self.test_macro_f1.get(h)}
+                for h, v in self.validation_macro_f1.items()}
 
     def to_json(self) -> dict:
         return {"classification": self.classification, "retrieval": self.retrieval,
                 "ci": {k: {m: list(v) for m, v in d.items()} for k, d in self.ci.items()},
                 "y_pred": None if self.y_pred is None else [str(x) for x in self.y_pred],
                 "head": self.head, "validation_macro_f1": self.validation_macro_f1,
+                "test_macro_f1": self.test_macro_f1,
                 "per_query": {k: np.asarray(v, dtype=float).tolist() for k, v in self.per_query.items()},
                 "val_retrieval": self.val_retrieval, "retrieval_queries": self.retrieval_queries}
 
@@ -72,7 +83,7 @@ class Scores:
         return cls(classification=d["classification"], retrieval=d["retrieval"],
                    ci={k: {m: tuple(v) for m, v in block.items()} for k, block in d["ci"].items()},
                    y_pred=None if d["y_pred"] is None else np.asarray(d["y_pred"], dtype=object),
-                   head=d["head"], validation_macro_f1=d["validation_macro_f1"],
+                   head=d["head"], validation_macro_f1=d["validation_macro_f1"], test_macro_f1=d["test_macro_f1"],
                    per_query={k: np.asarray(v, dtype=float) for k, v in d["per_query"].items()},
                    val_retrieval=d["val_retrieval"], retrieval_queries=d["retrieval_queries"])
 
@@ -111,11 +122,12 @@ def _load_embeddings(emb_dir: Path, splits) -> tuple[dict, dict, np.ndarray | No
 
 
 def evaluate_embeddings(emb_dir: Path, splits: dict[str, pd.DataFrame], cfg: Config,
-                        label_names: list[str]) -> Scores:
+                        label_names: list[str], label_head: LabelHead | None = None) -> Scores:
+    """One model's scores from its embeddings; ``label_head``: the head the run trained with the encoder."""
     emb, query_emb, label_emb = _load_embeddings(emb_dir, splits)
     scores = Scores()
     if has_labels(splits["test"]):
-        scores.add_classification(classify(emb, splits, label_emb, cfg, label_names, query_emb))
+        scores.add_classification(classify(emb, splits, label_emb, cfg, label_names, query_emb, label_head))
     if has_groups(splits["test"]):
         ret, ci, per_query = retrieval_block(emb["test"], splits["test"]["group"].to_numpy(), cfg,
                                              query_emb=query_emb["test"])

@@ -18,6 +18,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from pipeline.contracts import label_head as head_contract
 from pipeline.contracts.prepared_data import SPLITS, is_pairs, is_retrieval, load_labels, load_split
 from pipeline.core import tracking
 from pipeline.core.artifacts import Layout, atomic_dir, clean_stale, require_manifest, write_json_atomic
@@ -93,12 +94,22 @@ def _common_payload(cfg: Config, info: dict, prep: dict, emb_manifest: dict, tra
                   "device": t.get("device"), "precision": t.get("precision")},
         "embed": emb_manifest.get("timing", {}),
         "backend": emb_manifest.get("backend"),  # the encoder form embed chose (pipeline/model/backends.py)
-        "objective": prep.get("objective"),  # the objective the training pairs were built for
+        "objective": _objective(prep, t),  # the objective the training pairs were built for, as training used it
         "seed": cfg.seed,
         # the splits' identity for labelled corpora (pairs settings do not change what is scored)
         "data_fingerprint": prep.get("splits_fingerprint", prep["fingerprint"]),
         "model_fingerprint": train_manifest["fingerprint"],  # ties these metrics to the model they score
     }
+
+
+def _objective(prep: dict, train_stats: dict) -> dict | None:
+    """The prepared data's objective with the losses and mask the training run actually used (an explicit
+    train setting wins over the objective's choice)."""
+    objective = prep.get("objective")
+    if objective is None:
+        return None
+    used = {k: train_stats[k] for k in ("mask_same_label", "label_loss_weight", "pair_loss_weight") if k in train_stats}
+    return {**objective, **used}
 
 
 def _score_labelled(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict, train_manifest: dict,
@@ -108,7 +119,8 @@ def _score_labelled(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict,
     splits = {s: load_split(layout.processed, s) for s in SPLITS}
     label_names = load_labels(layout.processed)
     log.info("eval: scoring %s and the base model on %d test items", cfg.resolved_run_name, len(splits["test"]))
-    adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names)
+    trained_head = head_contract.load(layout.model_dir())  # None unless the run trained a label head
+    adapted = evaluate_embeddings(Path(emb_manifest["adapted_dir"]), splits, cfg, label_names, trained_head)
     base = cached_base_scores(cfg, Path(emb_manifest["base_dir"]), splits, label_names)
     lexical = (cached_lexical(cfg, layout, prep.get("splits_fingerprint", prep["fingerprint"]), splits)
                if cfg.eval.lexical else None)
@@ -122,7 +134,9 @@ def _score_labelled(cfg: Config, layout: Layout, prep: dict, emb_manifest: dict,
         "ci": _ci_lists(adapted.ci),
         "test_items": int(len(splits["test"])),
         "retrieval_queries": adapted.retrieval_queries,
-        "classifier": {"head": adapted.head, "base_head": base.head},
+        "classifier": {"head": adapted.head, "base_head": base.head, "label_head_trained": trained_head is not None},
+        # every candidate head of both models: validation macro-F1 (what chose) and test macro-F1 (reported only)
+        "heads": {"adapted": _rounded_tree(adapted.heads), "base": _rounded_tree(base.heads)} if classified else {},
         # Model selection happens on these validation figures, never on test.
         "validation": {"adapted": _rounded_tree(adapted.validation), "base": _rounded_tree(base.validation)},
         "verdict": verdict_block(cfg, info["method"], {"adapted": adapted, "base": base, "lexical": lexical},

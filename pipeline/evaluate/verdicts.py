@@ -102,7 +102,12 @@ def verdict_block(cfg: Config, method: str, models: dict[str, Scores | None], y_
         test["vs_lexical"] = paired_verdicts(adapted, models["lexical"], y_true, cfg)
     validation = validation_verdict(method, eval_figures, curve)
     warn_if_not_better(cfg.resolved_run_name, validation)
-    return {"test": test, "validation": validation}
+    out = {"test": test, "validation": validation}
+    if adapted.head is not None and models["base"].head is not None:
+        # macro-F1 compares each model's best head on validation: the base's may be logistic regression on
+        # its frozen embeddings, a practitioner's first try, and the adapted model must beat that
+        out["heads"] = {"adapted": adapted.head, "base": models["base"].head}
+    return out
 
 
 def log_verdict(tracker, verdict: dict) -> None:

@@ -49,11 +49,12 @@ from pipeline.core.errors import ExportError
 from pipeline.contracts.export_folder import (BASE_META, EDGE_TEXTS, FORMS, SearchIndex, STEncoder, TorchEncoder, fixed_sample,
                                load_adapter_form, load_form, write_index)
 from pipeline.model.encoder import check_base_matches, load_encoder, load_trained, read_model_info
+from pipeline.export import head as label_head
 
 log = logging.getLogger(__name__)
 
 # Bump when the export layout or the gate changes, so an old export is not taken as up to date.
-EXPORT_VERSION = 3  # 3: prompts in the merged folder and onnx_config.json, the gate checks both roles
+EXPORT_VERSION = 4  # 3: prompts in the merged folder and onnx_config.json, the gate checks both roles; 4: label head
 
 
 # ----------------------------------------------------------------------------------------------- corpus
@@ -130,7 +131,7 @@ def check_gate(numbers: dict, ecfg) -> list[str]:
     if onnx_cos is not None and onnx_cos < ecfg.onnx_min_cos:
         failures.append(f"the ONNX model differs from the merged PyTorch model (min cosine {onnx_cos:.6f} < "
                         f"{ecfg.onnx_min_cos})")
-    return failures
+    return failures + label_head.failures(numbers.get("label_head"), ecfg.head_max_prob_diff)
 
 
 def _raise_on_failures(failures: list[str], run_name: str, out: Path) -> None:
@@ -180,7 +181,7 @@ def model_card(ex: _Export, metrics: dict | None, built: Built, mlflow_info: dic
               + _split_sentence(prep), ""]
     lines += _card_metrics(metrics, run_name)
     lines += _card_gate(gate, neighbours, cfg.export)
-    lines += _card_files(info, forms, index_meta, cfg.data.name, mlflow_info)
+    lines += _card_files(info, forms, index_meta, cfg.data.name, mlflow_info, gate.get("label_head"))
     dump = cfg.model_dump(mode="json")
     trained_with = yaml.safe_dump({k: dump[k] for k in ("seed", "model", "data", "pairs", "train")}, sort_keys=False)
     lines += ["", "## Training configuration", "", "```yaml", trained_with.rstrip(), "```", ""]
@@ -261,10 +262,11 @@ def _card_gate(gate: dict, neighbours: dict | None, ecfg) -> list[str]:
                   "", f"| form | top-1 agreement | overlap@{k} |", "|---|---|---|"]
         for form, agree in neighbours["forms"].items():
             lines.append(f"| {form} | {agree['top1_agreement']:.3f} | {agree[f'overlap@{k}']:.3f} |")
-    return lines
+    return lines + label_head.card_lines(gate.get("label_head"), ecfg.head_max_prob_diff)
 
 
-def _card_files(info: dict, forms: dict, index_meta: dict, dataset: str, mlflow_info: dict | None) -> list[str]:
+def _card_files(info: dict, forms: dict, index_meta: dict, dataset: str, mlflow_info: dict | None,
+                head_numbers: dict | None = None) -> list[str]:
     lines = ["", "## Files and how to load them", "",
              "- `merged/`: a plain sentence-transformers model (no peft needed); text-embeddings-inference "
              "style servers take it as is.", "", "  ```python", "  from sentence_transformers import SentenceTransformer",
@@ -291,9 +293,13 @@ def _card_files(info: dict, forms: dict, index_meta: dict, dataset: str, mlflow_
               f"{index_meta['encoder']} form; "
               "`records.jsonl` line i is row i of the index.",
               "- Serve it: `make serve` (HTTP `/embed`, `/search?q=...&k=...`, `/health` on 127.0.0.1)."]
+    lines += label_head.file_lines(head_numbers)
     if mlflow_info:
         lines += [f"- MLflow: run `{mlflow_info['run_id']}`, model `{mlflow_info['model_uri']}` "
                   "(`mlflow.sentence_transformers.load_model(uri)`)."]
+        if mlflow_info.get("classifier"):
+            lines += [f"- MLflow classifier: `{mlflow_info['classifier']['model_uri']}` (`mlflow.pyfunc.load_model(uri)"
+                      ".predict(texts)`: a label and its probability per text)."]
     return lines
 
 
@@ -401,6 +407,7 @@ class _Export:
         self.used = prompts.of_record(info.get("prompts"))
         self.roles: tuple[prompts.Role, ...] = ("document", "query") if self.used.differ else ("document",)
         self.timing: dict[str, float] = {}
+        self.reference_doc: np.ndarray | None = None  # the reference's document vectors: what the head gate reads
         self.started = self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
@@ -449,6 +456,7 @@ def run(cfg: Config, *, overwrite: bool = False, force: bool = False) -> Path:
         encoders, merged_st, merged_emb, gate, forms = _merged_and_gated(ex, tmp, out)
         if ex.ecfg.onnx:
             _onnx_forms(ex, tmp, merged_st, merged_emb, gate, forms, encoders)
+        _label_head_form(ex, tmp, gate, forms, encoders)
         log.info("export gate: merged vs %s min cos %.6f, vs base mean %.6f, onnx min %s, int8 min %s",
                  gate["reference"], gate["merged_vs_reference_min_cos"], gate["merged_vs_base_mean_cos"],
                  gate["onnx_vs_torch_min_cos"], gate["onnx_int8_vs_torch_min_cos"])
@@ -481,6 +489,7 @@ def _merged_and_gated(ex: _Export, tmp: Path, out: Path) -> tuple[dict, object, 
         reference = TorchEncoder(load_trained(ex.model_dir), max_seq_length=max_len, used=used, name="trained")
         reference_name = "trained full model"
     ref_emb = ex.gate_vectors(reference)
+    ex.reference_doc = ref_emb[: len(ex.sample)]  # document rows come first: what the label head reads
     ex.lap("reference_seconds")
     merged = load_trained(ex.model_dir, merge=True)
     merged.max_seq_length = max_len
@@ -553,6 +562,18 @@ def _onnx_forms(ex: _Export, tmp: Path, merged_st, merged_emb: np.ndarray, gate:
     ex.lap("onnx_int8_seconds")
 
 
+def _label_head_form(ex: _Export, tmp: Path, gate: dict, forms: dict, encoders: dict) -> None:
+    """The run's label head in ``head/`` and its gate numbers on every form (nothing without a head)."""
+    head = label_head.copy_head(ex.model_dir, tmp)
+    forms["head"] = None
+    if head is None:
+        return
+    vectors = {form: enc.encode(ex.sample, "document") for form, enc in encoders.items()}
+    gate["label_head"] = label_head.gate(head, ex.reference_doc, vectors)
+    forms["head"] = {"path": label_head.FOLDER, "labels": len(head.labels)}
+    ex.lap("label_head_seconds")
+
+
 def _build_onnx(merged_st, folder: Path, ex: _Export) -> tuple[dict | None, dict]:
     """onnx_config.json of the graph written to ``folder``: the TorchScript exporter first, then the dynamo
     exporter; (None, errors) when neither can build it. The second item holds each failed exporter's error."""
@@ -613,6 +634,11 @@ def _card_and_mlflow(ex: _Export, tmp: Path, merged_st, built: Built) -> dict | 
 
         mlflow_info["adapter"] = mlflow_adapter.log_adapter_model(
             ex.cfg, mlflow_info["run_id"], tmp / "adapter", read_json(tmp / "adapter" / BASE_META))
+    if mlflow_info and built.forms.get("head"):  # the merged model with its label head: a pyfunc that classifies
+        from pipeline.export import mlflow_classifier
+
+        mlflow_info["classifier"] = mlflow_classifier.log_classifier_model(
+            ex.cfg, mlflow_info["run_id"], tmp / "merged", tmp / label_head.FOLDER)
     if mlflow_info:
         (tmp / "README.md").write_text(model_card(ex, metrics, built, mlflow_info=mlflow_info), encoding="utf-8")
     ex.lap("mlflow_seconds")

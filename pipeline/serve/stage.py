@@ -5,7 +5,11 @@
 the ONNX form by default (onnxruntime + tokenizers, no torch on the request path) or the form named by
 ``serve.form``; every form was proven equal to the merged model by the export gate, so queries
 and index vectors agree whichever form embeds them. ``/search`` embeds ``q`` with the model's query prompt,
-``/embed`` with its document prompt unless the request says ``"role": "query"`` (pipeline/model/prompts.py). Run it with ``make serve`` (port ``SERVE_PORT``) or ``python -m pipeline serve --run NAME``.
+``/embed`` with its document prompt unless the request says ``"role": "query"`` (pipeline/model/prompts.py).
+``POST /classify`` ({"texts": [...], "k": 1}) answers where the export has a label head (a run that trained one,
+pipeline/contracts/label_head.py): each text's most probable labels, read from the same form's document-form
+embedding; export gated the head on that form. Run it with ``make serve`` (port ``SERVE_PORT``) or
+``python -m pipeline serve --run NAME``.
 """
 
 from __future__ import annotations
@@ -35,16 +39,23 @@ class EmbedRequest(BaseModel):
     role: Literal["query", "document"] = "document"
 
 
+class ClassifyRequest(BaseModel):
+    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+    k: int = Field(1, ge=1, le=MAX_K)  # labels returned per text, most probable first
+
+
 def create_app(export_dir: Path, form: str = "onnx"):
     """A FastAPI app over ``export_dir``; loads the encoder and index once, at creation."""
     from fastapi import FastAPI, HTTPException, Query
 
+    from pipeline.contracts import label_head
     from pipeline.contracts.export_search import ExportSearch
 
     export = ExportSearch(export_dir, form)
     if export.form != form:
         log.warning("serve: export %s has no %s form; serving the merged model", export_dir, form)
     manifest, form, index = export.manifest, export.form, export.index
+    head = label_head.load(Path(export_dir) / "head")  # None: the run trained no label head
     # onnxruntime sessions and torch modules are not documented as safe for concurrent calls; FastAPI
     # runs sync endpoints in a thread pool, so requests take turns on the encoder.
     lock = threading.Lock()
@@ -60,7 +71,8 @@ def create_app(export_dir: Path, form: str = "onnx"):
     def health() -> dict:
         return {"status": "ok", "run": manifest["run_name"], "form": form, "dim": int(index.meta["dim"]),
                 "index": {"type": index.meta["type"], "items": int(index.meta["n"]), "corpus": index.meta["corpus"]},
-                "gate": {k: manifest["gate"].get(k) for k in ("merged_vs_reference_min_cos", "onnx_vs_torch_min_cos")}}
+                "gate": {k: manifest["gate"].get(k) for k in ("merged_vs_reference_min_cos", "onnx_vs_torch_min_cos")},
+                "label_head": {"labels": len(head.labels)} if head is not None else None}
 
     @app.post("/embed")
     def embed_endpoint(req: EmbedRequest) -> dict:
@@ -68,6 +80,17 @@ def create_app(export_dir: Path, form: str = "onnx"):
         with lock:
             vectors = export.encode(req.texts, req.role)
         return {"form": form, "role": req.role, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+
+    @app.post("/classify")
+    def classify(req: ClassifyRequest) -> dict:
+        if head is None:
+            raise HTTPException(404, f"export {manifest['run_name']} has no label head: the run trained none "
+                                     "(train.label_loss_weight > 0 trains one)")
+        check(req.texts)
+        with lock:
+            vectors = export.encode(req.texts, label_head.ROLE)
+        top = head.top(vectors, req.k)
+        return {"form": form, "labels": [t[0]["label"] for t in top], "results": top}
 
     @app.get("/search")
     def search(q: str = Query(min_length=1, max_length=MAX_CHARS), k: int = Query(10, ge=1, le=MAX_K),

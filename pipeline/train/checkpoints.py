@@ -14,27 +14,42 @@ from pipeline.core.artifacts import atomic_dir, write_json_atomic
 from pipeline.core.errors import ArtifactError
 
 
-def save_trainable(path: Path, st_model) -> None:
-    """The trainable weights (LoRA, or all of them) as one safetensors file."""
+HEAD_PREFIX = "label_head."  # the label head's weights (pipeline/train/label_head.py) beside the encoder's
+
+
+def _trainable(st_model, head=None) -> dict:
+    params = {n: p for n, p in st_model.named_parameters() if p.requires_grad}
+    if head is not None:
+        params.update({HEAD_PREFIX + n: p for n, p in head.named_parameters()})
+    return params
+
+
+def save_trainable(path: Path, st_model, head=None) -> None:
+    """The trainable weights (LoRA, or all of them, and the label head's) as one safetensors file."""
     from safetensors.torch import save_file
 
-    save_file({n: p.detach().cpu().contiguous() for n, p in st_model.named_parameters() if p.requires_grad}, path)
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(st_model, head).items()}, path)
 
 
-def load_trainable(path: Path, st_model) -> None:
-    """Copy weights written by :func:`save_trainable` back into the model, in place."""
+def load_trainable(path: Path, st_model, head=None) -> None:
+    """Copy weights written by :func:`save_trainable` back into the model (and head), in place."""
     from safetensors.torch import load_file
 
     params = dict(st_model.named_parameters())
+    if head is not None:
+        params.update({HEAD_PREFIX + n: p for n, p in head.named_parameters()})
+    saved = load_file(path)
+    if head is not None and not any(n.startswith(HEAD_PREFIX) for n in saved):
+        raise ArtifactError(f"{path} holds no label head, but this run trains one")
     with torch.no_grad():
-        for n, t in load_file(path).items():
+        for n, t in saved.items():
             params[n].copy_(t.to(params[n].device))
 
 
-def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, state: dict, head=None) -> None:
     """Trainable weights as safetensors; optimizer/scheduler/RNG as tensors loaded with weights_only."""
     with atomic_dir(folder) as tmp:
-        save_trainable(tmp / "trainable.safetensors", st_model)
+        save_trainable(tmp / "trainable.safetensors", st_model, head)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -42,10 +57,10 @@ def save_checkpoint(folder: Path, *, step: int, st_model, optimizer, scheduler, 
         write_json_atomic(tmp / "state.json", {**state, "step": step})
 
 
-def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
+def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler, head=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG (dropout draws continue exactly where they were)."""
     try:
-        load_trainable(folder / "trainable.safetensors", st_model)
+        load_trainable(folder / "trainable.safetensors", st_model, head)
         blob = torch.load(folder / "optimizer.pt", weights_only=True)  # no arbitrary unpickling
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
@@ -67,17 +82,17 @@ def load_checkpoint(folder: Path, *, st_model, optimizer, scheduler) -> dict:
                             "--overwrite to train from scratch") from None
 
 
-def save_best(folder: Path, st_model, step: int, value: float) -> None:
+def save_best(folder: Path, st_model, step: int, value: float, head=None) -> None:
     with atomic_dir(folder) as tmp:
-        save_trainable(tmp / "trainable.safetensors", st_model)
+        save_trainable(tmp / "trainable.safetensors", st_model, head)
         write_json_atomic(tmp / "state.json", {"step": step, "value": value})
 
 
-def restore_best(folder: Path, st_model, step: int) -> None:
+def restore_best(folder: Path, st_model, step: int, head=None) -> None:
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").exists() else {}
     if state.get("step") != step:
         raise ArtifactError(f"the best checkpoint in {folder} is from step {state.get('step')}, but validation chose "
                             f"step {step}; pass --overwrite to train again")
-    load_trainable(folder / "trainable.safetensors", st_model)
+    load_trainable(folder / "trainable.safetensors", st_model, head)
 
 

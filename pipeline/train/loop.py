@@ -19,13 +19,15 @@ from pipeline.model import prompts
 from pipeline.model import tokens as encoding
 from pipeline.train import distributed
 from pipeline.train.batching import epoch_batches
+from pipeline.train.label_head import CosineHead, classes_of, head_loss
 from pipeline.train.losses import Tagged, contrastive_loss_with_negatives, false_negative_mask, hard_negative_mask
 
 
 class PairTensors:
     """Training pairs as token ids and integer codes, tokenised once."""
 
-    def __init__(self, pairs, st_model, max_seq_length: int, used_prompts: prompts.Prompts | None = None):
+    def __init__(self, pairs, st_model, max_seq_length: int, used_prompts: prompts.Prompts | None = None,
+                 label_names: list[str] | None = None):
         # Optional mined hard negatives (pipeline/prepare/hard_negatives.py): a third text per pair, -1 where none.
         negatives = pairs["negative"] if "negative" in pairs else pd.Series([None] * len(pairs), dtype=object)
         # Anchors are queries, positives and negatives documents (pipeline/model/prompts.py); texts are keyed with
@@ -51,6 +53,10 @@ class PairTensors:
         self.lengths = np.array([len(self.ids[a]) + len(self.ids[p]) for a, p in zip(self.anchor, self.positive)])
         self.lengths += np.array([len(self.ids[k]) if k >= 0 else 0 for k in self.negative], dtype=self.lengths.dtype)
         self.real_tokens = int(self.lengths.sum())
+        # The label head's targets (index into label_names, -1: none): the anchor's label, and the positive's
+        # where the positive is another text of the corpus (a label-name positive is not a text to classify).
+        self.anchor_class = classes_of(pairs["label"], label_names or [])
+        self.positive_class = np.where(self.positive_is_label, -1, self.anchor_class)
         # retrieval sets: document id -> text id of its training text, for the judged-relevant mask
         self.doc_text_id = {d: text_id[t] for col, texts in (("positive_id", positives), ("negative_id", negs))
                             if col in pairs for d, t in zip(pairs[col], texts) if isinstance(d, str) and t is not None}
@@ -67,16 +73,20 @@ def _codes(series) -> np.ndarray:
     return np.array([uniques[v] if v else -1 for v in values])
 
 
-def make_optimizer(st_model, t) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights; with ``train.lora.loraplus_lr_ratio``, PEFT's LoRA+ groups
-    (lora_B at ratio x train.lr, lora_A at train.lr)."""
+def make_optimizer(st_model, t, head: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights (and the label head's, in a group of its own); with
+    ``train.lora.loraplus_lr_ratio``, PEFT's LoRA+ groups (lora_B at ratio x train.lr, lora_A at train.lr)."""
     if t.method == "lora" and t.lora.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(st_model, torch.optim.AdamW, lr=t.lr,
-                                         loraplus_lr_ratio=t.lora.loraplus_lr_ratio, weight_decay=t.weight_decay)
-    return torch.optim.AdamW([p for p in st_model.parameters() if p.requires_grad], lr=t.lr,
-                             weight_decay=t.weight_decay)
+        opt = create_loraplus_optimizer(st_model, torch.optim.AdamW, lr=t.lr,
+                                        loraplus_lr_ratio=t.lora.loraplus_lr_ratio, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.AdamW([p for p in st_model.parameters() if p.requires_grad], lr=t.lr,
+                                weight_decay=t.weight_decay)
+    if head is not None:
+        opt.add_param_group({"params": list(head.parameters()), "lr": t.lr, "weight_decay": 0.0})
+    return opt
 
 
 @dataclass
@@ -92,11 +102,17 @@ class Stepper:
     device: torch.device
     dtype: torch.dtype | None = None
     dist: distributed.Dist | None = None
+    head: CosineHead | None = None  # the label head trained with the encoder (train.label_loss_weight > 0)
+
+    @property
+    def label_weight(self) -> float:
+        return float(self.t.label_loss_weight or 0.0) if self.head is not None else 0.0
 
 
-def _embed_batch(sp: Stepper, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Anchor, positive and mined-negative embeddings of the pairs ``idx``. Under torchrun this process
-    embeds only its shard and the embeddings of every shard are gathered."""
+def _embed_batch(sp: Stepper, idx: np.ndarray, anchors_only: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Anchor, positive and mined-negative embeddings of the pairs ``idx`` (anchors alone when the pair loss
+    is off). Under torchrun this process embeds only its shard and the embeddings of every shard are gathered."""
     st_model, data, dist = sp.model, sp.data, sp.dist
     pad, side = encoding.pad_info(st_model)
     local = dist.shard(idx) if dist else idx
@@ -109,7 +125,10 @@ def _embed_batch(sp: Stepper, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tens
 
     with_neg = local[data.negative[local] >= 0]
     with encoding.autocast(sp.device, sp.dtype):
-        a_emb, p_emb = embed(data.anchor[local]), embed(data.positive[local])
+        a_emb = embed(data.anchor[local])
+        if anchors_only:
+            return (dist.gather(a_emb, dist.shard_sizes(len(idx))) if dist else a_emb), None, None
+        p_emb = embed(data.positive[local])
         n_emb = embed(data.negative[with_neg])
     if dist:
         sizes = dist.shard_sizes(len(idx))
@@ -119,11 +138,29 @@ def _embed_batch(sp: Stepper, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tens
 
 
 def batch_loss(sp: Stepper, idx: np.ndarray) -> torch.Tensor:
+    """The loss of the pairs ``idx``: ``train.pair_loss_weight`` x the masked in-batch contrastive loss, plus
+    ``train.label_loss_weight`` x the label head's cross-entropy on the batch's texts when a head is trained."""
+    data, t = sp.data, sp.t
+    if t.pair_loss_weight == 0:
+        a_emb, _, _ = _embed_batch(sp, idx, anchors_only=True)
+        ce = head_loss(sp.head, [a_emb], [data.anchor_class[idx]])
+        if ce is None:  # no labelled anchor in this batch: a zero loss that still reaches every weight
+            return a_emb.sum() * 0.0
+        return sp.label_weight * ce
+    a_emb, p_emb, n_emb = _embed_batch(sp, idx)
+    loss = t.pair_loss_weight * _pair_loss(sp, idx, a_emb, p_emb, n_emb)
+    if sp.label_weight:
+        ce = head_loss(sp.head, [a_emb, p_emb], [data.anchor_class[idx], data.positive_class[idx]])
+        if ce is not None:
+            loss = loss + sp.label_weight * ce
+    return loss
+
+
+def _pair_loss(sp: Stepper, idx: np.ndarray, a_emb, p_emb, n_emb) -> torch.Tensor:
     """The masked in-batch contrastive loss of the pairs ``idx`` (with their mined negatives): two pairs of
     one group, identical texts, a label that is right for another anchor, or (retrieval sets) a document judged
     relevant to the anchor's query never count as negatives."""
     data, t = sp.data, sp.t
-    a_emb, p_emb, n_emb = _embed_batch(sp, idx)
     a_ids, p_ids = data.anchor[idx], data.positive[idx]
     mask = false_negative_mask(
         torch.as_tensor(data.group[idx]), torch.as_tensor(data.label[idx]), torch.as_tensor(p_ids),
@@ -156,6 +193,11 @@ def training_step(sp: Stepper, idx: np.ndarray, step: int = 0) -> float:
     params = [p for g in sp.optimizer.param_groups for p in g["params"]]
     if sp.dist:
         sp.dist.all_reduce_grads(params)
+        if sp.head is not None:
+            # Every process computes the head's whole gradient from the gathered batch (the head is not
+            # sharded), so the sum over processes is world x the single-process gradient.
+            for p in sp.head.parameters():
+                p.grad /= sp.dist.world
     if sp.t.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, sp.t.grad_clip)
     sp.optimizer.step()

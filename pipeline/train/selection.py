@@ -27,9 +27,11 @@ class Selection:
     def active(self) -> bool:
         return self.vset is not None
 
-    def record(self, step: int, epoch: float, value: float) -> bool:
-        """Add one evaluation; True when it is the new best trained step."""
-        self.curve.append({"step": step, "epoch": round(epoch, 4), "value": round(value, 6)})
+    def record(self, step: int, epoch: float, value: float, figures: dict | None = None) -> bool:
+        """Add one evaluation (``figures``: what the value was taken from, kept in the curve); True when it is
+        the new best trained step."""
+        self.curve.append({"step": step, "epoch": round(epoch, 4), "value": round(value, 6),
+                           **{k: round(v, 6) for k, v in (figures or {}).items()}})
         if step == 0:  # the untrained base: the reference level; the model kept only where it is a candidate
             if self.base_is_candidate:
                 self.best_step, self.best_value = 0, value

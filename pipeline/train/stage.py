@@ -23,22 +23,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.contracts import label_head as head_contract
 from pipeline.contracts import pair_kinds as objectives
 from pipeline.contracts.identity import run_fingerprint
-from pipeline.contracts.prepared_data import dataset_files, load_pairs, with_encoder_length
+from pipeline.contracts.prepared_data import dataset_files, load_labels, load_pairs, load_split, with_encoder_length
 from pipeline.train import retrieval as retrieval_sets
 from pipeline.core import recovery, tracking
 from pipeline.core.artifacts import (MANIFEST, Layout, atomic_dir, clean_stale, make_manifest, require_manifest,
                                      skip_or_refuse, write_json_atomic)
 from pipeline.core.config import Config
-from pipeline.core.errors import ArtifactError, TrainingError
+from pipeline.core.errors import ArtifactError, ConfigError, TrainingError
 from pipeline.core.memory import current_rss_mb, peak_rss_mb
 from pipeline.model import prompts
 from pipeline.model import tokens as encoding
 from pipeline.model.encoder import (apply_lora, base_fingerprint, count_parameters, enable_gradient_checkpointing,
                                     load_base, lora_b_norm, pick_device, pick_dtype, resolve_base, save_lora,
                                     saved_parameters, training_model_kwargs, verify_reload, write_model_info)
-from pipeline.train import distributed, speed, validation
+from pipeline.search import metrics as M
+from pipeline.train import distributed, label_head, speed, validation
 from pipeline.train.checkpoints import load_checkpoint, restore_best, save_best, save_checkpoint
 from pipeline.train.loop import Batches, PairTensors, Stepper, make_optimizer, make_scheduler, run_steps
 from pipeline.train.selection import Selection, eval_steps
@@ -157,13 +159,22 @@ def _run(cfg: Config, *, overwrite: bool, dist: distributed.Dist | None) -> Path
             recovery.release(run_dir)
 
 
-def _validate(st_model, vset: validation.ValidationSet, ids: tuple, device) -> float:
-    """Score the current weights on the validation set (eval mode, no gradients), then back to train mode."""
+def _validate(st_model, vset: validation.ValidationSet, ids: tuple, device, head=None) -> tuple[float, dict]:
+    """Score the current weights on the validation set (eval mode, no gradients), then back to train mode.
+
+    With a label head, its macro-F1 on the val texts is measured too; on a labels-only corpus (metric
+    macro_f1) the score is the better of the kNN vote and the head, as eval chooses among its heads.
+    Returns (score, the figures behind it)."""
     st_model.eval()
     q = encoding.encode_ids(st_model, ids[0], device=device)
     d = encoding.encode_ids(st_model, ids[1], device=device) if ids[1] is not None else None
     st_model.train()
-    return vset.score(q, d)
+    value = vset.score(q, d)
+    if head is None or vset.labels is None:
+        return value, {}
+    head_f1 = M.classification_scores(vset.labels, head.to_contract().predict(q))["macro_f1"]
+    figures = {f"{vset.metric}_without_head": value, "label_head_macro_f1": head_f1}
+    return (max(value, head_f1) if vset.metric == "macro_f1" else value), figures
 
 
 class _Setup:
@@ -176,8 +187,11 @@ class _Setup:
         self.model = load_base(cfg.model, device=self.device, max_seq_length=t.max_seq_length,
                                model_kwargs=training_model_kwargs(t, self.device))
         self.prompts = prompts.for_run(cfg, self.model)
+        self.label_names = load_labels(layout.processed)
+        self.head = self._label_head(cfg, layout, prep)
         pairs = load_pairs(layout.processed)
-        self.data = PairTensors(pairs, self.model, t.max_seq_length, self.prompts)
+        self.data = PairTensors(pairs, self.model, t.max_seq_length, self.prompts,
+                                self.label_names if self.head is not None else None)
         self.data.relevant = retrieval_sets.relevant_mask(layout.processed, pairs, self.data.doc_text_id)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
         self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
@@ -192,15 +206,32 @@ class _Setup:
         self.levers = speed.for_training(self.model, self.device)  # measured by `make bench`; see speed.py
         self.trainable, self.total = count_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.model, t)
+        self.params += list(self.head.parameters()) if self.head is not None else []
+        self.optimizer = make_optimizer(self.model, t, self.head)
         self.batches = Batches(self.data.lengths, t, cfg.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         self.scheduler = make_scheduler(self.optimizer, t, self.total_steps)
         self.mask_same_label = objectives.mask_same_label(cfg, prep)
-        self.t = t.model_copy(update={"mask_same_label": self.mask_same_label})
+        self.t = t.model_copy(update={"mask_same_label": self.mask_same_label,
+                                      "label_loss_weight": self.label_loss_weight})
         self.stepper = Stepper(self.model, self.data, self.t, self.optimizer, self.scheduler, self.device,
-                               self.dtype, dist)
+                               self.dtype, dist, self.head)
+
+    def _label_head(self, cfg: Config, layout: Layout, prep: dict) -> label_head.CosineHead | None:
+        """The label head this run trains (None: none), its prototypes at the base model's class centroids."""
+        self.label_loss_weight = objectives.label_loss_weight(cfg, prep)
+        if self.label_loss_weight == 0:
+            if cfg.train.pair_loss_weight == 0:
+                raise ConfigError("train.pair_loss_weight=0 leaves nothing to train without a label head; set "
+                                  "train.label_loss_weight above 0 or the pair loss weight above 0")
+            return None
+        if len(self.label_names) < 2:
+            raise ConfigError(f"train.label_loss_weight={self.label_loss_weight:g} trains a label head, but the "
+                              "prepared corpus has fewer than two labels (data.label_column); set it to 0")
+        protos = label_head.centroids(self.model, load_split(layout.processed, "train"), self.label_names,
+                                      self.prompts, cfg.train.max_seq_length, self.device, cfg.seed)
+        return label_head.CosineHead(protos, self.label_names, cfg.train.scale).to(self.device)
 
     def _validation_ids(self, max_seq_length: int) -> tuple | None:
         """Validation texts tokenised once, with the query prompt on the query side and the document prompt
@@ -224,7 +255,8 @@ def _train(job: Job) -> Path:
     su = _Setup(cfg, job.layout, job.prep, job.dist)
     progress, mlflow_run_id, sel_state = Progress(), None, None
     if job.ckpt_state is not None:
-        state = load_checkpoint(job.ckpt_dir, st_model=su.model, optimizer=su.optimizer, scheduler=su.scheduler)
+        state = load_checkpoint(job.ckpt_dir, st_model=su.model, optimizer=su.optimizer, scheduler=su.scheduler,
+                                head=su.head)
         progress = Progress(start_step=state["step"], seconds_before=state.get("seconds", 0.0), done=state["step"])
         mlflow_run_id, sel_state = state.get("mlflow_run_id"), state.get("selection")
         log.info("train: resuming %s from step %d of %d", cfg.resolved_run_name, progress.start_step, su.total_steps)
@@ -285,7 +317,7 @@ def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
                         "n_pairs": len(su.data), "device": su.device.type,
                         "precision": "bf16" if su.dtype is not None else "fp32",
                         "objective": (prep.get("objective") or {}).get("name", "unknown"),
-                        "mask_same_label": su.mask_same_label,
+                        "mask_same_label": su.mask_same_label, "label_loss_weight": su.label_loss_weight,
                         "validation_metric": su.vset.metric if su.vset else "none",
                         **_corpus_params(cfg, prep),
                         **({"prompt_query": su.prompts.query, "prompt_document": su.prompts.document}
@@ -297,11 +329,11 @@ def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
 
 def _evaluate_at(step: int, su: _Setup, sel: Selection, tracker, job: Job, progress: Progress) -> None:
     started = time.perf_counter()
-    value = _validate(su.model, su.vset, su.val_ids, su.device)
-    if sel.record(step, step / su.steps_per_epoch, value) and job.main:
-        save_best(job.best_dir, su.model, step, value)
+    value, figures = _validate(su.model, su.vset, su.val_ids, su.device, su.head)
+    if sel.record(step, step / su.steps_per_epoch, value, figures) and job.main:
+        save_best(job.best_dir, su.model, step, value, su.head)
     progress.validation_seconds += time.perf_counter() - started
-    tracker.log_metrics({f"val_{su.vset.metric}": value}, step=step)
+    tracker.log_metrics({f"val_{su.vset.metric}": value, **{f"val_{k}": v for k, v in figures.items()}}, step=step)
     log.info("train: step %d, validation %s %.4f (best %s at step %s)", step, su.vset.metric, value,
              f"{sel.best_value:.4f}" if sel.best_value is not None else "-", sel.best_step)
 
@@ -318,7 +350,7 @@ def _after_step(job: Job, su: _Setup, sel: Selection, tracker, progress: Progres
     if (done % t.checkpoint_every == 0 or done in checks) and done < su.total_steps and not stop and job.main:
         save_checkpoint(job.ckpt_dir, step=done, st_model=su.model, optimizer=su.optimizer, scheduler=su.scheduler,
                         state={"fingerprint": job.fp, "mlflow_run_id": tracker.run_id, "selection": sel.state(),
-                               "seconds": progress.seconds})
+                               "seconds": progress.seconds}, head=su.head)
     if stop:
         log.info("train: validation %s has not improved for %d evaluations; stopping at step %d of %d",
                  su.vset.metric, t.validation.patience, done, su.total_steps)
@@ -355,7 +387,7 @@ def _loop(job: Job, su: _Setup, sel: Selection, tracker, progress: Progress) -> 
                  su.vset.metric, sel.best_value)
     elif sel.active and sel.best_step is not None and sel.best_step != progress.done:
         if job.main:
-            restore_best(job.best_dir, su.model, sel.best_step)
+            restore_best(job.best_dir, su.model, sel.best_step, su.head)
         log.info("train: keeping step %d (validation %s %.4f), the best of %d evaluations", sel.best_step,
                  su.vset.metric, sel.best_value, len(sel.curve))
     elif not sel.active:
@@ -416,6 +448,8 @@ def _finish_stats(su: _Setup, sel: Selection, progress: Progress, dist) -> dict:
         "processes": dist.world if dist else 1,
         "cpu_levers": su.levers,
         "mask_same_label": su.mask_same_label,
+        "label_loss_weight": su.label_loss_weight,
+        "pair_loss_weight": su.t.pair_loss_weight,
         "validation": sel.summary(progress.done, su.total_steps),
         "embedding_dim": dim,
     }
@@ -438,6 +472,9 @@ def _model_info(cfg: Config, su: _Setup, stats: dict) -> dict:
         "trainable_params": su.trainable,
         "total_params": su.total,
         "embedding_dim": stats.pop("embedding_dim"),
+        "label_head": ({"labels": len(su.head.labels), "scale": su.head.scale, "files": [head_contract.WEIGHTS,
+                                                                                          head_contract.META]}
+                       if su.head is not None else None),
     }
 
 
@@ -449,6 +486,8 @@ def _write_model(job: Job, su: _Setup, info: dict, stats: dict, tracker) -> None
         else:
             su.model.save(str(tmp), safe_serialization=True)
         write_model_info(tmp, info)
+        if su.head is not None:
+            head_contract.save(tmp, su.head.to_contract(), {"loss_weight": su.label_loss_weight})
         if cfg.train.method == "lora" and cfg.train.quantization == "none" and cfg.train.weights_dtype == "fp32":
             # the run as it loads from disk must be the model validation chose (before the folder is committed)
             stats["reload_min_cos"] = round(verify_reload(tmp, su.model, su.probe_ids, su.device), 6)
@@ -461,6 +500,9 @@ def _write_model(job: Job, su: _Setup, info: dict, stats: dict, tracker) -> None
     tracker.log_metrics({f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))
                          and not isinstance(v, bool)})
     tracker.log_artifact(job.model_dir / MANIFEST)
+    if su.head is not None:
+        tracker.log_artifact(job.model_dir / head_contract.WEIGHTS, "label_head")
+        tracker.log_artifact(job.model_dir / head_contract.META, "label_head")
     if cfg.train.method == "lora":
         tracker.log_artifact(job.model_dir / "adapter", "adapter")
 

@@ -7,7 +7,8 @@ What is scored depends on the corpus's shape:
 - groups (same-entity texts): ``recall@1`` of same-group retrieval inside the val split, as eval scores
   the test split;
 - labels without groups: ``macro_f1`` of a 10-NN vote of val texts over a stratified sample of train
-  texts (eval also fits logistic regression, which is too slow to repeat every epoch);
+  texts (eval also fits logistic regression, which is too slow to repeat every epoch); a run that trains a
+  label head takes the better of that vote and the head's own macro-F1 (pipeline/train/stage.py);
 - query -> positive pairs: ``recall@1`` of the val queries against their relevant items plus a seeded
   sample of the gallery;
 - retrieval sets: graded ``ndcg@10`` of val queries over their judged documents plus a sample of the corpus
@@ -45,6 +46,7 @@ class ValidationSet:
     documents: list[str] | None
     scorer: Callable[[np.ndarray, np.ndarray], float] = field(repr=False)
     description: str = ""
+    labels: np.ndarray | None = field(default=None, repr=False)  # the queries' labels, where known (label head)
 
     def score(self, q_emb: np.ndarray, d_emb: np.ndarray | None = None) -> float:
         return float(self.scorer(q_emb, q_emb if d_emb is None else d_emb))
@@ -87,8 +89,9 @@ def _group_set(val: pd.DataFrame, cap: int, rng) -> ValidationSet | None:
     def score(q, _d):
         return float(M.group_retrieval(q, groups, k=1)["recall@1"].mean())
 
+    labels = val["label"].to_numpy() if val["label"].notna().all() else None
     return ValidationSet("recall@1", val["text"].tolist(), None, score,
-                         f"same-group retrieval in {len(val):,} val texts")
+                         f"same-group retrieval in {len(val):,} val texts", labels)
 
 
 def _label_set(train: pd.DataFrame, val: pd.DataFrame, cap: int, rng) -> ValidationSet | None:
@@ -104,7 +107,7 @@ def _label_set(train: pd.DataFrame, val: pd.DataFrame, cap: int, rng) -> Validat
         return M.classification_scores(v_labels, pred)["macro_f1"]
 
     return ValidationSet("macro_f1", val["text"].tolist(), gallery["text"].tolist(), score,
-                         f"{KNN_K}-NN macro-F1 of {len(val):,} val texts over {len(gallery):,} train texts")
+                         f"{KNN_K}-NN macro-F1 of {len(val):,} val texts over {len(gallery):,} train texts", v_labels)
 
 
 def _pairs_set(folder: Path, cap: int, rng) -> ValidationSet | None:

@@ -44,7 +44,7 @@ def test_a_corpus_with_no_judged_query_trains_is_unverified_and_exports_only_wit
 def test_step_zero_is_a_candidate_and_a_run_that_never_beats_it_keeps_the_base(beir_project, monkeypatch, capsys):
     Path("beir/qrels/train.tsv").unlink()  # no train judgments: the corpus objective, the base a candidate
     values = iter([0.5, 0.4, 0.3, 0.2, 0.1])
-    monkeypatch.setattr("pipeline.train.stage._validate", lambda *a: next(values))
+    monkeypatch.setattr("pipeline.train.stage._validate", lambda *a: (next(values), {}))  # (score, figures)
     args = ("--config", str(beir_project), *CORPUS, "train.pre_step=tsdae", "train.tsdae.steps=2",
             "train.tsdae.batch_size=4")
     run_stages(*args)

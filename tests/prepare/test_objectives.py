@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.core.config import Config
 from pipeline.core.errors import DataError
-from pipeline.contracts.pair_kinds import mask_same_label, resolve, resolve_retrieval
+from pipeline.contracts.pair_kinds import AUTO_LABEL_LOSS, label_loss_weight, mask_same_label, resolve, resolve_retrieval
 from pipeline.prepare.labelled import build_pairs
 
 
@@ -63,6 +63,25 @@ def _labels_only() -> pd.DataFrame:
     rows = [{"text": f"{lab} text {i}", "label": lab, "group": f"t:{lab} text {i}"}
             for lab in ("a", "b", "c") for i in range(6)]
     return pd.DataFrame(rows)
+
+
+def test_the_label_head_weight_follows_the_objective_unless_set_and_needs_trainable_labels():
+    for shape, (groups, labels) in {"group": (True, True), "label": (False, True)}.items():
+        o = resolve(_cfg(), has_groups=groups, has_labels=labels)
+        assert (o.name, o.label_loss_weight) == (shape, AUTO_LABEL_LOSS[shape])
+    assert resolve(_cfg(), has_groups=False, has_labels=False).label_loss_weight == 0.0  # nothing to classify
+    set_ = resolve(_cfg(train__label_loss_weight=0.5), has_groups=True, has_labels=True)
+    assert set_.label_loss_weight == 0.5
+    # train reads the prepared folder's weight unless the config sets one; folders from before heads: none
+    assert label_loss_weight(_cfg(), {"objective": set_.as_dict()}) == 0.5
+    assert label_loss_weight(_cfg(train__label_loss_weight=2.0), {"objective": set_.as_dict()}) == 2.0
+    assert label_loss_weight(_cfg(), {}) == 0.0
+    with pytest.raises(DataError, match="needs labels"):
+        resolve(_cfg(train__label_loss_weight=1.0), has_groups=False, has_labels=False)
+    # the corpus objective withholds the labels: a head on them is refused, and auto trains none
+    with pytest.raises(DataError, match="withholds them"):
+        resolve(_cfg(pairs__objective="corpus", train__label_loss_weight=1.0), has_groups=True, has_labels=True)
+    assert resolve(_cfg(pairs__objective="corpus"), has_groups=True, has_labels=True).label_loss_weight == 0.0
 
 
 def test_label_objective_pairs_two_different_texts_of_one_label_and_no_group_pairs():

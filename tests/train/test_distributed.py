@@ -65,7 +65,7 @@ def test_two_process_training_saves_the_single_process_adapter(project):
     assert cli("embed", "--config", str(project), *common, "run_name=ddp", "tracking.enabled=false") == 0
 
 
-def _grads_worker(rank: int, world: int, model_dir: str, port: int, out: str) -> None:
+def _grads_worker(rank: int, world: int, model_dir: str, port: int, out: str, with_head: bool = False) -> None:
     """One step of training_step with plain SGD (lr 1) and no clipping: the weight change is -gradient."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
@@ -73,18 +73,19 @@ def _grads_worker(rank: int, world: int, model_dir: str, port: int, out: str) ->
     from pipeline.train import distributed
 
     dist = distributed.init_from_env("cpu") if world > 1 else None
-    delta = _one_step(model_dir, dist)
+    delta = _one_step(model_dir, dist, with_head)
     if rank == 0:
         torch.save(delta, out)
     if dist:
         dist.close()
 
 
-def _one_step(model_dir: str, dist) -> dict[str, torch.Tensor]:
+def _one_step(model_dir: str, dist, with_head: bool = False) -> dict[str, torch.Tensor]:
     import pandas as pd
 
     from pipeline.core.config import LoraSettings, TrainConfig
     from pipeline.model.encoder import apply_lora, load_encoder
+    from pipeline.train.label_head import CosineHead
     from pipeline.train.loop import PairTensors, Stepper, training_step
 
     torch.manual_seed(0)
@@ -97,30 +98,36 @@ def _one_step(model_dir: str, dist) -> dict[str, torch.Tensor]:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
     pairs = pd.DataFrame({
         "anchor": [f"anchor text {i} apple" for i in range(7)], "positive": [f"positive {i} pear" for i in range(7)],
-        "kind": ["group"] * 6 + ["label"], "group": ["1", "1", "2", "3", "4", "5", "6"], "label": ["a"] * 7,
+        "kind": ["group"] * 6 + ["label"], "group": ["1", "1", "2", "3", "4", "5", "6"],
+        "label": ["a", "a", "b", "b", "a", "b", "a"],
         "negative": [f"negative {i}" if i % 2 else None for i in range(7)],
         "negative_group": [str(i + 10) if i % 2 else None for i in range(7)],
         "negative_label": ["b" if i % 2 else None for i in range(7)],
         "negative_kind": ["text" if i % 2 else None for i in range(7)]})
-    data = PairTensors(pairs, st, 32)
+    data = PairTensors(pairs, st, 32, label_names=["a", "b"] if with_head else None)
+    head = None
+    if with_head:  # the label head's gradient must also be the single-process one (it is not sharded)
+        head = CosineHead(np.random.default_rng(0).standard_normal((2, st.get_embedding_dimension())), ["a", "b"], 20.0)
+        params.update({f"label_head.{n}": p for n, p in head.named_parameters()})
     before = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.SGD(list(params.values()), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    t = TrainConfig(grad_clip=0.0, batch_size=7)
+    t = TrainConfig(grad_clip=0.0, batch_size=7, label_loss_weight=1.0 if with_head else None)
     st.eval()  # no dropout: the two runs draw different dropout masks; gradients flow in eval mode too
-    training_step(Stepper(st, data, t, opt, sched, torch.device("cpu"), None, dist), np.arange(7))
+    training_step(Stepper(st, data, t, opt, sched, torch.device("cpu"), None, dist, head), np.arange(7))
     return {n: (p.detach() - before[n]) for n, p in params.items()}
 
 
 @pytest.mark.slow
-def test_gathered_loss_gives_the_single_process_gradient(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("with_head", [False, True])
+def test_gathered_loss_gives_the_single_process_gradient(tiny_model_dir, tmp_path, with_head):
 
     import torch.multiprocessing as mp
 
-    single = _one_step(str(tiny_model_dir), None)
+    single = _one_step(str(tiny_model_dir), None, with_head)
     port = free_port()
     out = tmp_path / "delta.pt"
-    mp.spawn(_grads_worker, args=(2, str(tiny_model_dir), port, str(out)), nprocs=2, join=True)
+    mp.spawn(_grads_worker, args=(2, str(tiny_model_dir), port, str(out), with_head), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     assert set(ddp) == set(single)
     assert all(single[n].abs().sum() > 0 for n in single)  # every LoRA tensor received gradient
