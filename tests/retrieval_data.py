@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 TOPICS = {
     "statins": ["statin", "cholesterol", "heart", "lipid"],
@@ -72,6 +73,21 @@ def as_pairs(beir: Path, out: Path, *, by: str = "id") -> tuple[Path, Path]:
     corpus.rename(columns={"_id": "doc_id", "title": "heading", "text": "body"})[["doc_id", "heading", "body"]].to_json(
         table, orient="records", lines=True)
     return pairs, table
+
+
+def pairs_config(project_config: Path, tmp_path: Path, *, by: str = "id") -> Path:
+    """The project's BEIR folder (``beir/``) given as a pairs file + a document table instead: a config beside
+    ``project_config`` that differs only in its data section."""
+    pairs, table = as_pairs(Path("beir"), tmp_path / "as_pairs", by=by)
+    cfg = yaml.safe_load(Path(project_config).read_text())
+    cfg["data"] = {"name": "tinypairs", "format": "pairs", "path": str(pairs), "query_column": "question",
+                   "positive_column": "doc", "score_column": "grade", "split_column": "part",
+                   "corpus_path": str(table), "corpus_id_column": "doc_id", "corpus_title_column": "heading",
+                   "corpus_text_column": "body"}
+    config = tmp_path / "configs" / "pairs.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(cfg))
+    return config
 
 
 def as_hf_dataset(beir: Path, out: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import OFF, run_stages
-from tests.retrieval_data import as_pairs
+from tests.retrieval_data import pairs_config
 
 
 def _metrics(config: Path) -> dict:
@@ -37,15 +37,7 @@ def test_retrieval_set_scores_adapted_base_bm25_and_hybrid_on_the_whole_corpus(b
 
 def test_pairs_with_a_document_table_score_the_same_as_the_beir_folder(beir_project, tmp_path):
     beir = _metrics(beir_project)
-    pairs, table = as_pairs(Path("beir"), tmp_path / "as_pairs", by="text")
-    cfg = yaml.safe_load(beir_project.read_text())
-    cfg["data"] = {"name": "tinypairs", "format": "pairs", "path": str(pairs), "query_column": "question",
-                   "positive_column": "doc", "score_column": "grade", "split_column": "part",
-                   "corpus_path": str(table), "corpus_id_column": "doc_id", "corpus_title_column": "heading",
-                   "corpus_text_column": "body"}
-    config = tmp_path / "configs" / "pairs.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    other = _metrics(config)
+    other = _metrics(pairs_config(beir_project, tmp_path, by="text"))
     for block in ("retrieval", "baseline", "lexical", "hybrid"):
         mine, theirs = (beir[block] if block != "retrieval" else beir), (other[block] if block != "retrieval" else other)
         assert mine["retrieval"] == theirs["retrieval"], block

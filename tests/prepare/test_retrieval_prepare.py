@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.contracts import prepared_data as P
 from tests.conftest import OFF, cli
-from tests.retrieval_data import as_hf_dataset, as_pairs, make_beir
+from tests.retrieval_data import as_hf_dataset, as_pairs, make_beir, pairs_config
 from tests.test_cli import _fails_cleanly
 
 def _prepare(config: Path, *overrides: str) -> Path:
@@ -71,15 +71,7 @@ def test_without_dev_qrels_val_queries_are_carved_from_train(beir_project):
 @pytest.mark.parametrize("by", ["id", "text"])
 def test_pairs_with_a_document_table_prepare_the_same_set_as_beir(beir_project, tmp_path, by):
     beir_out = _prepare(beir_project)
-    pairs, table = as_pairs(Path("beir"), tmp_path / "as_pairs", by=by)
-    cfg = yaml.safe_load(beir_project.read_text())
-    cfg["data"] = {"name": "tinypairs", "format": "pairs", "path": str(pairs), "query_column": "question",
-                   "positive_column": "doc", "score_column": "grade", "split_column": "part",
-                   "corpus_path": str(table), "corpus_id_column": "doc_id", "corpus_title_column": "heading",
-                   "corpus_text_column": "body"}
-    config = tmp_path / "configs" / "pairs.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    pairs_out = _prepare(config)
+    pairs_out = _prepare(pairs_config(beir_project, tmp_path, by=by))
 
     def judged(folder):
         q = P.load_retrieval_queries(folder).set_index("id")
