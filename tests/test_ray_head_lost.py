@@ -45,6 +45,14 @@ def _kill_when(head, proc: subprocess.Popen, finished) -> tuple[int, list[str], 
     return proc.returncode, [l for l in out.splitlines() if l.strip()], time.monotonic() - killed, done
 
 
+def _ended_in_one_line(rc: int, lines: list[str], after_kill: float, setting: str, kept: str) -> None:
+    """Exit 2 within 15 s of the kill, no traceback, and the last line is the one error line naming the setting."""
+    assert rc == 2 and after_kill < 15, lines[-20:]
+    assert not any("Traceback" in l for l in lines), lines[-20:]
+    assert lines[-1].startswith(f"error: {setting}: the Ray cluster stopped answering mid-run ("), lines[-5:]
+    assert lines[-1].endswith(kept)
+
+
 def test_embed_corpus_ends_in_one_line_when_the_head_dies_and_the_rerun_resumes(project, tmp_path):
     df = make_corpus(n_clusters_per_brand=6)
     big = df.loc[df.index.repeat(20)].reset_index(drop=True)  # about 6k rows
@@ -60,11 +68,8 @@ def test_embed_corpus_ends_in_one_line_when_the_head_dies_and_the_rerun_resumes(
         proc = _start("embed-corpus", *args, "corpus.executor=ray", "corpus.workers=1",
                       f"corpus.ray_address={head.address}")
         rc, lines, after_kill, done = _kill_when(head, proc, lambda: sorted(shards.glob("shard-*.json")))
-    assert rc == 2 and after_kill < 15, lines[-20:]
-    assert not any("Traceback" in l for l in lines), lines[-20:]
-    assert lines[-1].startswith(f"error: corpus.ray_address={head.address}: the Ray cluster stopped answering "
-                                "mid-run ("), lines[-5:]
-    assert lines[-1].endswith("the shards written so far are kept: rerun the same command to encode the others")
+    _ended_in_one_line(rc, lines, after_kill, f"corpus.ray_address={head.address}",
+                       "the shards written so far are kept: rerun the same command to encode the others")
     kept = sorted(shards.glob("shard-*.json"))
     assert len(done) <= len(kept) < n_shards, "the head should have died part-way through"
 
@@ -93,11 +98,8 @@ def test_a_sweep_ends_in_one_line_when_the_head_dies_and_the_rerun_skips_finishe
         proc = _start("sweep", *args, "sweep.executor=ray", "sweep.cpus_per_trial=1", "sweep.max_concurrent=1",
                       f"sweep.ray_address={head.address}")
         rc, lines, after_kill, done = _kill_when(head, proc, lambda: sorted(records.glob("*.json")))
-    assert rc == 2 and after_kill < 15, lines[-20:]
-    assert not any("Traceback" in l for l in lines), lines[-20:]
-    assert lines[-1].startswith(f"error: sweep.ray_address={head.address}: the Ray cluster stopped answering "
-                                "mid-run ("), lines[-5:]
-    assert lines[-1].endswith("children that finished are kept: rerun the same command to run the others")
+    _ended_in_one_line(rc, lines, after_kill, f"sweep.ray_address={head.address}",
+                       "children that finished are kept: rerun the same command to run the others")
     kept = sorted(p.stem for p in records.glob("*.json"))
     assert 1 <= len(kept) < 3
 
