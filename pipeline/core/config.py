@@ -252,6 +252,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_seq_length: int = Field(64, ge=8)
+    # The document side of a training pair (positives, mined negatives) cut to this many tokens; queries, validation,
+    # embed, eval and export keep the full length. A training step's cost follows its tokens, so long documents
+    # (a retrieval set's 256) make this the lever on training time. None: the same length as the queries.
+    document_length: int | None = Field(None, ge=8)
     checkpoint_every: int = Field(200, ge=1)  # steps
     grad_clip: float = 1.0
     validation: ValidationConfig = Field(default_factory=ValidationConfig)

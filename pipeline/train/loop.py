@@ -27,7 +27,7 @@ class PairTensors:
     """Training pairs as token ids and integer codes, tokenised once."""
 
     def __init__(self, pairs, st_model, max_seq_length: int, used_prompts: prompts.Prompts | None = None,
-                 label_names: list[str] | None = None):
+                 label_names: list[str] | None = None, document_length: int | None = None):
         # Optional mined hard negatives (pipeline/prepare/hard_negatives.py): a third text per pair, -1 where none.
         negatives = pairs["negative"] if "negative" in pairs else pd.Series([None] * len(pairs), dtype=object)
         # Anchors are queries, positives and negatives documents (pipeline/model/prompts.py); texts are keyed with
@@ -41,6 +41,13 @@ class PairTensors:
         self.anchor = np.array([text_id[t] for t in anchors])
         self.positive = np.array([text_id[t] for t in positives])
         self.negative = np.array([text_id[t] if t is not None else -1 for t in negs], dtype=np.int64)
+        # train.document_length: the document side (positives, negatives) tokenised shorter than the queries, in
+        # the same text-id space, so that masks still see a text used on both sides as one text
+        self.document_ids = self.ids
+        if document_length is not None and document_length < max_seq_length:
+            used = sorted({*self.positive.tolist(), *self.negative[self.negative >= 0].tolist()})
+            cut = dict(zip(used, encoding.tokenize(st_model, [texts[i] for i in used], document_length)))
+            self.document_ids = [cut.get(i, row) for i, row in enumerate(self.ids)]
         n = len(pairs)
         # Pair and negative metadata share one code space so that "same group" compares across them.
         none = pd.Series([None] * n, dtype=object)
@@ -50,8 +57,9 @@ class PairTensors:
         self.label, self.negative_label = labels[:n], labels[n:]
         self.positive_is_label = (pairs["kind"] == "label").to_numpy()
         self.negative_is_label = (pairs.get("negative_kind", none) == "label").to_numpy()
-        self.lengths = np.array([len(self.ids[a]) + len(self.ids[p]) for a, p in zip(self.anchor, self.positive)])
-        self.lengths += np.array([len(self.ids[k]) if k >= 0 else 0 for k in self.negative], dtype=self.lengths.dtype)
+        docs = self.document_ids
+        self.lengths = np.array([len(self.ids[a]) + len(docs[p]) for a, p in zip(self.anchor, self.positive)])
+        self.lengths += np.array([len(docs[k]) if k >= 0 else 0 for k in self.negative], dtype=self.lengths.dtype)
         self.real_tokens = int(self.lengths.sum())
         # The label head's targets (index into label_names, -1: none): the anchor's label, and the positive's
         # where the positive is another text of the corpus (a label-name positive is not a text to classify).
@@ -117,19 +125,19 @@ def _embed_batch(sp: Stepper, idx: np.ndarray, anchors_only: bool = False
     pad, side = encoding.pad_info(st_model)
     local = dist.shard(idx) if dist else idx
 
-    def embed(text_ids):
+    def embed(text_ids, rows):
         if len(text_ids) == 0:  # a shard with no negatives (or no rows) still takes part in the gather
             return torch.zeros((0, st_model.get_embedding_dimension()), device=sp.device)
-        feats = {k: v.to(sp.device) for k, v in encoding.collate([data.ids[i] for i in text_ids], pad, side).items()}
+        feats = {k: v.to(sp.device) for k, v in encoding.collate([rows[i] for i in text_ids], pad, side).items()}
         return encoding.forward(st_model, feats)
 
     with_neg = local[data.negative[local] >= 0]
     with encoding.autocast(sp.device, sp.dtype):
-        a_emb = embed(data.anchor[local])
+        a_emb = embed(data.anchor[local], data.ids)
         if anchors_only:
             return (dist.gather(a_emb, dist.shard_sizes(len(idx))) if dist else a_emb), None, None
-        p_emb = embed(data.positive[local])
-        n_emb = embed(data.negative[with_neg])
+        p_emb = embed(data.positive[local], data.document_ids)
+        n_emb = embed(data.negative[with_neg], data.document_ids)
     if dist:
         sizes = dist.shard_sizes(len(idx))
         a_emb, p_emb = dist.gather(a_emb, sizes), dist.gather(p_emb, sizes)

@@ -191,7 +191,7 @@ class _Setup:
         self.head = self._label_head(cfg, layout, prep)
         pairs = load_pairs(layout.processed)
         self.data = PairTensors(pairs, self.model, t.max_seq_length, self.prompts,
-                                self.label_names if self.head is not None else None)
+                                self.label_names if self.head is not None else None, t.document_length)
         self.data.relevant = retrieval_sets.relevant_mask(layout.processed, pairs, self.data.doc_text_id)
         self.probe_ids = self.data.ids[:PROBE_TEXTS]
         self.base_probe = encoding.encode_ids(self.model, self.probe_ids, device=self.device)
