@@ -295,7 +295,7 @@ def task_train(spec: dict, out_dir: Path, after_step: Callable[[], None] | None 
             enable_gradient_checkpointing(st_model)
         st_model.to(device)
         if spec.get("levers", True):
-            levers = speed.for_training(st_model, device)
+            levers = speed.for_training(st_model, device, t.max_seq_length)
         counter = TokenCounter(st_model)
         shape = encoder_shape(st_model)
         done = {"items": 0}
@@ -430,7 +430,7 @@ def task_parity(spec: dict, out_dir: Path) -> dict:
         data = PairTensors(pairs, st_model, t.max_seq_length)
         apply_lora(st_model, t.lora)
         st_model.to(device)
-        speed.for_training(st_model, device)
+        speed.for_training(st_model, device, t.max_seq_length)
         steps = max(1, math.ceil(spec["epochs"] * len(epoch_batches(data.lengths, t.batch_size, cfg.seed, 0,
                                                                       t.length_grouping))))
         started = time.perf_counter()

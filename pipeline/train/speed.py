@@ -9,6 +9,13 @@ Bernoulli(1 - p) keep-mask from 16-bit slices of 64-bit random words (four masks
 checkpointed RNG state still make runs repeatable. Attention-probability dropout happens inside SDPA
 and is unchanged. A dropout of 0 (the LoRA default) costs nothing either way.
 
+Attention dropout is the other serial draw. PyTorch's scaled_dot_product_attention has no CPU kernel that drops
+attention probabilities, so a model in training mode with attention dropout above 0 takes SDPA's math fallback,
+which on this CPU cost twice the model's own eager attention (the same softmax, the same dropout of the
+probabilities, the same result in eval mode): :func:`eager_attention` switches to it for training where that was
+measured to pay, from 128 tokens (reports/examples/bench/attention-dropout.md). Shorter texts keep SDPA, so runs
+on titles keep their figures.
+
 Tried and dropped (no measurable gain, see the bench report): glibc ``mallopt`` to keep freed
 activation buffers mapped.
 """
@@ -16,6 +23,8 @@ activation buffers mapped.
 from __future__ import annotations
 
 import torch
+
+from pipeline.model.encoder import inner_model
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -59,8 +68,32 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
     return swapped
 
 
-def for_training(st_model, device: torch.device) -> dict:
+EAGER_FROM_TOKENS = 128  # below it the eager path gained 14% at 64 tokens: not worth moving every title run's figures
+
+
+def _attention_dropout(config) -> float:
+    return float(max((getattr(config, k, 0.0) or 0.0) for k in ("attention_probs_dropout_prob", "attention_dropout")))
+
+
+def eager_attention(st_model, max_seq_length: int) -> bool:
+    """Train with the model's eager attention instead of SDPA where SDPA would drop attention probabilities on
+    the CPU's math path: an SDPA model with attention dropout, training sequences of ``EAGER_FROM_TOKENS`` or more.
+    True when switched. Nothing is saved differently: the attention implementation is not part of a saved config."""
+    inner = inner_model(st_model)
+    config = getattr(inner, "config", None)
+    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(inner, "set_attn_implementation") or _attention_dropout(config) == 0
+            or max_seq_length < EAGER_FROM_TOKENS):
+        return False
+    inner.set_attn_implementation("eager")
+    return True
+
+
+def for_training(st_model, device: torch.device, max_seq_length: int = 0) -> dict:
     """Apply the CPU levers to a model about to train; returns what was applied (for the run's manifest)."""
     if device.type != "cpu":
         return {}
-    return {"fast_dropout_layers": use_fast_dropout(st_model)}
+    levers = {"fast_dropout_layers": use_fast_dropout(st_model)}
+    if eager_attention(st_model, max_seq_length):
+        levers["attention"] = "eager"
+    return levers

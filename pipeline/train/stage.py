@@ -203,7 +203,8 @@ class _Setup:
             enable_gradient_checkpointing(self.model)
         if t.quantization == "none":  # a quantised model is placed by bitsandbytes and cannot be moved
             self.model.to(self.device)
-        self.levers = speed.for_training(self.model, self.device)  # measured by `make bench`; see speed.py
+        # measured by `make bench` and reports/examples/bench/attention-dropout.md; see speed.py
+        self.levers = speed.for_training(self.model, self.device, t.max_seq_length)
         self.trainable, self.total = count_parameters(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.params += list(self.head.parameters()) if self.head is not None else []

@@ -49,3 +49,40 @@ def test_swapped_model_is_identical_in_eval_and_trains(tiny_model_dir):
     out = st(dict(feats))["sentence_embedding"]
     (out * torch.randn_like(out)).sum().backward()  # lora_B starts at zero, so only it gets a gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in st.named_parameters() if "lora_B" in n_)
+
+
+def _bert(tiny_model_dir, attention_dropout: float = 0.1):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    inner = st[0].model
+    for module in inner.modules():  # the tiny model's own attention dropout is the config default (0.1)
+        if hasattr(module, "attention_head_size"):
+            module.dropout.p = attention_dropout
+    inner.config.attention_probs_dropout_prob = attention_dropout
+    return st
+
+
+def test_long_training_sequences_with_attention_dropout_use_eager_attention_with_the_same_maths(tiny_model_dir):
+    from pipeline.core.config import LoraSettings
+    from pipeline.model.encoder import apply_lora
+    from pipeline.train.speed import EAGER_FROM_TOKENS, eager_attention, for_training
+
+    st = _bert(tiny_model_dir)
+    apply_lora(st, LoraSettings())  # as the train stage does: PEFT wraps the inner model first
+    st.eval()
+    texts = ["a long passage about statins and the heart " * 6, "short"]
+    before = torch.tensor(st.encode(texts))
+    assert st[0].model.config._attn_implementation == "sdpa"
+    assert not eager_attention(st, EAGER_FROM_TOKENS - 1)  # short texts keep SDPA (and their figures)
+    assert for_training(st, torch.device("cpu"), EAGER_FROM_TOKENS)["attention"] == "eager"
+    assert st[0].model.config._attn_implementation == "eager"
+    after = torch.tensor(st.encode(texts))
+    assert torch.allclose(before, after, atol=1e-5)  # eval mode: the same attention, computed another way
+
+
+def test_no_attention_dropout_keeps_sdpa(tiny_model_dir):
+    from pipeline.train.speed import eager_attention
+
+    st = _bert(tiny_model_dir, attention_dropout=0.0)
+    assert not eager_attention(st, 512) and st[0].model.config._attn_implementation == "sdpa"
