@@ -6,21 +6,23 @@ dropout mask one float per element from a serial generator (the embeddings' and 
 and PEFT's LoRA dropout when ``train.lora.dropout`` is above 0). :class:`FastDropout` draws the same
 Bernoulli(1 - p) keep-mask from 16-bit slices of 64-bit random words (four masks per draw; p is exact to
 1/65536) and scales by 1 / (1 - p) like ``nn.Dropout``. It uses torch's default generator, so seeds and
-checkpointed RNG state still make runs repeatable. Attention-probability dropout happens inside SDPA
-and is unchanged. A dropout of 0 (the LoRA default) costs nothing either way.
+checkpointed RNG state still make runs repeatable. A dropout of 0 (the LoRA default) costs nothing either way.
 
 Attention dropout is the other serial draw. PyTorch's scaled_dot_product_attention has no CPU kernel that drops
 attention probabilities, so a model in training mode with attention dropout above 0 takes SDPA's math fallback,
 which on this CPU cost twice the model's own eager attention (the same softmax, the same dropout of the
 probabilities, the same result in eval mode): :func:`eager_attention` switches to it for training where that was
 measured to pay, from 128 tokens (reports/examples/bench/attention-dropout.md). Shorter texts keep SDPA, so runs
-on titles keep their figures.
+on titles keep their figures. Validation encodes in eval mode, where nothing is dropped and SDPA's fused kernel is
+the faster one, so :func:`sdpa_for_inference` switches back for its duration.
 
 Tried and dropped (no measurable gain, see the bench report): glibc ``mallopt`` to keep freed
 activation buffers mapped.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -86,7 +88,22 @@ def eager_attention(st_model, max_seq_length: int) -> bool:
             or max_seq_length < EAGER_FROM_TOKENS):
         return False
     inner.set_attn_implementation("eager")
+    st_model.eager_for_training = True
     return True
+
+
+@contextlib.contextmanager
+def sdpa_for_inference(st_model):
+    """SDPA while encoding in eval mode (validation) for a model :func:`eager_attention` switched; no-op otherwise."""
+    if not getattr(st_model, "eager_for_training", False):
+        yield
+        return
+    inner = inner_model(st_model)
+    inner.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation("eager")
 
 
 def for_training(st_model, device: torch.device, max_seq_length: int = 0) -> dict:

@@ -330,7 +330,8 @@ def _log_params(tracker, cfg: Config, prep: dict, su: _Setup) -> None:
 
 def _evaluate_at(step: int, su: _Setup, sel: Selection, tracker, job: Job, progress: Progress) -> None:
     started = time.perf_counter()
-    value, figures = _validate(su.model, su.vset, su.val_ids, su.device, su.head)
+    with speed.sdpa_for_inference(su.model):
+        value, figures = _validate(su.model, su.vset, su.val_ids, su.device, su.head)
     if sel.record(step, step / su.steps_per_epoch, value, figures) and job.main:
         save_best(job.best_dir, su.model, step, value, su.head)
     progress.validation_seconds += time.perf_counter() - started

@@ -66,7 +66,7 @@ def _bert(tiny_model_dir, attention_dropout: float = 0.1):
 def test_long_training_sequences_with_attention_dropout_use_eager_attention_with_the_same_maths(tiny_model_dir):
     from pipeline.core.config import LoraSettings
     from pipeline.model.encoder import apply_lora
-    from pipeline.train.speed import EAGER_FROM_TOKENS, eager_attention, for_training
+    from pipeline.train.speed import EAGER_FROM_TOKENS, eager_attention, for_training, sdpa_for_inference
 
     st = _bert(tiny_model_dir)
     apply_lora(st, LoraSettings())  # as the train stage does: PEFT wraps the inner model first
@@ -79,10 +79,16 @@ def test_long_training_sequences_with_attention_dropout_use_eager_attention_with
     assert st[0].model.config._attn_implementation == "eager"
     after = torch.tensor(st.encode(texts))
     assert torch.allclose(before, after, atol=1e-5)  # eval mode: the same attention, computed another way
+    with sdpa_for_inference(st):  # validation encodes with the faster SDPA kernel, then training goes on eagerly
+        assert st[0].model.config._attn_implementation == "sdpa"
+    assert st[0].model.config._attn_implementation == "eager"
 
 
 def test_no_attention_dropout_keeps_sdpa(tiny_model_dir):
-    from pipeline.train.speed import eager_attention
+    from pipeline.train.speed import eager_attention, sdpa_for_inference
 
     st = _bert(tiny_model_dir, attention_dropout=0.0)
     assert not eager_attention(st, 512) and st[0].model.config._attn_implementation == "sdpa"
+    st[0].model.set_attn_implementation("eager")  # a model that is eager of its own stays so for validation
+    with sdpa_for_inference(st):
+        assert st[0].model.config._attn_implementation == "eager"
